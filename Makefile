@@ -1,0 +1,60 @@
+# kdfast: two commands do all the set-up.
+#   make demo   create the environment, build kdfast._C, run the main job
+#   make test   same set-up, then every test tier (prints which ran / skipped)
+#
+# Variables: TORCH_SPEC (torch to install when the environment lacks one),
+# VENV (default .venv; an active virtualenv is used as it is), MAX_JOBS.
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+else
+PY := $(abspath $(VENV))/bin/python
+endif
+
+.PHONY: env build demo test test-fast bench plot gpu-check info clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+env: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -m pip install -q -r requirements-dev.txt
+	@$(PY) -c "import torch; print('torch', torch.__version__)"
+
+# First time: editable install (compiles kdfast._C); afterwards ninja rebuilds
+# only what changed.
+build: env
+	@if $(PY) -m pip show -q kdfast >/dev/null 2>&1; then \
+	  $(PY) setup.py -q build_ext --inplace; \
+	else \
+	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .; \
+	fi
+	@$(PY) -m kdfast.info --short
+
+demo: build
+	$(PY) -m kdfast.demo
+
+test: build
+	$(PY) -m pytest tests -q -rs -p no:cacheprovider
+
+bench: build
+	$(PY) bench/run_all.py
+
+plot: env
+	$(PY) bench/plot.py
+
+# On a machine with a GPU (no network needed): build, CUDA tier, GPU benches.
+# Writes logs and CSVs to GPU_OUT.
+GPU_OUT ?= gpu-results
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_OUT)
+
+info: build
+	$(PY) -m kdfast.info
+
+clean:
+	rm -rf build kdfast/_C*.so kdfast/_build_info.json *.egg-info

@@ -1,0 +1,381 @@
+// Fused logit distillation loss on the CPU: per-row forward (soft and hard
+// terms plus statistics) and a one-pass backward that writes the student
+// gradient. OpenMP over rows; each row is processed in cache with
+// vectorised exp/log (vec_math.h) compiled for AVX-512, AVX2 and the
+// baseline ISA, chosen at run time (isa.h).
+//
+// Conventions (see kdfast/ops/kd_loss.py): a = s / T, b = t / T,
+// div 0 = KL(p_t || p_s), 1 = KL(p_s || p_t), 2 = JSD with weight beta on p_t.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/vec_math.h"
+
+namespace kdfast {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Elements summed in float per SIMD lane before adding to a double total:
+// keeps the row sums accurate at V = 256000 without slowing the inner loop.
+constexpr int64_t kBlock = 2048;
+
+struct KdArgs {
+  float inv_t;
+  int div;
+  float beta, log_beta, log_1mbeta;
+  bool hard;
+};
+
+KDFAST_INLINE void row_max(const float* s, const float* t, int64_t V, float& ms, float& mt, bool& bad) {
+  float a = -kInf, b = -kInf;
+  int nan = 0;
+#pragma omp simd reduction(max : a, b) reduction(| : nan)
+  for (int64_t j = 0; j < V; ++j) {
+    a = s[j] > a ? s[j] : a;
+    b = t[j] > b ? t[j] : b;
+    nan |= (s[j] != s[j]) | (t[j] != t[j]);
+  }
+  ms = a;
+  mt = b;
+  bad = nan != 0 || a == kInf || b == kInf;
+}
+
+// log p = x - lse; a fully masked side (lse = -inf) gets probabilities 0.
+KDFAST_INLINE float safe_lse(float lse) { return lse == -kInf ? kInf : lse; }
+
+KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
+                           float* rows, float* stats) {
+  float ms, mt;
+  bool bad;
+  row_max(s, t, V, ms, mt, bad);
+  if (bad) {  // NaN or +inf in, NaN out: never hide bad logits.
+    rows[0] = rows[1] = kNaN;
+    for (int k = 0; k < 4; ++k) stats[k] = kNaN;
+    return;
+  }
+  const float it = p.inv_t;
+  // Centre on the row maxima; a fully masked side is centred on 0.
+  const float ma = ms == -kInf ? 0.f : ms * it;
+  const float mb = mt == -kInf ? 0.f : mt * it;
+  const float m1 = ms == -kInf ? 0.f : ms;
+  const bool want_1 = p.hard && it != 1.0f;
+  double sum_a = 0, sum_b = 0, dot = 0, sum_1 = 0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    float fa = 0, fb = 0, fd = 0, f1 = 0;
+    if (p.div == 0) {
+#pragma omp simd reduction(+ : fa, fb, fd)
+      for (int64_t j = j0; j < j1; ++j) {
+        float a = s[j] * it - ma, b = t[j] * it - mb;
+        float ea = fast_exp(a), eb = fast_exp(b);
+        fa += ea;
+        fb += eb;
+        fd += eb > 0.f ? eb * (b - a) : 0.f;
+      }
+    } else if (p.div == 1) {
+#pragma omp simd reduction(+ : fa, fb, fd)
+      for (int64_t j = j0; j < j1; ++j) {
+        float a = s[j] * it - ma, b = t[j] * it - mb;
+        float ea = fast_exp(a), eb = fast_exp(b);
+        fa += ea;
+        fb += eb;
+        fd += ea > 0.f ? ea * (a - b) : 0.f;
+      }
+    } else {
+#pragma omp simd reduction(+ : fa, fb)
+      for (int64_t j = j0; j < j1; ++j) {
+        fa += fast_exp(s[j] * it - ma);
+        fb += fast_exp(t[j] * it - mb);
+      }
+    }
+    if (want_1) {
+#pragma omp simd reduction(+ : f1)
+      for (int64_t j = j0; j < j1; ++j) f1 += fast_exp(s[j] - m1);
+    }
+    sum_a += fa;
+    sum_b += fb;
+    dot += fd;
+    sum_1 += f1;
+  }
+  const float lse_a = ms == -kInf ? -kInf : ma + static_cast<float>(std::log(sum_a));
+  const float lse_b = mt == -kInf ? -kInf : mb + static_cast<float>(std::log(sum_b));
+  float lse_1 = lse_a;
+  if (want_1) lse_1 = ms == -kInf ? -kInf : m1 + static_cast<float>(std::log(sum_1));
+  else if (p.hard) lse_1 = lse_a;  // T == 1
+  float soft = 0.f, aux = 0.f;
+  if (p.div == 0) {
+    // KL(t||s) = E_pt[(b - mb) - (a - ma)] + log(sum_a / sum_b); 0 if the teacher is fully masked.
+    if (mt != -kInf) soft = static_cast<float>(dot / sum_b + std::log(sum_a / sum_b));
+    if (mt != -kInf && ms == -kInf) soft = kInf;
+  } else if (p.div == 1) {
+    if (ms != -kInf) {
+      double e = dot / sum_a;  // E_ps[(a - ma) - (b - mb)]
+      soft = static_cast<float>(e + std::log(sum_b / sum_a));
+      aux = static_cast<float>(e) + ma - mb;  // E_ps[a - b]
+      if (mt == -kInf) soft = kInf;
+    }
+  } else if (ms != -kInf || mt != -kInf) {
+    // JSD needs the normalised probabilities: a second pass over the cached row.
+    const float la = safe_lse(lse_a), lb = safe_lse(lse_b);
+    const float lw_s = p.log_1mbeta, lw_t = p.log_beta;
+    double kl_t = 0, kl_s = 0;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+      float ft = 0, fs = 0;
+#pragma omp simd reduction(+ : ft, fs)
+      for (int64_t j = j0; j < j1; ++j) {
+        float lps = s[j] * it - la, lpt = t[j] * it - lb;
+        float ps = fast_exp(lps), pt = fast_exp(lpt);
+        float xs = lps + lw_s, xt = lpt + lw_t;
+        float hi = xs > xt ? xs : xt, lo = xs > xt ? xt : xs;
+        float lm = hi + fast_log(1.0f + fast_exp(lo - hi));
+        ft += pt > 0.f ? pt * (lpt - lm) : 0.f;
+        fs += ps > 0.f ? ps * (lps - lm) : 0.f;
+      }
+      kl_t += ft;
+      kl_s += fs;
+    }
+    soft = static_cast<float>(p.beta * kl_t + (1.0 - p.beta) * kl_s);
+    aux = static_cast<float>(kl_s);
+  }
+  float hard = 0.f;
+  if (p.hard) {
+    hard = (label >= 0 && label < V) ? lse_1 - s[label] : kNaN;
+  }
+  rows[0] = soft;
+  rows[1] = hard;
+  stats[0] = lse_a;
+  stats[1] = lse_b;
+  stats[2] = lse_1;
+  stats[3] = aux;
+}
+
+KDFAST_INLINE void bwd_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
+                           const float* stats, float gs, float gh, float* g) {
+  const float it = p.inv_t;
+  const float la = safe_lse(stats[0]), lb = safe_lse(stats[1]), l1 = safe_lse(stats[2]), aux = stats[3];
+  const float cs = gs * it;
+  if (gs == 0.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = 0.f;
+  } else if (p.div == 0) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = cs * (fast_exp(s[j] * it - la) - fast_exp(t[j] * it - lb));
+  } else if (p.div == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      float a = s[j] * it, b = t[j] * it;
+      float ps = fast_exp(a - la);
+      g[j] = ps > 0.f ? cs * ps * ((a - b) - aux) : 0.f;
+    }
+  } else {
+    const float lw_s = p.log_1mbeta, lw_t = p.log_beta, w = cs * (1.0f - p.beta);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      float lps = s[j] * it - la, lpt = t[j] * it - lb;
+      float ps = fast_exp(lps);
+      float xs = lps + lw_s, xt = lpt + lw_t;
+      float hi = xs > xt ? xs : xt, lo = xs > xt ? xt : xs;
+      float lm = hi + fast_log(1.0f + fast_exp(lo - hi));
+      g[j] = ps > 0.f ? w * ps * (lps - lm - aux) : 0.f;
+    }
+  }
+  if (p.hard && gh != 0.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] += gh * fast_exp(s[j] - l1);
+    if (label >= 0 && label < V) g[label] -= gh;
+  }
+}
+
+using FwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, float*, float*);
+using BwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, const float*, float, float,
+                       float*);
+
+void fwd_baseline(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r, float* st) {
+  fwd_row(s, t, V, l, p, r, st);
+}
+void bwd_baseline(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, const float* st, float gs,
+                  float gh, float* g) {
+  bwd_row(s, t, V, l, p, st, gs, gh, g);
+}
+#if KDFAST_HAVE_X86_PATHS
+KDFAST_TARGET_AVX2 void fwd_avx2(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r,
+                                 float* st) {
+  fwd_row(s, t, V, l, p, r, st);
+}
+KDFAST_TARGET_AVX2 void bwd_avx2(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
+                                 const float* st, float gs, float gh, float* g) {
+  bwd_row(s, t, V, l, p, st, gs, gh, g);
+}
+KDFAST_TARGET_AVX512 void fwd_avx512(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
+                                     float* r, float* st) {
+  fwd_row(s, t, V, l, p, r, st);
+}
+KDFAST_TARGET_AVX512 void bwd_avx512(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
+                                     const float* st, float gs, float gh, float* g) {
+  bwd_row(s, t, V, l, p, st, gs, gh, g);
+}
+#endif
+
+FwdFn pick_fwd() {
+#if KDFAST_HAVE_X86_PATHS
+  switch (cpu_isa()) {
+    case Isa::AVX512:
+    case Isa::AVX512_VNNI: return fwd_avx512;
+    case Isa::AVX2: return fwd_avx2;
+    default: break;
+  }
+#endif
+  return fwd_baseline;
+}
+
+BwdFn pick_bwd() {
+#if KDFAST_HAVE_X86_PATHS
+  switch (cpu_isa()) {
+    case Isa::AVX512:
+    case Isa::AVX512_VNNI: return bwd_avx512;
+    case Isa::AVX2: return bwd_avx2;
+    default: break;
+  }
+#endif
+  return bwd_baseline;
+}
+
+// Row i of x as float: the row itself for float32, else converted into buf.
+const float* row_as_float(const at::Tensor& x, int64_t i, std::vector<float>& buf) {
+  const int64_t V = x.size(1);
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>() + i * x.stride(0);
+  buf.resize(V);
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto* src = x.data_ptr<at::BFloat16>() + i * x.stride(0);
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
+  } else {
+    const auto* src = x.data_ptr<at::Half>() + i * x.stride(0);
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
+  }
+  return buf.data();
+}
+
+void check_inputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "kd_loss kernel: student and teacher must be 2-D [N, V]");
+  TORCH_CHECK(s.sizes() == t.sizes(), "kd_loss kernel: student ", s.sizes(), " and teacher ", t.sizes(),
+              " shapes differ");
+  TORCH_CHECK(s.device().is_cpu() && t.device().is_cpu(), "kd_loss cpu kernel: tensors must be on the CPU");
+  for (const auto* x : {&s, &t}) {
+    auto st = x->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                "kd_loss kernel: dtype must be float32, bfloat16 or float16, got ", st);
+    TORCH_CHECK(x->size(1) <= 1 || x->stride(1) == 1, "kd_loss kernel: last dim must have stride 1");
+  }
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == s.size(0),
+                "kd_loss kernel: labels must be int64 [N]");
+  }
+}
+
+KdArgs make_args(double temperature, int64_t div, double beta, bool hard) {
+  TORCH_CHECK(temperature > 0, "kd_loss kernel: temperature must be > 0");
+  TORCH_CHECK(div >= 0 && div <= 2, "kd_loss kernel: div must be 0 (kl), 1 (reverse_kl) or 2 (jsd)");
+  KdArgs p;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.div = static_cast<int>(div);
+  p.beta = static_cast<float>(beta);
+  p.log_beta = beta > 0 ? static_cast<float>(std::log(beta)) : -kInf;
+  p.log_1mbeta = beta < 1 ? static_cast<float>(std::log1p(-beta)) : -kInf;
+  p.hard = hard;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& labels_opt, double temperature,
+                                               int64_t div, double beta, int64_t ignore_index,
+                                               bool compute_hard) {
+  check_inputs(student, teacher, labels_opt);
+  const int64_t N = student.size(0), V = student.size(1);
+  auto opts = student.options().dtype(at::kFloat);
+  at::Tensor rows = at::zeros({N, 2}, opts);
+  at::Tensor stats = at::empty({N, 4}, opts);
+  if (N == 0) return {rows, stats};
+  at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
+  const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
+  const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
+  FwdFn fn = pick_fwd();
+  float* r = rows.data_ptr<float>();
+  float* st = stats.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> bs, bt;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t l = lab ? lab[i] : 0;
+      if (lab && l == ignore_index) {  // ignored row: no terms, zero gradient
+        for (int k = 0; k < 4; ++k) st[i * 4 + k] = -kInf;
+        continue;
+      }
+      fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, r + i * 2, st + i * 4);
+    }
+  });
+  return {rows, stats};
+}
+
+at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& labels_opt, const at::Tensor& stats,
+                       const at::Tensor& grad_rows, double temperature, int64_t div, double beta,
+                       int64_t ignore_index, bool compute_hard) {
+  check_inputs(student, teacher, labels_opt);
+  const int64_t N = student.size(0), V = student.size(1);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == N * 4,
+              "kd_loss_bwd: stats must be contiguous float32 [N, 4]");
+  at::Tensor gr = grad_rows.to(at::kFloat).contiguous();
+  TORCH_CHECK(gr.numel() == N * 2, "kd_loss_bwd: grad_rows must be [N, 2]");
+  at::Tensor grad = at::empty({N, V}, student.options());
+  if (N == 0 || V == 0) return grad;
+  at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
+  const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
+  const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
+  BwdFn fn = pick_bwd();
+  const float* st = stats.data_ptr<float>();
+  const float* g2 = gr.data_ptr<float>();
+  const bool is_float = student.scalar_type() == at::kFloat;
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> bs, bt, out;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t l = lab ? lab[i] : 0;
+      const bool ignored = lab && l == ignore_index;
+      float* g = is_float ? grad.data_ptr<float>() + i * V : (out.resize(V), out.data());
+      if (ignored) {
+        for (int64_t j = 0; j < V; ++j) g[j] = 0.f;
+      } else {
+        fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, st + i * 4, g2[i * 2],
+           g2[i * 2 + 1], g);
+      }
+      if (!is_float) {
+        if (student.scalar_type() == at::kBFloat16) {
+          auto* dst = grad.data_ptr<at::BFloat16>() + i * V;
+          for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::BFloat16>(g[j]);
+        } else {
+          auto* dst = grad.data_ptr<at::Half>() + i * V;
+          for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::Half>(g[j]);
+        }
+      }
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
+  m.def("kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, int div, float beta, "
+        "int ignore_index, bool compute_hard) -> (Tensor, Tensor)",
+        &kd_loss_fwd);
+  m.def("kd_loss_bwd(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, Tensor grad_rows, "
+        "float temperature, int div, float beta, int ignore_index, bool compute_hard) -> Tensor",
+        &kd_loss_bwd);
+}
+
+}  // namespace kdfast

@@ -1,0 +1,21 @@
+"""kdfast: fast kernels for transformer compression.
+
+Fused knowledge-distillation losses, pruned attention and ternary matmuls,
+behind one small API that drops into PyTorch and HuggingFace code.
+
+    import kdfast
+    loss = kdfast.ops.kd_loss(student_logits, teacher_logits, temperature=2.0)
+    kdfast.explain("kd_loss", student_logits, teacher_logits)   # which backend, and why
+    with kdfast.use_backend("reference"): ...                    # force one
+"""
+__version__ = "0.1.0"
+
+from kdfast import _ext
+from kdfast.backends import BACKENDS, BackendUnavailable, explain, plan, use_backend
+from kdfast import ops  # noqa: E402  (registers the ops)
+from kdfast import nn  # noqa: E402
+
+if _ext.extension_error() is not None:
+    _ext.warn_once()
+
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "plan", "use_backend", "ops", "nn", "__version__"]

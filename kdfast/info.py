@@ -1,0 +1,83 @@
+"""`python -m kdfast.info`: what was built, what can run here, and which backend each op uses.
+
+Touches the GPU only when run (never at import of kdfast).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import kdfast
+from kdfast import _ext, backends
+
+
+def collect() -> dict:
+    info = {
+        "kdfast": kdfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension": "loaded" if _ext.extension() is not None else f"unavailable: {_ext.extension_error()}",
+        "build": _ext.build_info(),
+        "triton": None,
+        "cpu_isa": None,
+        "gpu": None,
+    }
+    r = backends.triton_available()
+    if r is None:
+        import triton
+        info["triton"] = triton.__version__ + (" (TRITON_INTERPRET=1)" if backends.triton_interpret() else "")
+    else:
+        info["triton"] = f"unavailable: {r}"
+    if _ext.extension() is not None:
+        from kdfast import cpu_isa
+        info["cpu_isa"] = {"hardware": cpu_isa.hardware_isa(), "in use": cpu_isa.current_isa(),
+                           "compiled": info["build"].get("cpu_isa_paths")}
+    if torch.cuda.is_available():
+        info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    usable = {}
+    for b in backends.BACKENDS:
+        dev = "cuda" if b == "cuda" else "cpu"
+        if b == "triton":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        r = backends._generic_reason(b, torch.device(dev), None)
+        usable[b] = "usable" if r is None else r
+    info["backends"] = usable
+    info["ops"] = {op: {"cpu": backends.plan(op, "cpu").backend, "cuda": backends.plan(op, "cuda").backend}
+                   for op in backends.registered_ops()}
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kdfast.info", description=__doc__)
+    ap.add_argument("--short", action="store_true", help="one line per fact, no op table")
+    args = ap.parse_args(argv)
+    info = collect()
+    print(f"kdfast {info['kdfast']}  python {info['python']}  torch {info['torch']} (cuda {info['torch_cuda']})")
+    print(f"extension kdfast._C: {info['extension']}")
+    if info["build"]:
+        b = info["build"]
+        print(f"  built for torch {b.get('torch_version')}, cuda sources: {b.get('with_cuda')}"
+              f" archs: {b.get('cuda_archs') or '-'}, openmp: {b.get('openmp')}")
+    if info["cpu_isa"]:
+        c = info["cpu_isa"]
+        print(f"cpu ISA: hardware {c['hardware']}, in use {c['in use']}, compiled paths {', '.join(c['compiled'])}")
+    print(f"triton: {info['triton']}")
+    print(f"gpu: {', '.join(info['gpu']) if info['gpu'] else 'none'}")
+    print("backends:")
+    for b, s in info["backends"].items():
+        print(f"  {b:10s} {s}")
+    if args.short:
+        return 0
+    print("ops (backend chosen automatically for CPU / CUDA tensors):")
+    width = max(len(o) for o in info["ops"]) if info["ops"] else 10
+    for op, d in info["ops"].items():
+        print(f"  {op:{width}s}  cpu: {d['cpu']:10s} cuda: {d['cuda']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

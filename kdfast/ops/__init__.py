@@ -1,0 +1,8 @@
+"""kdfast ops: one file per op family (schema, fake impl, reference, autograd, dispatch).
+
+Importing this package registers every op with torch.library and the backend
+dispatcher (kdfast.backends).
+"""
+from kdfast.ops.kd_loss import kd_loss, kd_loss_reference
+
+__all__ = ["kd_loss", "kd_loss_reference"]

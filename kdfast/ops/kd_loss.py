@@ -1,0 +1,376 @@
+"""Logit distillation loss: KL, reverse KL and JSD between temperature-scaled
+student and teacher distributions, plus an optional hard cross-entropy term.
+
+Kernels work per row: a forward that returns per-row (soft, hard) terms and a
+few per-row statistics, and a backward that streams the row once more to write
+the student gradient. All weights, T^2 scaling and reductions happen here on
+[N]-sized tensors, so every backend shares one meaning.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdfast import backends
+from kdfast.ops import _checks
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+_DIV_CODE = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+# Per-row statistics kept for the backward pass (float32 [N, 4]):
+#   0: logsumexp(student / T)   1: logsumexp(teacher / T)
+#   2: logsumexp(student)       3: divergence-specific row term
+#      (reverse_kl: sum p_s (a - b);  jsd: KL(p_s || M))
+N_STATS = 4
+
+
+# --------------------------------------------------------------------------
+# Reference: the specification every backend is tested against.
+# --------------------------------------------------------------------------
+def _masked_log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim where a fully -inf row stays -inf (no NaN)."""
+    dead = torch.isneginf(x).all(dim=-1, keepdim=True)
+    # Feed dead rows zeros so that logsumexp's backward stays finite there too.
+    lse = torch.logsumexp(torch.where(dead, torch.zeros_like(x), x), dim=-1, keepdim=True)
+    return x - torch.where(dead, torch.zeros_like(lse), lse)
+
+
+def _kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (log p_j - log q_j) with 0 * log 0 = 0 (entries where p = 0 add nothing)."""
+    live = logp > float("-inf")
+    lp = torch.where(live, logp, torch.zeros_like(logp))
+    lq = torch.where(live, logq, torch.zeros_like(logq))
+    return torch.where(live, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(-1)
+
+
+def _log_mixture(logp_t: torch.Tensor, logp_s: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta * p_t + (1 - beta) * p_s), -inf where both are 0 (with finite gradients)."""
+    dead = torch.isneginf(logp_t) & torch.isneginf(logp_s)
+    lt = torch.where(dead, torch.zeros_like(logp_t), logp_t)
+    ls = torch.where(dead, torch.zeros_like(logp_s), logp_s)
+    log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    return torch.where(dead, torch.full_like(log_m, float("-inf")), log_m)
+
+
+def kd_rows_reference(student, teacher, labels=None, *, temperature=1.0, divergence="kl",
+                      beta=0.5, ignore_index=-100, compute_hard=True):
+    """Per-row (soft, hard) terms, shape [N, 2], in float32 (float64 for float64 inputs).
+
+    Equivalent PyTorch for divergence="kl"::
+
+        soft = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
+                        log_target=True, reduction="none").sum(-1)
+        hard = F.cross_entropy(s, labels, reduction="none")
+
+    JSD uses M = beta * p_t + (1 - beta) * p_s and
+    soft = beta * KL(p_t || M) + (1 - beta) * KL(p_s || M); the public op maps
+    beta = 0 to "kl" and beta = 1 to "reverse_kl" (the limits of the
+    normalised skew divergence). Rows whose label is ignore_index give 0.
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, t = student.to(acc), teacher.to(acc)
+    logp_s = _masked_log_softmax(s / temperature)
+    logp_t = _masked_log_softmax(t / temperature)
+    if divergence == "kl":
+        soft = _kl_rows(logp_t, logp_s)
+    elif divergence == "reverse_kl":
+        soft = _kl_rows(logp_s, logp_t)
+    else:
+        log_m = _log_mixture(logp_t, logp_s, beta)
+        soft = beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
+    hard = torch.zeros_like(soft)
+    if labels is not None:
+        keep = labels != ignore_index
+        if compute_hard:
+            idx = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(-1)
+            nll = -_masked_log_softmax(s).gather(-1, idx).squeeze(-1)
+            hard = torch.where(keep, nll, torch.zeros_like(nll))
+        soft = torch.where(keep, soft, torch.zeros_like(soft))
+    return torch.stack([soft, hard], dim=-1)
+
+
+def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0,
+                      divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0,
+                      ignore_index=-100, reduction="batchmean", scale_by_t2=True):
+    """Readable whole-loss reference (autograd through plain PyTorch); the test oracle."""
+    V = student_logits.shape[-1]
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.reshape(-1, V)
+    lab = None if labels is None else labels.reshape(-1)
+    divergence, beta = _canonical_divergence(divergence, beta)
+    rows = kd_rows_reference(s, t, lab, temperature=temperature, divergence=divergence, beta=beta,
+                             ignore_index=ignore_index, compute_hard=hard_weight != 0)
+    return _combine(rows, lab, V, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_t2,
+                    student_logits.shape[:-1])
+
+
+def _canonical_divergence(divergence, beta):
+    if divergence == "jsd" and beta == 0.0:
+        return "kl", beta
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl", beta
+    return divergence, beta
+
+
+def _combine(rows, labels, V, T, soft_weight, hard_weight, ignore_index, reduction, scale_by_t2, lead_shape):
+    soft_scale = soft_weight * (T * T if scale_by_t2 else 1.0)
+    soft, hard = rows[:, 0], rows[:, 1]
+    if reduction == "none":
+        out = soft_scale * soft
+        if hard_weight != 0:
+            out = out + hard_weight * hard
+        return out.reshape(lead_shape)
+    if labels is None:
+        count = torch.full((), rows.shape[0], dtype=rows.dtype, device=rows.device)
+    else:
+        count = (labels != ignore_index).sum().to(rows.dtype)
+    # An empty or fully ignored batch gives 0 (not NaN), so a training step survives it.
+    denom = count.clamp(min=1)
+    soft_sum, hard_sum = soft.sum(), hard.sum()
+    if reduction == "sum":
+        out = soft_scale * soft_sum + hard_weight * hard_sum
+    elif reduction == "batchmean":
+        out = (soft_scale * soft_sum + hard_weight * hard_sum) / denom
+    else:  # mean: KL averaged over elements like F.kl_div, CE over rows like F.cross_entropy
+        out = soft_scale * soft_sum / (denom * V) + hard_weight * hard_sum / denom
+    return out
+
+
+# --------------------------------------------------------------------------
+# Custom ops (schema, fake, autograd) and backend implementations.
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::kd_loss_fwd", mutates_args=())
+def _kd_fwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+            temperature: float, div: int, beta: float, ignore_index: int, compute_hard: bool,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return backends.run("kd_loss_fwd", student, teacher, labels, temperature, div, beta, ignore_index,
+                        compute_hard, backend=backend or None)
+
+
+@_kd_fwd.register_fake
+def _(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, backend):
+    n = student.shape[0]
+    return student.new_empty((n, 2), dtype=torch.float32), student.new_empty((n, N_STATS), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdfast::kd_loss_bwd", mutates_args=())
+def _kd_bwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, stats: torch.Tensor,
+            grad_rows: torch.Tensor, temperature: float, div: int, beta: float, ignore_index: int,
+            compute_hard: bool, backend: str) -> torch.Tensor:
+    return backends.run("kd_loss_bwd", student, teacher, labels, stats, grad_rows, temperature, div, beta,
+                        ignore_index, compute_hard, backend=backend or None)
+
+
+@_kd_bwd.register_fake
+def _(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index, compute_hard, backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, backend = inputs
+    ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.args = (temperature, div, beta, ignore_index, compute_hard, backend)
+
+
+def _backward(ctx, grad_rows, grad_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _kd_bwd(student, teacher, labels, stats, grad_rows.contiguous().float(), *ctx.args)
+    # The teacher is a constant in distillation: it gets no gradient.
+    return grad, None, None, None, None, None, None, None, None
+
+
+_kd_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_NAMES = {0: "kl", 1: "reverse_kl", 2: "jsd"}
+
+
+@backends.register("kd_loss_fwd", "reference")
+def _fwd_reference(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
+    rows = kd_rows_reference(student, teacher, labels, temperature=temperature, divergence=_NAMES[div],
+                             beta=beta, ignore_index=ignore_index, compute_hard=compute_hard).float()
+    lse_a = torch.logsumexp(student.float() / temperature, -1)
+    lse_b = torch.logsumexp(teacher.float() / temperature, -1)
+    lse_s = torch.logsumexp(student.float(), -1)
+    stats = torch.stack([lse_a, lse_b, lse_s, torch.zeros_like(lse_a)], -1)
+    return rows, stats
+
+
+@backends.register("kd_loss_bwd", "reference")
+def _bwd_reference(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index,
+                   compute_hard):
+    """d(rows)/d(student) written out (autograd does not run inside an op body).
+
+    With a = s / T, b = t / T, p_s = softmax(a), p_t = softmax(b):
+      kl:          (p_s - p_t) / T
+      reverse_kl:  p_s * ((a - b) - sum(p_s * (a - b))) / T
+      jsd:         (1 - beta) * p_s * (log p_s - log M - KL(p_s || M)) / T
+      hard:        softmax(s) - onehot(label)
+    """
+    T = temperature
+    s, t = student.float(), teacher.float()
+    logp_s = _masked_log_softmax(s / T)
+    logp_t = _masked_log_softmax(t / T)
+    p_s = logp_s.exp()
+    live = p_s > 0
+    zero = torch.zeros_like(p_s)
+    if div == 0:
+        g = p_s - logp_t.exp()
+    elif div == 1:
+        d = torch.where(live, (s - t) / T, zero)
+        g = torch.where(live, p_s * (d - (p_s * d).sum(-1, keepdim=True)), zero)
+    else:
+        log_m = _log_mixture(logp_t, logp_s, beta)
+        d = torch.where(live, logp_s - log_m, zero)
+        g = (1.0 - beta) * torch.where(live, p_s * (d - (p_s * d).sum(-1, keepdim=True)), zero)
+    grad = grad_rows[:, :1] * g / T
+    if labels is not None:
+        keep = (labels != ignore_index).unsqueeze(-1)
+        if compute_hard:
+            idx = torch.where(keep.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)
+            h = _masked_log_softmax(s).exp().scatter_add(-1, idx, -torch.ones_like(idx, dtype=s.dtype))
+            grad = grad + grad_rows[:, 1:] * h
+        grad = torch.where(keep, grad, torch.zeros_like(grad))
+    return grad.to(student.dtype)
+
+
+def _kernel_check(student, teacher, *rest):
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
+    return None
+
+
+@backends.register("kd_loss_fwd", "cpu", check=_kernel_check, kernel="kd_loss_fwd")
+def _fwd_cpu(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
+    return torch.ops.kdfast_C.kd_loss_fwd(student, teacher, labels, temperature, div, beta, ignore_index,
+                                          compute_hard)
+
+
+@backends.register("kd_loss_bwd", "cpu", check=_kernel_check, kernel="kd_loss_bwd")
+def _bwd_cpu(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index, compute_hard):
+    return torch.ops.kdfast_C.kd_loss_bwd(student, teacher, labels, stats, grad_rows, temperature, div, beta,
+                                          ignore_index, compute_hard)
+
+
+@backends.register("kd_loss_fwd", "cuda", check=_kernel_check, kernel="kd_loss_fwd_cuda")
+def _fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
+    return torch.ops.kdfast_C.kd_loss_fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index,
+                                               compute_hard)
+
+
+@backends.register("kd_loss_bwd", "cuda", check=_kernel_check, kernel="kd_loss_bwd_cuda")
+def _bwd_cuda(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index, compute_hard):
+    return torch.ops.kdfast_C.kd_loss_bwd_cuda(student, teacher, labels, stats, grad_rows, temperature, div,
+                                               beta, ignore_index, compute_hard)
+
+
+@backends.register("kd_loss_fwd", "triton", check=_kernel_check)
+def _fwd_triton(*args):
+    from kdfast.kernels.triton import kd_loss as k
+    return k.kd_loss_fwd(*args)
+
+
+@backends.register("kd_loss_bwd", "triton", check=_kernel_check)
+def _bwd_triton(*args):
+    from kdfast.kernels.triton import kd_loss as k
+    return k.kd_loss_bwd(*args)
+
+
+# The loss as a whole is what users dispatch on; forward and backward follow it.
+backends.register("kd_loss", "reference")(_fwd_reference)
+backends.register("kd_loss", "cpu", check=_kernel_check, kernel="kd_loss_fwd")(_fwd_cpu)
+backends.register("kd_loss", "cuda", check=_kernel_check, kernel="kd_loss_fwd_cuda")(_fwd_cuda)
+backends.register("kd_loss", "triton", check=_kernel_check)(_fwd_triton)
+backends.set_gpu_order("kd_loss", ("triton", "cuda"))
+backends.set_gpu_order("kd_loss_fwd", ("triton", "cuda"))
+backends.set_gpu_order("kd_loss_bwd", ("triton", "cuda"))
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+def _rows_2d(x):
+    # Kernels need unit stride along V; any row stride is fine.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def kd_rows(student, teacher, labels, *, temperature, divergence, beta, ignore_index, compute_hard):
+    """Per-row (soft, hard) terms [N, 2] float32 through the fastest backend, with autograd."""
+    backend = backends.explain("kd_loss", student, teacher).backend
+    rows, _ = _kd_fwd(_rows_2d(student), _rows_2d(teacher), labels, float(temperature), _DIV_CODE[divergence],
+                      float(beta), int(ignore_index), bool(compute_hard), backend)
+    return rows
+
+
+def validate_labels(labels, n, V, ignore_index, name="labels"):
+    if labels is None:
+        return None
+    _checks.tensor(name, labels, dtypes=(torch.int64, torch.int32))
+    if labels.numel() != n:
+        raise ValueError(f"{name} must have one entry per row ({n}), got shape {tuple(labels.shape)}")
+    labels = labels.reshape(-1).long()
+    # Range check costs a host sync, so only for CPU tensors in eager mode.
+    if labels.device.type == "cpu" and n > 0 and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be in [0, {V}) or ignore_index={ignore_index}, "
+                             f"got {labels[bad][0].item()}")
+    return labels
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, divergence="kl", beta=0.5,
+            soft_weight=1.0, hard_weight=0.0, ignore_index=-100, reduction="batchmean", scale_by_t2=True):
+    """Fused knowledge-distillation loss.
+
+    Args:
+        student_logits: ``[..., V]`` float32/bfloat16/float16 (gets the gradient).
+        teacher_logits: ``[..., V]``, same shape; logits or log-probabilities
+            (``log_softmax(x / T)`` of log-probabilities equals that of the
+            logits, so cached teachers can pass either). Gets no gradient.
+        labels: optional ``[...]`` int64; rows equal to ``ignore_index`` count
+            for nothing in either term.
+        temperature: T applied to both sides of the soft term.
+        divergence: ``"kl"`` = KL(teacher || student) (Hinton, DistilBERT),
+            ``"reverse_kl"`` = KL(student || teacher), ``"jsd"`` =
+            beta * KL(p_t || M) + (1 - beta) * KL(p_s || M) with
+            M = beta * p_t + (1 - beta) * p_s; ``beta=0`` gives exactly "kl" and
+            ``beta=1`` exactly "reverse_kl" (limits of the normalised skew JSD).
+        soft_weight, hard_weight: total = soft_weight * soft + hard_weight * CE(student at T=1, labels).
+        reduction: ``"batchmean"`` (sum / counted rows), ``"sum"``, ``"mean"``
+            (soft term over counted rows * V like ``F.kl_div``, hard term over
+            counted rows like ``F.cross_entropy``), ``"none"`` (per row, shape ``[...]``).
+            A batch with no counted row gives 0, not NaN.
+        scale_by_t2: multiply the soft term by T^2 (DistilBERT; TinyBERT uses no T^2).
+
+    ``-inf`` logits (masked positions) are exact: they add nothing, never NaN;
+    a row fully masked in both models contributes 0. Returns float32.
+
+    Equivalent PyTorch (divergence="kl", reduction="batchmean")::
+
+        T * T * F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
+                         log_target=True, reduction="batchmean")
+    """
+    _checks.tensor("student_logits", student_logits, dtypes=_checks.FLOAT_DTYPES, min_ndim=1)
+    _checks.tensor("teacher_logits", teacher_logits, dtypes=_checks.FLOAT_DTYPES, min_ndim=1)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    temperature = _checks.positive("temperature", temperature)
+    _checks.choice("divergence", divergence, DIVERGENCES)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    beta = _checks.in_unit("beta", beta)
+    V = student_logits.shape[-1]
+    if V == 0:
+        raise ValueError("student_logits must have a non-empty last dimension (V >= 1)")
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.reshape(-1, V)
+    lab = validate_labels(labels, s.shape[0], V, ignore_index)
+    divergence, beta = _canonical_divergence(divergence, beta)
+    rows = kd_rows(s, t, lab, temperature=temperature, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, compute_hard=hard_weight != 0 and lab is not None)
+    return _combine(rows, lab, V, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_t2,
+                    student_logits.shape[:-1])
