@@ -1,0 +1,171 @@
+"""Shared benchmark harness: timing with warm-up, median and spread, peak
+memory, baselines measured in the same run, results appended to
+bench/results/<family>.csv with the columns of DESIGN.md.
+
+    from harness import Bench
+    b = Bench("kd_loss")                      # -> bench/results/kd_loss.csv
+    r = b.run("kd_loss", "kdfast", fn, mode="fwd+bwd", x_name="V", x_value=30522, config="N=4096 fp32")
+    b.run("kd_loss", "torch-eager", ref_fn, ...)
+    b.table()                                 # prints time, memory and ratios vs baselines
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80", "config",
+           "device", "timestamp", "version"]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+class _RssSampler:
+    """Peak resident memory of this process during a call (CPU), sampled every 1 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0):
+    """Run fn() warmup times, then reps times; returns times (s) p20/p50/p80 and peak extra memory (bytes)."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - t_start < min_time:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _RssSampler() as s:
+            fn()
+        peak = max(0, s.peak - s.base)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"p20": q[1], "p50": statistics.median(times), "p80": q[7], "peak_bytes": peak}
+
+
+class Bench:
+    def __init__(self, family: str, device: str = "cpu", out_dir: str = RESULTS):
+        self.family = family
+        self.device = device
+        self.dev_name = device_name(device)
+        self.path = os.path.join(out_dir, f"{family}.csv")
+        self.rows: list[dict] = []
+        os.makedirs(out_dir, exist_ok=True)
+
+    def run(self, kernel, provider, fn, *, mode="fwd+bwd", x_name="", x_value="", config="", warmup=2, reps=7):
+        try:
+            m = measure(fn, device=self.device, warmup=warmup, reps=reps)
+        except Exception as e:  # a baseline that cannot run (OOM, missing package) is reported, not fatal
+            print(f"  {kernel}/{provider} {config}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+        import kdfast
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        common = dict(kernel=kernel, provider=provider, mode=mode, x_name=x_name, x_value=x_value, config=config,
+                      device=self.dev_name, timestamp=stamp, version=kdfast.__version__)
+        time_row = dict(common, metric="time", unit="ms", p20=m["p20"] * 1e3, p50=m["p50"] * 1e3,
+                        p80=m["p80"] * 1e3)
+        mem = m["peak_bytes"] / 2**20
+        mem_row = dict(common, metric="peak_memory", unit="MiB", p20=mem, p50=mem, p80=mem)
+        self.rows += [time_row, mem_row]
+        self._append([time_row, mem_row])
+        return m
+
+    def _append(self, rows):
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def table(self, ours="kdfast", file=sys.stdout):
+        """Print this run's results, with speed and memory ratios of `ours` against each baseline."""
+        groups: dict[tuple, dict] = {}
+        for r in self.rows:
+            key = (r["kernel"], r["mode"], r["x_name"], r["x_value"], r["config"])
+            groups.setdefault(key, {}).setdefault(r["provider"], {})[r["metric"]] = r["p50"]
+        print(f"\n{self.family} on {self.dev_name}", file=file)
+        print(f"{'kernel':22s} {'config':28s} {'provider':18s} {'time ms':>10s} {'peak MiB':>9s} "
+              f"{'speedup':>8s} {'mem x':>7s}", file=file)
+        for key, provs in groups.items():
+            mine = provs.get(ours)
+            for p, d in provs.items():
+                sp = mx = ""
+                if mine and p != ours and "time" in d:
+                    sp = f"{d['time'] / mine['time']:.2f}x"
+                    if mine.get("peak_memory", 0) > 0:
+                        mx = f"{d['peak_memory'] / mine['peak_memory']:.1f}x"
+                cfg = f"{key[4]} {key[2]}={key[3]}" if key[2] else key[4]
+                print(f"{key[0]:22s} {cfg[:28]:28s} {p:18s} {d.get('time', float('nan')):10.2f} "
+                      f"{d.get('peak_memory', float('nan')):9.1f} {sp:>8s} {mx:>7s}", file=file)
+        print("(speedup / mem x: baseline time or memory divided by kdfast's; >1 means kdfast is better)", file=file)

@@ -1,0 +1,78 @@
+"""Test tiers (DESIGN.md): reference+CPU always; Triton under the interpreter;
+CUDA when a GPU is present; nvcc compile-check when nvcc exists; slow e2e.
+
+Each skipped tier prints its reason in the summary. Nothing here touches a GPU
+at collection time: a CPU build of torch cannot have one, and on CUDA builds
+the check runs only when a cuda-marked test is about to execute.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors only in interpreter mode; it must be set
+# before triton is imported. Only on CPU builds of torch (a GPU runs them natively).
+if torch.version.cuda is None and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kdfast  # noqa: E402
+from kdfast import _ext, backends  # noqa: E402
+
+_tiers = {}
+
+
+def _cuda_reason():
+    if torch.version.cuda is None:
+        return "torch is a CPU build (no CUDA)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible"
+    if not _ext.build_info().get("with_cuda"):
+        return "kdfast._C built without CUDA sources"
+    return None
+
+
+def tier_reason(tier):
+    """None if the tier can run here, else why not (cached)."""
+    if tier not in _tiers:
+        if tier == "triton":
+            r = backends.triton_available()
+            if r is None and torch.version.cuda is None and not backends.triton_interpret():
+                r = "TRITON_INTERPRET is not 1 and there is no GPU"
+        elif tier == "cuda":
+            r = _cuda_reason()
+        elif tier == "nvcc":
+            r = None if shutil.which("nvcc") else "nvcc not found on PATH"
+        elif tier == "slow":
+            r = None if os.environ.get("KDFAST_SKIP_SLOW", "0") != "1" else "KDFAST_SKIP_SLOW=1"
+        elif tier == "cpu":
+            r = None if _ext.extension() is not None else f"kdfast._C unavailable: {_ext.extension_error()}"
+        else:
+            r = None
+        _tiers[tier] = r
+    return _tiers[tier]
+
+
+def pytest_configure(config):
+    for m in ("cpu: needs the compiled CPU kernels",):
+        config.addinivalue_line("markers", m)
+
+
+def pytest_runtest_setup(item):
+    for tier in ("triton", "cuda", "nvcc", "slow", "cpu"):
+        if item.get_closest_marker(tier):
+            r = tier_reason(tier)
+            if r is not None:
+                pytest.skip(f"{tier} tier skipped: {r}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    tr.section("kdfast test tiers")
+    tr.write_line("reference: ran (always)")
+    for tier in ("cpu", "triton", "cuda", "nvcc", "slow"):
+        r = tier_reason(tier)
+        tr.write_line(f"{tier}: " + ("ran" if r is None else f"SKIPPED ({r})"))
+    if _ext.extension() is not None:
+        from kdfast import cpu_isa
+        tr.write_line(f"cpu ISA paths tested: {', '.join(cpu_isa.available_isas())}")
