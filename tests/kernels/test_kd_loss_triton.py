@@ -151,3 +151,20 @@ def test_bad_kernel_inputs():
         k.kd_loss_fwd(s.t(), s.t(), None, 1.0, 0, 0.5, -100, False)
     with pytest.raises(ValueError, match="int64"):
         k.kd_loss_fwd(s, s, torch.zeros(4, dtype=torch.int32), 1.0, 0, 0.5, -100, True)
+
+
+@pytest.mark.cpu
+def test_same_rows_and_stats_as_cpu_kernel():
+    """The Triton and CPU kernels share one stats contract (the backward of either reads them)."""
+    k = _kernels()
+    for code in range(3):
+        s, t, labels = make_inputs(8, 1271, seed=17, teacher_holes=code != 1)
+        r_c, st_c = torch.ops.kdfast_C.kd_loss_fwd(s, t, labels, 2.0, code, 0.5, -100, True)
+        r_t, st_t = k.kd_loss_fwd(s, t, labels, 2.0, code, 0.5, -100, True)
+        torch.testing.assert_close(st_t, st_c, rtol=1e-5, atol=1e-4)
+        live = torch.isfinite(r_c)
+        torch.testing.assert_close(r_t[live], r_c[live], rtol=1e-5, atol=1e-4)
+        gr = torch.randn(8, 2)
+        g_c = torch.ops.kdfast_C.kd_loss_bwd(s, t, labels, st_c, gr, 2.0, code, 0.5, -100, True)
+        g_t = k.kd_loss_bwd(s, t, labels, st_t, gr, 2.0, code, 0.5, -100, True)
+        torch.testing.assert_close(g_t, g_c, rtol=1e-4, atol=1e-6)
