@@ -45,7 +45,8 @@ KDFAST_INLINE float fast_log(float x) {
   int32_t e = static_cast<int32_t>((u >> 23) & 0xff) - 127;
   float m = bits_to_float((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
   bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
+  const float half_m = m * 0.5f;  // unconditional: keeps the loop branch-free (vectorises without AVX-512 masks)
+  m = big ? half_m : m;
   e = big ? e + 1 : e;
   float f = m - 1.0f;           // [-0.293, 0.414]
   float s = f / (2.0f + f);     // log(1+f) = 2 atanh(s)
