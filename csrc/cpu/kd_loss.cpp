@@ -14,9 +14,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
@@ -213,22 +210,6 @@ KDFAST_INLINE void bwd_row(const float* s, const float* t, int64_t V, int64_t la
   }
 }
 
-// A fresh [N, V] gradient faults in 4 KiB pages on first write; asking for
-// 2 MiB pages cut allocate+fill of a 477 MiB buffer from 173 ms to 98 ms
-// (1 thread, this 2-core machine). Advisory only: ignored where unsupported.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes < (size_t{8} << 20)) return;
-  const uintptr_t page = 4096;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(ptr) + page - 1) & ~(page - 1);
-  const uintptr_t e = reinterpret_cast<uintptr_t>(ptr) + bytes;
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
 using FwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, float*, float*);
 using BwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, const float*, float, float,
                        float*);
@@ -368,9 +349,11 @@ at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
               "kd_loss_bwd: stats must be contiguous float32 [N, 4]");
   at::Tensor gr = grad_rows.to(at::kFloat).contiguous();
   TORCH_CHECK(gr.numel() == N * 2, "kd_loss_bwd: grad_rows must be [N, 2]");
+  // Not madvise(MADV_HUGEPAGE)'d: 2 MiB pages halved allocate+fill of a 477 MiB
+  // gradient in steady state (330 -> 98..196 ms) but took up to 1 s right after
+  // a large free (direct compaction under THP defrag=madvise), as in training.
   at::Tensor grad = at::empty({N, V}, student.options());
   if (N == 0 || V == 0) return grad;
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
   const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
   const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
