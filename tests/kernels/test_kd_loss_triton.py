@@ -168,3 +168,12 @@ def test_same_rows_and_stats_as_cpu_kernel():
         g_c = torch.ops.kdfast_C.kd_loss_bwd(s, t, labels, st_c, gr, 2.0, code, 0.5, -100, True)
         g_t = k.kd_loss_bwd(s, t, labels, st_t, gr, 2.0, code, 0.5, -100, True)
         torch.testing.assert_close(g_t, g_c, rtol=1e-4, atol=1e-6)
+
+
+def test_opcheck_with_triton_backend():
+    s, t, labels = make_inputs(5, 300, seed=19)
+    s.requires_grad_()
+    torch.library.opcheck(torch.ops.kdfast.kd_loss_fwd.default, (s, t, labels, 2.0, 2, 0.5, -100, True, "triton"))
+    _, stats = torch.ops.kdfast.kd_loss_fwd(s.detach(), t, labels, 2.0, 2, 0.5, -100, True, "triton")
+    torch.library.opcheck(torch.ops.kdfast.kd_loss_bwd.default,
+                          (s.detach(), t, labels, stats, torch.randn(5, 2), 2.0, 2, 0.5, -100, True, "triton"))
