@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdfast.ops import _checks
-from kdfast.ops import fused_linear_kd_loss as _fl
+from kdfast.ops.fused_linear_kd_loss import fused_linear_kd_loss
 from kdfast.ops.kd_loss import DIVERGENCES, REDUCTIONS
 
 
@@ -29,7 +29,7 @@ class FusedLinearKDLoss(nn.Module):
 
     def forward(self, student_hidden, student_lm_head_weight, teacher_hidden, teacher_weight, labels=None, *,
                 student_bias=None, teacher_bias=None):
-        return _fl.fused_linear_kd_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_weight,
+        return fused_linear_kd_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_weight,
                                         labels, student_bias=student_bias, teacher_bias=teacher_bias,
                                         **self.options)
 

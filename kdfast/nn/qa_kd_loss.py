@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdfast.ops import _checks
-from kdfast.ops import qa_kd_loss as _qa
+from kdfast.ops.qa_kd_loss import qa_kd_loss
 
 
 class QAKDLoss(nn.Module):
@@ -22,7 +22,7 @@ class QAKDLoss(nn.Module):
 
     def forward(self, student_start, student_end, teacher_start, teacher_end, start_positions=None,
                 end_positions=None, attention_mask=None):
-        return _qa.qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_positions,
+        return qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_positions,
                               end_positions, attention_mask=attention_mask, **self.options)
 
     def extra_repr(self):

@@ -135,9 +135,10 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
     N = student_hidden.shape[0]
     loss = student_hidden.new_empty((N,) if reduction == _NONE else (), dtype=torch.float32)
     want = reduction != _NONE and any(need_grad)
-    e = student_hidden.new_empty(0)
-    gh = torch.empty_like(student_hidden, memory_format=torch.contiguous_format) if want and need_grad[0] else e
-    gw = torch.empty_like(student_weight, memory_format=torch.contiguous_format) if want and need_grad[1] else e
+    gh = (torch.empty_like(student_hidden, memory_format=torch.contiguous_format) if want and need_grad[0]
+          else student_hidden.new_empty(0))
+    gw = (torch.empty_like(student_weight, memory_format=torch.contiguous_format) if want and need_grad[1]
+          else student_weight.new_empty(0))
     has_b = want and need_grad[2] and student_bias is not None
     gb = student_weight.new_empty(student_weight.shape[0]) if has_b else student_weight.new_empty(0)
     return loss, gh, gw, gb
@@ -163,9 +164,10 @@ def _bwd(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bia
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
       grad_loss, temperature, div, beta, soft_weight, hard_weight, ignore_index, scale_by_t2, compute_hard,
       chunk_size, need_grad, backend):
-    e = student_hidden.new_empty(0)
-    gh = torch.empty_like(student_hidden, memory_format=torch.contiguous_format) if need_grad[0] else e
-    gw = torch.empty_like(student_weight, memory_format=torch.contiguous_format) if need_grad[1] else e
+    gh = (torch.empty_like(student_hidden, memory_format=torch.contiguous_format) if need_grad[0]
+          else student_hidden.new_empty(0))
+    gw = (torch.empty_like(student_weight, memory_format=torch.contiguous_format) if need_grad[1]
+          else student_weight.new_empty(0))
     has_b = need_grad[2] and student_bias is not None
     gb = student_weight.new_empty(student_weight.shape[0]) if has_b else student_weight.new_empty(0)
     return gh, gw, gb
@@ -270,7 +272,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     grad_on = torch.is_grad_enabled()
     need = [grad_on and sh.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad]
-    backend = backends.explain("kd_loss", sh, th).backend
+    # Eager: choose now (a forced backend that cannot run fails here, early). Under
+    # torch.compile the dispatcher's contextvar cannot be traced; "" makes the op body
+    # choose at run time instead, with the same rules.
+    backend = "" if torch.compiler.is_compiling() else backends.explain("kd_loss", sh, th).backend
     loss, _, _, _ = _fwd(sh, student_weight, student_bias, th, teacher_weight, teacher_bias, lab, temperature,
                          _DIV_CODE[divergence], beta, float(soft_weight), float(hard_weight), int(ignore_index),
                          _RED_CODE[reduction], bool(scale_by_t2), hard_weight != 0 and lab is not None,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops.kd_loss import _masked_log_softmax, kd_loss_reference, kd_rows
+from kdfast.ops.kd_loss import _kd_fwd, _masked_log_softmax, kd_loss_reference
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -140,8 +141,10 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
             stand_in = torch.where(dead, -100, keep2.to(torch.uint8).argmax(1))
         labels = torch.where(counted, pos, stand_in)
 
-    rows = kd_rows(s, t, labels, temperature=T, divergence="kl", beta=0.5, ignore_index=-100,
-                   compute_hard=with_hard)
+    # Like kd_loss.kd_rows, but the backend is chosen inside the op under
+    # torch.compile (the dispatcher's contextvar cannot be traced by dynamo).
+    backend = "" if torch.compiler.is_compiling() else backends.explain("kd_loss", s, t).backend
+    rows, _ = _kd_fwd(s, t, labels, T, 0, 0.5, -100, with_hard, backend)
     soft = rows[:, 0].reshape(2, B)
     loss = soft_weight * T * T * soft.sum(1) / max(B, 1)
     if with_hard:
