@@ -143,8 +143,8 @@ def test_reference_backend_small():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(30522) == 137 and default_chunk_size(128256) == 32
-    assert default_chunk_size(2 ** 23) == 1
+    assert default_chunk_size(30522) == 274 and default_chunk_size(128256) == 65
+    assert default_chunk_size(2 ** 24) == 1
 
 
 def _max_alloc_bytes(fn):
