@@ -239,3 +239,25 @@ def test_bad_inputs():
         fused_linear_kd_loss(sh, sw, th.to("meta"), tw)
     with pytest.raises(ValueError, match="temperature"):
         FusedLinearKDLoss(temperature=0)
+
+
+def test_float64_and_mixed_teacher_dtype():
+    d = make(13, 45, 8, 10)
+    # float64 runs the reference kd kernels, which (like kd_loss) work in float32.
+    opts = dict(temperature=2.0, hard_weight=0.5, divergence="jsd")
+    out, grads = run(fused_linear_kd_loss, d, torch.float64, opts, chunk_size=4)
+    oracle, ograds = run(fused_linear_kd_loss_reference, d, torch.float64, opts)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float64 for g in grads)
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=1e-5)
+    for g, og in zip(grads, ograds):
+        torch.testing.assert_close(g, og, rtol=1e-4, atol=1e-5)
+    # bf16 teacher (e.g. a frozen half-precision model) with an fp32 student.
+    sh, sw = d["sh"].clone().requires_grad_(), d["sw"].clone().requires_grad_()
+    th, tw, tb = d["th"].bfloat16(), d["tw"].bfloat16(), d["tb"].bfloat16()
+    out = fused_linear_kd_loss(sh, sw, th, tw, d["labels"], student_bias=d["sb"], teacher_bias=tb, temperature=2.0,
+                               hard_weight=0.5, chunk_size=4)
+    ref = fused_linear_kd_loss_reference(sh, sw, th, tw, d["labels"], student_bias=d["sb"], teacher_bias=tb,
+                                         temperature=2.0, hard_weight=0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g, gr = torch.autograd.grad(out, sw), torch.autograd.grad(ref, sw)
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
