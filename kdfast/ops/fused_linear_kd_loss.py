@@ -70,10 +70,11 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, labels, grad_rows, kd_args, chunk, backe
     N, V = sh.shape[0], sw.shape[0]
     rows = torch.empty((N, 2), dtype=torch.float32, device=sh.device)
     want = grad_rows is not None
+    acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
     # Distinct empty tensors: a custom op's outputs must not alias each other.
     gh = torch.empty_like(sh, memory_format=torch.contiguous_format) if want and need[0] else sh.new_empty(0)
-    gw = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if want and need[1] else sw.new_empty(0)
-    gb = (torch.zeros(V, dtype=torch.float32, device=sw.device) if want and need[2] and sb is not None
+    gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if want and need[1] else sw.new_empty(0)
+    gb = (torch.zeros(V, dtype=acc, device=sw.device) if want and need[2] and sb is not None
           else sw.new_empty(0))
     for i in range(0, N, chunk):
         j = min(i + chunk, N)
@@ -90,12 +91,12 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, labels, grad_rows, kd_args, chunk, backe
         if need[0]:
             torch.mm(g, sw, out=gh[i:j])
         if need[1]:
-            if g.dtype == torch.float32 and h.dtype == torch.float32:
+            if g.dtype == acc and h.dtype == acc:
                 gw.addmm_(g.t(), h)
             else:  # 16-bit GEMM (fp32 accumulation inside), then fp32 accumulation across chunks
                 gw.add_(torch.mm(g.t(), h.to(g.dtype)))
         if gb.numel():
-            gb.add_(g.sum(0, dtype=torch.float32))
+            gb.add_(g.sum(0, dtype=acc))
     return rows, gh, gw, gb
 
 
