@@ -60,14 +60,17 @@ def liger_step(sh, sw, th, tw, labels):
     return step(lambda a, b, c, d, e: jsd(a, b, c, d, e), sh, sw, th, tw, labels)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--full", action="store_true", help="also H=4096, V=128256")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--N", type=int, nargs="*", default=[1024, 4096])
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="N=512 only (make demo)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.N = [512]
     dtype = DTYPES[args.dtype]
     shapes = [(768, 30522)] + ([(4096, 128256)] if args.full else [])
     b = Bench("fused_linear_kd", device=args.device)
