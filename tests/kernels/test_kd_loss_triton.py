@@ -177,3 +177,10 @@ def test_opcheck_with_triton_backend():
     _, stats = torch.ops.kdfast.kd_loss_fwd(s.detach(), t, labels, 2.0, 2, 0.5, -100, True, "triton")
     torch.library.opcheck(torch.ops.kdfast.kd_loss_bwd.default,
                           (s.detach(), t, labels, stats, torch.randn(5, 2), 2.0, 2, 0.5, -100, True, "triton"))
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_labels_without_hard_term(divergence):
+    # Labels only mark ignored rows; the kernel skips the cross-entropy work.
+    s, t, labels = make_inputs(8, 1271, teacher_holes=divergence != "reverse_kl", seed=23)
+    check_against_oracle("triton", s, t, labels, divergence=divergence, temperature=2.0, hard_weight=0.0)
