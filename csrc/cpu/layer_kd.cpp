@@ -305,10 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_loss_fwd(
               "hidden_loss kernel: mask must be contiguous float32 [N]");
   const bool has_w = w_in.has_value();
   TORCH_CHECK(has_w || Ds == Dt, "hidden_loss kernel: without a projection the hidden sizes must match");
-  at::Tensor hs = hs_in.to(at::kFloat).contiguous(), ht = ht_in.to(at::kFloat).contiguous();
-  at::Tensor w = has_w ? w_in->to(at::kFloat).contiguous() : at::Tensor();
+  // detach(): worker threads of at::parallel_for run with autograd enabled, and mm_out refuses
+  // out= calls on tensors that require grad.
+  at::Tensor hs = hs_in.detach().to(at::kFloat).contiguous(), ht = ht_in.detach().to(at::kFloat).contiguous();
+  at::Tensor w = has_w ? w_in->detach().to(at::kFloat).contiguous() : at::Tensor();
   if (has_w) TORCH_CHECK(w.dim() == 2 && w.size(0) == Dt && w.size(1) == Ds, "hidden_loss kernel: weight must be [Dt, Ds]");
-  at::Tensor bias = bias_in ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bias = bias_in ? bias_in->detach().to(at::kFloat).contiguous() : at::Tensor();
   if (bias.defined()) TORCH_CHECK(bias.numel() == Dt, "hidden_loss kernel: bias must be [Dt]");
   auto f32 = hs.options();
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + kHiddenRows - 1) / kHiddenRows));

@@ -2,3 +2,6 @@
 from kdfast.nn.kd_loss import KDLoss
 
 __all__ = ["KDLoss"]
+from kdfast.nn.layer_kd import LayerKD, layer_mapping  # noqa: E402
+
+__all__ += ["LayerKD", "layer_mapping"]
