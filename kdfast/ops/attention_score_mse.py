@@ -144,7 +144,8 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
         ((s - t)[pair.expand_as(s)] ** 2).mean()
     """
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
-    backend = backends.explain(OP, q_s, k_s, q_t, k_t).backend
+    # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
+    backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
     loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
     n = m.sum(-1)
     count = q_s.shape[1] * (n * n).sum()

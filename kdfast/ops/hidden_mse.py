@@ -153,7 +153,7 @@ def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
         return loss, empty, empty.clone(), empty.clone()
     dh = gy @ weight.to(acc) if weight is not None else gy
     dw = gy.t() @ h_s.to(acc) if weight is not None else empty
-    db = gy.sum(0) if bias is not None else empty
+    db = gy.sum(0) if bias is not None else empty.clone()
     return loss, dh.float(), dw.float(), db.float()
 
 
@@ -177,7 +177,7 @@ def _hidden_loss(h_s, h_t, weight, bias, mask, kind, eps, fn):
     m = _check(h_s, h_t, weight, bias, mask, fn)
     Ds, Dt = h_s.shape[-1], h_t.shape[-1]
     hs2, ht2 = h_s.reshape(-1, Ds), h_t.reshape(-1, Dt)
-    backend = backends.explain(OP, hs2, ht2, weight, bias).backend
+    backend = "" if torch.compiler.is_compiling() else backends.explain(OP, hs2, ht2, weight, bias).backend
     want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h_s, weight, bias))
     loss, _, _, _ = _fwd(hs2, ht2, weight, bias, m, KINDS[kind], float(eps), want, backend)
     count = m.sum() * (Dt if kind == "mse" else 1)
