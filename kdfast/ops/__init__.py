@@ -6,3 +6,6 @@ dispatcher (kdfast.backends).
 from kdfast.ops.kd_loss import kd_loss, kd_loss_reference
 
 __all__ = ["kd_loss", "kd_loss_reference"]
+from kdfast.ops.attention import attention, attention_reference  # noqa: E402
+
+__all__ += ["attention", "attention_reference"]
