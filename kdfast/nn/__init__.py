@@ -2,3 +2,6 @@
 from kdfast.nn.kd_loss import KDLoss
 
 __all__ = ["KDLoss"]
+from kdfast.nn.gates import HardConcreteGate, SparsityController  # noqa: E402
+
+__all__ += ["HardConcreteGate", "SparsityController"]
