@@ -5,3 +5,7 @@ __all__ = ["KDLoss"]
 from kdfast.nn.layer_kd import LayerKD, layer_mapping  # noqa: E402
 
 __all__ += ["LayerKD", "layer_mapping"]
+
+from kdfast.nn.gates import HardConcreteGate, SparsityController  # noqa: E402
+
+__all__ += ["HardConcreteGate", "SparsityController"]

@@ -12,3 +12,7 @@ from kdfast.ops.attention_kl import attention_kl, attention_kl_reference  # noqa
 
 __all__ += ["hidden_mse", "hidden_cosine", "hidden_loss_reference", "attention_score_mse",
             "attention_score_mse_reference", "attention_kl", "attention_kl_reference"]
+
+from kdfast.ops.attention import attention, attention_reference  # noqa: E402
+
+__all__ += ["attention", "attention_reference"]
