@@ -7,7 +7,8 @@ peak extra memory (RSS on CPU, allocator peak on GPU).
 
 Default run (< 3 min on a 2-core CPU): B=4 at L=384 and B=1 at L=2048, H=12,
 D=64 (reduced batch: the eager baseline is slow and large on 2 cores).
-``--full``: the issue's sizes, B=32 at L=384 and B=32 at L=2048 (the eager
+``--mmap-malloc``: exact RSS peaks (see _reexec_with_mmap_malloc); times
+from the default mode. ``--full``: the issue's sizes, B=32 at L=384 and B=32 at L=2048 (the eager
 baseline at L=2048 needs ~6 GiB per map; it is reported as failed if it
 cannot run). ``--compile`` adds torch.compile of the eager losses.
 
@@ -58,20 +59,36 @@ def step(fn, args, grads):
     return run
 
 
+def _reexec_with_mmap_malloc():
+    """Peak memory is sampled as RSS. glibc keeps freed large blocks mapped (its mmap threshold
+    grows after frees), which hides the peaks of later runs (reported as ~0 MiB); a fixed
+    threshold makes every block >= 128 KiB its own mapping, returned to the OS when freed, so
+    RSS follows live memory. It also adds page-fault time to every large allocation, so use
+    this mode for memory and the default mode for time."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main():
+    if "--mmap-malloc" in sys.argv:
+        _reexec_with_mmap_malloc()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="issue sizes: B=32 at L=384 and L=2048")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the eager losses")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--mmap-malloc", action="store_true",
+                    help="re-run under glibc MALLOC_MMAP_THRESHOLD_=128K so that RSS peaks are exact "
+                         "(use for the memory column; times then include page faults)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     H, D = 12, 64
     sizes = [(32, 384), (32, 2048)] if a.full else [(4, 384), (1, 2048)]
     bench = Bench("layer_kd", device=a.device)
     for B, L in sizes:
-        cfg = f"B={B} H={H} D={D} {a.dtype}"
+        cfg = f"B={B} H={H} D={D} {a.dtype}" + (" mmap-malloc" if a.mmap_malloc else "")
         q_s, k_s, q_t, k_t, mask = inputs(B, H, L, D, a.device, dtype)
         cases = [
             ("attention_score_mse", attention_score_mse, eager_score_mse, (q_s, k_s, q_t, k_t, mask)),
