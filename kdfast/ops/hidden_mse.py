@@ -4,9 +4,11 @@ and its cosine variant (DistilBERT).
     hidden_mse    = sum over valid tokens of ||h_s W^T + b - h_t||^2 / (n_valid * D_t)
     hidden_cosine = mean over valid tokens of 1 - cos(h_s W^T + b, h_t)
 
-The kernel works in blocks of rows: project, compare and write the gradient
-for h_s, W and b while the block is in cache, so the projected [N, D_t]
-activations and their difference never exist as whole tensors. The loss is a
+The CPU kernel works in blocks of rows: project, compare and write the
+gradient for h_s, W and b while the block is in cache, so the projected
+[N, D_t] activations and their difference never exist as whole tensors. The
+Triton backend projects with the vendor GEMM and runs the loss and row
+gradient as one fused epilogue in place over the projection. The loss is a
 sum, so its gradient is produced in the same run; autograd only scales it.
 """
 from __future__ import annotations
@@ -170,7 +172,13 @@ def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
     return torch.ops.kdfast_C.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
 
 
-# No Triton kernel yet: on CUDA tensors the reference (two GEMMs in PyTorch) runs.
+@backends.register(OP, "triton", check=_kernel_check)
+def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+    from kdfast.kernels.triton import layer_kd as k
+    return k.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
+
+
+backends.set_gpu_order(OP, ("triton",))
 
 
 def _hidden_loss(h_s, h_t, weight, bias, mask, kind, eps, fn):

@@ -6,7 +6,8 @@ from kdfast.ops import hidden_cosine, hidden_loss_reference, hidden_mse
 from kdfast.ops.hidden_mse import _fwd
 from tests.numerics import assert_close_to_oracle
 
-BACKENDS = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu)]
+BACKENDS = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu),
+            pytest.param("triton", marks=pytest.mark.triton)]
 FNS = {"mse": hidden_mse, "cosine": hidden_cosine}
 
 
