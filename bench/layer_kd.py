@@ -79,6 +79,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only-l", type=int, default=None, help="run only the size with this L")
+    ap.add_argument("--eager-limit-gib", type=float, default=4.0,
+                    help="skip the eager baseline when one [B, H, L, L] float32 map exceeds this")
     ap.add_argument("--mmap-malloc", action="store_true",
                     help="re-run under glibc MALLOC_MMAP_THRESHOLD_=128K so that RSS peaks are exact "
                          "(use for the memory column; times then include page faults)")
@@ -88,6 +91,13 @@ def main():
     sizes = [(32, 384), (32, 2048)] if a.full else [(4, 384), (1, 2048)]
     bench = Bench("layer_kd", device=a.device)
     for B, L in sizes:
+        if a.only_l is not None and L != a.only_l:
+            continue
+        map_gib = B * H * L * L * 4 / 2**30
+        run_eager = map_gib <= a.eager_limit_gib
+        if not run_eager:
+            print(f"B={B} L={L}: eager baseline skipped, one score map alone is {map_gib:.1f} GiB "
+                  f"(--eager-limit-gib {a.eager_limit_gib})", file=sys.stderr)
         cfg = f"B={B} H={H} D={D} {a.dtype}" + (" mmap-malloc" if a.mmap_malloc else "")
         q_s, k_s, q_t, k_t, mask = inputs(B, H, L, D, a.device, dtype)
         cases = [
@@ -99,8 +109,9 @@ def main():
         for name, ours, eager, args in cases:
             kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=cfg, warmup=1, reps=a.reps)
             bench.run(name, "kdfast", step(ours, args, (q_s, k_s)), **kw)
-            bench.run(name, "torch-eager", step(eager, args, (q_s, k_s)), **kw)
-            if a.compile:
+            if run_eager:
+                bench.run(name, "torch-eager", step(eager, args, (q_s, k_s)), **kw)
+            if a.compile and run_eager:
                 bench.run(name, "torch-compile", step(torch.compile(eager), args, (q_s, k_s)), **kw)
         # hidden_mse with a projection (768 -> 768 style, on [B, L, H * D]).
         Dm = H * D

@@ -58,3 +58,12 @@ def pair_mask(mask: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] bool: query i and key j both kept."""
     keep = mask != 0
     return keep[:, None, :, None] & keep[:, None, None, :]
+
+
+def scaled_unit_grad(unit: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad = g * unit in ``dtype``; in place for float32 outside tracing (unit is a private buffer)."""
+    # type() check: under tracing (aot_autograd, fake tensors) units are tensor subclasses; stay functional there.
+    if dtype == torch.float32 and type(unit) is torch.Tensor and not torch.compiler.is_compiling() \
+            and not unit.requires_grad:
+        return unit.mul_(g)
+    return (g * unit).to(dtype)

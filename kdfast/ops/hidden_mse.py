@@ -17,6 +17,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
+from kdfast.ops._attention_inputs import scaled_unit_grad
 
 OP = "hidden_loss"
 KINDS = {"mse": 0, "cosine": 1}
@@ -110,19 +111,24 @@ def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend):
 def _setup_context(ctx, inputs, output):
     h_s, _, weight, bias = inputs[:4]
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[1:])
+    # Attributes, not saved tensors: scaled in place in the backward (one buffer per gradient).
+    ctx.units = list(output[1:])
     ctx.dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.compute_grad = inputs[7]
 
 
 def _backward(ctx, grad, *_):
-    dh, dw, db = ctx.saved_tensors
+    if ctx.units is None:
+        raise RuntimeError("kdfast hidden_loss: backward ran twice through the same loss (retain_graph=True); "
+                           "recompute the loss for a second backward")
+    dh, dw, db = ctx.units
+    ctx.units = None
     out = [None] * 9
     if ctx.compute_grad:
         g = grad.float()
         for i, unit, dt in ((0, dh, ctx.dtypes[0]), (2, dw, ctx.dtypes[1]), (3, db, ctx.dtypes[2])):
             if ctx.needs_input_grad[i]:
-                out[i] = (g * unit).to(dt)
+                out[i] = scaled_unit_grad(unit, g, dt)
     # The teacher is a constant: h_t gets no gradient.
     return tuple(out)
 

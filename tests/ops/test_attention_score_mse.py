@@ -110,3 +110,12 @@ def test_torch_compile_fullgraph():
     ref = attention_score_mse_reference(q_s.double(), k_s.double(), q_t.double(), k_t.double(), mask)
     assert abs(out.item() - ref.item()) < 1e-4 * max(1, ref.item())
     assert k_s.grad is not None and torch.isfinite(k_s.grad).all()
+
+
+def test_second_backward_is_a_clear_error():
+    q_s, k_s, q_t, k_t, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 5, 4, 4))
+    q_s.requires_grad_()
+    out = attention_score_mse(q_s, k_s, q_t, k_t, mask)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
