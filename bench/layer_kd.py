@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only-l", type=int, default=None, help="run only the size with this L")
+    ap.add_argument("--scaling", action="store_true",
+                    help="kdfast only, B=1, L = 512..4096: how time and peak memory grow with L")
     ap.add_argument("--eager-limit-gib", type=float, default=4.0,
                     help="skip the eager baseline when one [B, H, L, L] float32 map exceeds this")
     ap.add_argument("--mmap-malloc", action="store_true",
@@ -90,6 +92,17 @@ def main():
     H, D = 12, 64
     sizes = [(32, 384), (32, 2048)] if a.full else [(4, 384), (1, 2048)]
     bench = Bench("layer_kd", device=a.device)
+    # Config tag: dtype, and "mm" when RSS peaks are exact (--mmap-malloc).
+    tag = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype] + (" mm" if a.mmap_malloc else "")
+    if a.scaling:
+        for L in (512, 1024, 2048, 4096):
+            q_s, k_s, q_t, k_t, mask = inputs(1, H, L, D, a.device, dtype)
+            cfg = f"B=1 H{H} D{D} {tag}"
+            for name, ours in (("attention_score_mse", attention_score_mse), ("attention_kl", attention_kl)):
+                bench.run(name, "kdfast", step(ours, (q_s, k_s, q_t, k_t, mask), (q_s, k_s)), mode="fwd+bwd",
+                          x_name="L", x_value=L, config=cfg, warmup=1, reps=1)
+        bench.table()
+        return
     for B, L in sizes:
         if a.only_l is not None and L != a.only_l:
             continue
@@ -98,7 +111,7 @@ def main():
         if not run_eager:
             print(f"B={B} L={L}: eager baseline skipped, one score map alone is {map_gib:.1f} GiB "
                   f"(--eager-limit-gib {a.eager_limit_gib})", file=sys.stderr)
-        cfg = f"B={B} H={H} D={D} {a.dtype}" + (" mmap-malloc" if a.mmap_malloc else "")
+        cfg = f"B={B} H{H} D{D} {tag}"
         q_s, k_s, q_t, k_t, mask = inputs(B, H, L, D, a.device, dtype)
         cases = [
             ("attention_score_mse", attention_score_mse, eager_score_mse, (q_s, k_s, q_t, k_t, mask)),
@@ -119,7 +132,7 @@ def main():
         ht = (torch.randn(B, L, Dm) * 2).to(a.device, dtype)
         W = (torch.randn(Dm, Dm) / Dm ** 0.5).to(a.device, dtype).requires_grad_()
         bias = torch.zeros(Dm).to(a.device, dtype).requires_grad_()
-        kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=f"B={B} D={Dm} {a.dtype}", warmup=1, reps=a.reps)
+        kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=f"B={B} D{Dm} {tag}", warmup=1, reps=a.reps)
         bench.run("hidden_mse", "kdfast", step(hidden_mse, (hs, ht, W, bias, mask), (hs, W, bias)), **kw)
         bench.run("hidden_mse", "torch-eager",
                   step(lambda *x: hidden_loss_reference(*x), (hs, ht, W, bias, mask), (hs, W, bias)), **kw)
