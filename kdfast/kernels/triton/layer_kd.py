@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-_MINF = -1.0e30
+# Start of the running maxima: finite, so exp(m_old - m_new) never sees -inf - -inf on fully padded
+# key blocks (a constexpr: compiled Triton refuses plain Python globals).
+_MINF = tl.constexpr(-1.0e30)
 
 
 def _block(d: int) -> int:
