@@ -4,7 +4,6 @@ import torch
 import kdfast
 from kdfast import cpu_isa
 from kdfast.ops import attention_kl, attention_kl_reference
-from kdfast.ops import attention_kl as kl_mod  # noqa: F401  (the function)
 from kdfast.ops.attention_kl import _fwd
 from tests.ops.attention_cases import BACKENDS, isa_list, make_inputs, run_case
 
