@@ -1,0 +1,159 @@
+"""The ``"kdfast"`` attention implementation for HuggingFace transformers (5.x).
+
+    import kdfast.hf                      # registers once (idempotent)
+    model = AutoModelForQuestionAnswering.from_config(cfg, attn_implementation="kdfast")
+
+Registration adds one function to transformers' ``AttentionInterface`` (the
+attention itself) and one to its ``AttentionMaskInterface`` (the mask
+builder). Both are needed: for an attention name without a mask function,
+transformers silently passes no padding mask at all.
+
+Mask. For bidirectional (encoder) masks the mask function hands the attention
+the 2-D ``[B, L]`` bool padding mask itself (1 = keep), not a 4-D
+``[B, 1, L, L]`` bias, so :func:`kdfast.ops.attention` can skip padded keys
+(variable-length processing: the mask is built once per forward, not per
+layer). Any other pattern (causal, sliding, custom ``or/and`` mask functions)
+falls back to transformers' SDPA mask, and the attention then runs
+``F.scaled_dot_product_attention`` with the same gates applied.
+
+Outputs equal ``attn_implementation="sdpa"`` (also at padded positions, which
+attend to the valid keys like SDPA does). ``set_options(zero_padded_queries=True)``
+makes padded query rows output 0 without computing them (FlashAttention
+varlen behaviour; outputs at valid positions are unchanged, faster).
+
+Head gates and pruned heads. If the attention module (e.g. ``BertSelfAttention``)
+has attribute ``kdfast_head_gates`` (a tensor ``[H]``, or a callable such as a
+:class:`kdfast.nn.HardConcreteGate` returning one) its values multiply each
+head's output inside the op; ``kdfast_active_heads`` (bool ``[H]``) restricts
+the computation to those heads. :func:`kdfast.compress.add_gates` sets them.
+
+Observers (layer-distillation capture)::
+
+    handle = kdfast.hf.attention.add_observer(fn)
+    ...                                   # every kdfast attention call runs fn first
+    handle.remove()
+
+``fn(module, query, key, value, attention_mask)`` is called on every call of
+the kdfast attention with the ``[B, H, L, D]`` query/key/value tensors the
+attention uses (the very tensors, not copies; keep references only as long
+as needed) and the mask it got: ``[B, L]`` bool (1 = keep), ``None`` (no
+padding), or the 4-D SDPA mask in the fallback case. ``module.layer_idx``
+tells the layer. With no observer registered this costs one empty-list test.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdfast.ops.attention import attention
+
+NAME = "kdfast"
+
+_observers: list = []
+_options = {"zero_padded_queries": False}
+_registered = False
+
+
+class ObserverHandle:
+    """Returned by :func:`add_observer`; ``remove()`` unregisters the observer (idempotent)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remove(self):
+        for i, f in enumerate(_observers):
+            if f is self.fn:
+                del _observers[i]
+                return
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def add_observer(fn) -> ObserverHandle:
+    """Call ``fn(module, query, key, value, attention_mask)`` on every kdfast attention call."""
+    if not callable(fn):
+        raise TypeError(f"add_observer: fn must be callable, got {type(fn).__name__}")
+    _observers.append(fn)
+    return ObserverHandle(fn)
+
+
+def set_options(*, zero_padded_queries: bool | None = None) -> dict:
+    """Set options of the HF attention; returns the previous values."""
+    prev = dict(_options)
+    if zero_padded_queries is not None:
+        _options["zero_padded_queries"] = bool(zero_padded_queries)
+    return prev
+
+
+def _module_gates(module):
+    g = getattr(module, "kdfast_head_gates", None)
+    if g is not None and not isinstance(g, torch.Tensor):
+        g = g()
+    return g, getattr(module, "kdfast_active_heads", None)
+
+
+def kdfast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             is_causal=None, **kwargs):
+    """transformers attention function: ``[B, H, L, D]`` q/k/v -> (``[B, L, H, D]`` output, None)."""
+    if _observers:
+        for fn in tuple(_observers):
+            fn(module, query, key, value, attention_mask)
+    gates, active = _module_gates(module)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    plain = attention_mask is None or attention_mask.dim() == 2
+    if plain and not (is_causal and query.shape[2] > 1) and kwargs.get("position_bias") is None \
+            and key.shape[1] == query.shape[1]:
+        out = attention(query, key, value, mask=attention_mask, head_gates=gates, active_heads=active,
+                        scale=scaling, dropout_p=dropout,
+                        zero_padded_queries=_options["zero_padded_queries"] and attention_mask is not None
+                        and query.shape[2] == key.shape[2])
+        return out.transpose(1, 2), None
+    # Fallback: patterns the op does not express (causal, 4-D custom masks, GQA).
+    if key.shape[1] != query.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, None, None, :].bool()
+    causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=causal)
+    if active is not None:
+        act = active if active.dtype == torch.bool else torch.zeros(
+            out.shape[1], dtype=torch.bool, device=out.device).index_fill(0, active.long(), True)
+        out = out * act.to(out.dtype)[None, :, None, None]
+    if gates is not None:
+        g = gates if gates.dim() == 2 else gates[None, :]
+        out = out * g.to(out.dtype)[:, :, None, None]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def kdfast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                attention_mask=None, **kwargs):
+    """transformers mask function: the 2-D ``[B, kv_length]`` bool padding mask for bidirectional
+    attention (``None`` without padding), else transformers' SDPA 4-D mask."""
+    from transformers import masking_utils as mu
+
+    if mask_function is None or mask_function is mu.bidirectional_mask_function:
+        if attention_mask is None:
+            return None
+        return attention_mask[:, -kv_length:].bool()
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        **kwargs)
+
+
+def register() -> None:
+    """Register ``"kdfast"`` with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, kdfast_attention_forward)
+    AttentionMaskInterface.register(NAME, kdfast_mask)
+    _registered = True

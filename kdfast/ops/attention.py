@@ -1,0 +1,344 @@
+"""Pruned attention: padding-aware (variable length), head-gated, head-pruned
+and block-sparse scaled dot-product attention with forward and backward.
+
+    out = attention(q, k, v, mask=pad, head_gates=g, active_heads=a,
+                    block_mask=bm, block_size=64)
+
+Meaning (the reference below is the specification):
+
+- ``q`` ``[B, H, Lq, D]``, ``k``/``v`` ``[B, H, Lk, D]`` (float32/bfloat16/
+  float16/float64; any strides with a unit last dimension).
+- ``mask`` ``[B, Lk]`` (bool or integer, 1 = keep): padded keys get no
+  weight. Kernels never look at them (variable-length processing).
+- ``head_gates`` ``[H]`` or ``[B, H]`` float: head h's output is multiplied
+  by its gate, fused into the output write (L0 gates during pruning).
+  Differentiable.
+- ``active_heads`` ``[H]`` bool, or int64 head indices: only these heads are
+  computed; the others output 0 and cost nothing.
+- ``block_mask`` ``[B or 1, H or 1, ceil(Lq/bs), ceil(Lk/bs)]`` bool with
+  ``block_size=bs``: query block i attends to key block j only where true;
+  false blocks are skipped.
+- A query row with no key left (all masked) outputs 0 (SDPA gives NaN).
+- ``zero_padded_queries=True`` (self-attention, Lq == Lk): rows at padded
+  positions output 0 and are not computed (what FlashAttention varlen does);
+  by default they are computed over the valid keys like SDPA with a padding
+  mask, so outputs equal SDPA's everywhere.
+- ``dropout_p > 0`` runs the reference (no kernel draws dropout masks).
+
+Equivalent PyTorch (no gates, no block mask)::
+
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool(), scale=scale)
+
+Kernels return the log-sum-exp of each row (float32 ``[B, H, Lq]``) for the
+backward pass, which recomputes probabilities block by block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdfast import backends
+from kdfast.ops import _checks
+
+DEFAULT_BLOCK_SIZE = 64
+
+
+# --------------------------------------------------------------------------
+# Reference: the specification every backend is tested against.
+# --------------------------------------------------------------------------
+def allowed_pairs(B, H, Lq, Lk, mask, active, block_mask, block_size, zero_padded_queries, device):
+    """Boolean [B, H, Lq, Lk]: which (query, key) pairs take part."""
+    allow = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
+    if mask is not None:
+        allow = allow & mask.bool()[:, None, None, :]
+        if zero_padded_queries:
+            allow = allow & mask.bool()[:, None, :, None]
+    if active is not None:
+        allow = allow & active.bool()[None, :, None, None]
+    if block_mask is not None:
+        bm = block_mask.bool().repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
+        allow = allow & bm[..., :Lq, :Lk]
+    return allow
+
+
+def attention_reference(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_mask=None,
+                        block_size=DEFAULT_BLOCK_SIZE, scale=None, dropout_p=0.0, zero_padded_queries=False,
+                        return_lse=False):
+    """Readable reference (differentiable through plain PyTorch); also the float64 oracle.
+
+    Materialises the [B, H, Lq, Lk] scores. Returns out ``[B, H, Lq, D]`` in
+    q's dtype (computed in float32, or float64 for float64 inputs) and, with
+    ``return_lse``, the row log-sum-exp (-inf for empty rows).
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    active = _active_mask(active_heads, H, q.device)
+    allow = allowed_pairs(B, H, Lq, Lk, mask, active, block_mask, block_size, zero_padded_queries, q.device)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s = s.masked_fill(~allow, float("-inf"))
+    live = allow.any(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(live, s, torch.zeros_like(s)), -1, keepdim=True)
+    p = torch.where(allow, torch.exp(s - torch.where(live, lse, torch.zeros_like(lse))), torch.zeros_like(s))
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = torch.matmul(p, v.to(acc))
+    if head_gates is not None:
+        g = head_gates.to(acc)
+        g = g[None, :] if g.dim() == 1 else g
+        out = out * g[:, :, None, None]
+    out = out.to(q.dtype)
+    if return_lse:
+        return out, torch.where(live, lse, torch.full_like(lse, float("-inf"))).squeeze(-1).float()
+    return out
+
+
+def _active_mask(active_heads, H, device):
+    if active_heads is None:
+        return None
+    if active_heads.dtype == torch.bool:
+        return active_heads
+    return torch.zeros(H, dtype=torch.bool, device=device).index_fill(0, active_heads.long(), True)
+
+
+# --------------------------------------------------------------------------
+# Custom ops: forward (out, lse, ungated out) and backward.
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::attention_fwd", mutates_args=())
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              head_gates: torch.Tensor | None, active: torch.Tensor | None, block_mask: torch.Tensor | None,
+              block_size: int, scale: float, zero_padded_queries: bool, keep_ungated: bool,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run("attention_fwd", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
+                        zero_padded_queries, keep_ungated, backend=backend or None)
+
+
+def _out_like(q, v):
+    """Output [B, H, Lq, Dv] stored as [B, Lq, H, Dv] (what HF wants after transpose(1, 2))."""
+    B, H, Lq, _ = q.shape
+    return q.new_empty((B, Lq, H, v.shape[-1])).transpose(1, 2)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries, keep_ungated, backend):
+    B, H, Lq, _ = q.shape
+    ung = _out_like(q, v) if keep_ungated else q.new_empty((0,))
+    return _out_like(q, v), q.new_empty((B, H, Lq), dtype=torch.float32), ung
+
+
+@torch.library.custom_op("kdfast::attention_bwd", mutates_args=())
+def _attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              ungated: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, head_gates: torch.Tensor | None,
+              active: torch.Tensor | None, block_mask: torch.Tensor | None, block_size: int, scale: float,
+              zero_padded_queries: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run("attention_bwd", grad_out, q, k, v, out, ungated, lse, mask, head_gates, active,
+                        block_mask, block_size, scale, zero_padded_queries, backend=backend or None)
+
+
+@_attn_bwd.register_fake
+def _(grad_out, q, k, v, out, ungated, lse, mask, head_gates, active, block_mask, block_size, scale,
+      zero_padded_queries, backend):
+    dg = torch.empty_like(head_gates, dtype=torch.float32) if head_gates is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, backend = inputs
+    out, lse, ung = output
+    ctx.save_for_backward(q, k, v, out, ung, lse, mask, gates, active, bm)
+    ctx.args = (bs, scale, zpq, backend)
+
+
+def _backward(ctx, grad_out, _g_lse, _g_ung):
+    q, k, v, out, ung, lse, mask, gates, active, bm = ctx.saved_tensors
+    bs, scale, zpq, backend = ctx.args
+    dq, dk, dv, dg = _attn_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq,
+                               backend)
+    dgates = dg.to(gates.dtype) if (gates is not None and ctx.needs_input_grad[4]) else None
+    return dq, dk, dv, None, dgates, None, None, None, None, None, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@backends.register("attention_fwd", "reference")
+def _fwd_reference(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
+    o, lse = attention_reference(q, k, v, mask=mask, active_heads=active, block_mask=bm, block_size=bs,
+                                 scale=scale, zero_padded_queries=zpq, return_lse=True)
+    out = _out_like(q, v)
+    if gates is not None:
+        g = gates if gates.dim() == 2 else gates[None, :]
+        out.copy_((o.float() * g.float()[:, :, None, None]).to(q.dtype))
+    else:
+        out.copy_(o)
+    ung = q.new_empty((0,))
+    if keep_ungated:
+        ung = _out_like(q, v)
+        ung.copy_(o)
+    return out, lse, ung
+
+
+@backends.register("attention_bwd", "reference")
+def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+    """Gradients written out from the saved row log-sum-exp (probabilities recomputed).
+
+    With P = exp(S - lse) on allowed pairs, O the ungated output, g the gate:
+      dO = g * grad_out,  dV = P^T dO,  dS = P * (dO V^T - rowsum(dO * O)),
+      dQ = scale * dS K,  dK = scale * dS^T Q,  d g = sum(grad_out * O).
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    act = _active_mask(active, H, q.device)
+    allow = allowed_pairs(B, H, Lq, Lk, mask, act, bm, bs, zpq, q.device)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    lse_a = lse.to(acc)[..., None]
+    live = torch.isfinite(lse_a)
+    p = torch.where(allow & live, torch.exp(s - torch.where(live, lse_a, torch.zeros_like(lse_a))),
+                    torch.zeros_like(s))
+    go = grad_out.to(acc)
+    dg = q.new_empty((0,))
+    if gates is not None:
+        g = (gates if gates.dim() == 2 else gates[None, :]).to(acc)
+        o = ung.to(acc) if ung.numel() else torch.matmul(p, vf)
+        dgf = (go * o).sum((-1, -2))  # [B, H]
+        dg = (dgf if gates.dim() == 2 else dgf.sum(0)).float()
+        go = go * g[:, :, None, None]
+    else:
+        o = out.to(acc)
+    dv = torch.matmul(p.transpose(-1, -2), go)
+    dp = torch.matmul(go, vf.transpose(-1, -2))
+    d = (go * o).sum(-1, keepdim=True)
+    ds = p * (dp - d)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg
+
+
+def _kernel_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, *rest):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return f"head dim {q.shape[-1]}/{v.shape[-1]} > 256"
+    if q.shape[-1] != v.shape[-1]:
+        return "kernels need q, k, v with one head dim"
+    return None
+
+
+@backends.register("attention_fwd", "cpu", check=_kernel_check, kernel="attention_fwd")
+def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
+    return torch.ops.kdfast_C.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
+
+
+# The CPU backward recomputes probabilities with ATen matmuls (the reference
+# backward): training on the CPU is not the target of the compiled kernel.
+backends.register("attention_bwd", "cpu", check=_kernel_check, kernel="attention_fwd")(_bwd_reference)
+
+
+@backends.register("attention_fwd", "triton", check=_kernel_check)
+def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
+    from kdfast.kernels.triton import attention as kt
+    return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
+
+
+@backends.register("attention_bwd", "triton", check=_kernel_check)
+def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+    from kdfast.kernels.triton import attention as kt
+    return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq)
+
+
+backends.register("attention", "reference")(_fwd_reference)
+backends.register("attention", "cpu", check=_kernel_check, kernel="attention_fwd")(_fwd_cpu)
+backends.register("attention", "triton", check=_kernel_check)(_fwd_triton)
+backends.set_gpu_order("attention", ("triton",))
+backends.set_gpu_order("attention_fwd", ("triton",))
+backends.set_gpu_order("attention_bwd", ("triton",))
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+def _check_inputs(q, k, v, mask, head_gates, active_heads, block_mask, block_size, scale, dropout_p):
+    _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, ndim=4)
+    _checks.tensor("k", k, dtypes=(q.dtype,), ndim=4)
+    _checks.tensor("v", v, dtypes=(q.dtype,), ndim=4)
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, H={H}, Lk, D={D}] like q, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, H, Lk, Dv] with B, H, Lk of k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    Lk = k.shape[2]
+    _checks.same_device(q=q, k=k, v=v, mask=mask, head_gates=head_gates, active_heads=active_heads,
+                        block_mask=block_mask)
+    if mask is not None:
+        _checks.tensor("mask", mask, ndim=2)
+        if mask.dtype.is_floating_point or tuple(mask.shape) != (B, Lk):
+            raise ValueError(f"mask must be a bool/integer [B={B}, Lk={Lk}] padding mask (1 = keep), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+    if head_gates is not None:
+        _checks.tensor("head_gates", head_gates, dtypes=_checks.FLOAT_DTYPES)
+        if tuple(head_gates.shape) not in ((H,), (B, H)):
+            raise ValueError(f"head_gates must be [H={H}] or [B={B}, H={H}], got {tuple(head_gates.shape)}")
+    if active_heads is not None:
+        _checks.tensor("active_heads", active_heads, dtypes=(torch.bool, torch.int64, torch.int32), ndim=1)
+        if active_heads.dtype == torch.bool and active_heads.shape[0] != H:
+            raise ValueError(f"active_heads as a bool mask must be [H={H}], got {tuple(active_heads.shape)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if block_mask is not None:
+        _checks.tensor("block_mask", block_mask, dtypes=(torch.bool,), ndim=4)
+        nq, nk = -(-Lq // block_size), -(-Lk // block_size)
+        bb, bh = block_mask.shape[:2]
+        if bb not in (1, B) or bh not in (1, H) or tuple(block_mask.shape[2:]) != (nq, nk):
+            raise ValueError(f"block_mask must be [1 or B={B}, 1 or H={H}, {nq}, {nk}] for block_size="
+                             f"{block_size}, got {tuple(block_mask.shape)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_mask=None,
+              block_size=DEFAULT_BLOCK_SIZE, scale=None, dropout_p=0.0, zero_padded_queries=False):
+    """Scaled dot-product attention with padding, head gates, head pruning and block sparsity.
+
+    Args (see the module docstring for the full meaning):
+        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``, same dtype.
+        mask: ``[B, Lk]`` bool/int padding mask, 1 = keep.
+        head_gates: ``[H]`` or ``[B, H]`` per-head output multipliers (differentiable).
+        active_heads: ``[H]`` bool or int64 indices of the heads to compute; the others give 0.
+        block_mask: ``[1|B, 1|H, ceil(Lq/block_size), ceil(Lk/block_size)]`` bool.
+        scale: defaults to ``1/sqrt(D)``.
+        dropout_p: attention-probability dropout (reference backend only).
+        zero_padded_queries: padded query rows output 0 instead of attending.
+
+    Returns ``[B, H, Lq, D]`` in q's dtype (stored as ``[B, Lq, H, D]``, so
+    ``out.transpose(1, 2)`` is contiguous). Gradients flow to q, k, v and head_gates.
+
+    Equivalent PyTorch: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None].bool(),
+    scale=scale) * head_gates[:, None, None]``.
+    """
+    _check_inputs(q, k, v, mask, head_gates, active_heads, block_mask, block_size, scale, dropout_p)
+    if zero_padded_queries and mask is not None and q.shape[2] != k.shape[2]:
+        raise ValueError("zero_padded_queries needs self-attention (Lq == Lk) so that mask also marks queries")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dropout_p > 0:
+        # No kernel draws dropout masks: autograd through the reference.
+        return attention_reference(q, k, v, mask=mask, head_gates=head_gates, active_heads=active_heads,
+                                   block_mask=block_mask, block_size=block_size, scale=scale,
+                                   dropout_p=dropout_p, zero_padded_queries=zero_padded_queries)
+    active = _active_mask(active_heads, q.shape[1], q.device) if active_heads is not None else None
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask != 0
+    backend = backends.explain("attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
+                               zero_padded_queries).backend
+    keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
+    out, _, _ = _attn_fwd(q, k, v, mask, head_gates, active, block_mask, block_size, scale,
+                          bool(zero_padded_queries), keep_ungated, backend)
+    return out

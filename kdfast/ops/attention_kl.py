@@ -1,0 +1,164 @@
+"""MiniLM attention-distribution (and value-relation) loss without L x L maps.
+
+loss = mean over heads and valid query rows of
+KL(softmax(q_t k_t^T * scale_t) || softmax(q_s k_s^T * scale_s)), the
+softmaxes taken over valid keys only:
+
+    sum_{b, h, i: mask[b, i]} KL_i[b, h]  /  (H * sum_b n_b)
+
+(0 when no token is valid). The value-relation loss of MiniLM is the same op
+on (v, v): ``attention_kl(v_s, v_s, v_t, v_t, mask)``.
+
+How the kernels avoid the maps: KL_i = E_{p_t}[S_t - S_s] - lse_t + lse_s,
+and E_{p_t}[S_t - S_s] accumulates with the same running-max rescaling as the
+teacher's softmax denominator, so one streaming pass over key blocks gives the
+two log-sum-exps and the KL of each query row (Triton: key blocks of 32-64;
+CPU: tiles of 64 query rows x all valid keys, O(L) memory per thread). The
+gradient of the summed loss w.r.t. S_s is p_s - p_t, so the kernels produce
+d/dq_s = scale_s (p_s - p_t) k_s and d/dk_s = scale_s (p_s - p_t)^T q_s in the
+same run (a second streaming pass on Triton); autograd only scales them.
+"""
+from __future__ import annotations
+
+import torch
+
+from kdfast import backends
+from kdfast.ops import _attention_inputs as _inputs
+from kdfast.ops._attention_inputs import scaled_unit_grad as _scaled
+
+OP = "attention_kl"
+_MASKED = -1e30  # finite stand-in for -inf on padded keys: exp() gives exactly 0, never NaN
+
+
+def _log_probs(q, k, scale, mask, acc):
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    keep_key = (mask != 0)[:, None, None, :]
+    s = torch.where(keep_key, s, torch.full((), _MASKED, dtype=acc, device=s.device))
+    return torch.log_softmax(s, dim=-1)
+
+
+def attention_kl_reference(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
+    """The specification: materialises both [B, H, L, L] distributions (autograd through PyTorch).
+
+    Computes in float32 (float64 for float64 inputs) and returns a 0-d tensor of that dtype.
+    """
+    m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
+    acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    logp_s = _log_probs(q_s, k_s, scale_s, m, acc)
+    logp_t = _log_probs(q_t, k_t, scale_t, m, acc)
+    pair = _inputs.pair_mask(m)
+    kl = torch.where(pair, logp_t.exp() * (logp_t - logp_s), torch.zeros((), dtype=acc, device=m.device))
+    count = q_s.shape[1] * m.to(acc).sum()
+    return kl.sum() / count.clamp(min=1)
+
+
+# --------------------------------------------------------------------------
+# Custom op: per-(b, h) sums of row KLs, and (when compute_grad) the gradient
+# of their sum w.r.t. q_s and k_s (float32, "unit" gradients).
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::attention_kl_fwd", mutates_args=())
+def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor,
+         scale_s: float, scale_t: float, compute_grad: bool, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend or None)
+
+
+@_fwd.register_fake
+def _(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
+    B, H, L, D = q_s.shape
+    loss = q_s.new_empty((B, H), dtype=torch.float32)
+    g = (B, H, L, D) if compute_grad else (0,)
+    return loss, q_s.new_empty(g, dtype=torch.float32), q_s.new_empty(g, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q_s, k_s = inputs[0], inputs[1]
+    ctx.mark_non_differentiable(output[1], output[2])
+    # Kept as attributes, not saved tensors: the backward scales them in place (float32 inputs),
+    # so the step's peak holds one gradient buffer per input instead of two.
+    ctx.units = [output[1], output[2]]
+    ctx.dtypes = (q_s.dtype, k_s.dtype)
+    ctx.compute_grad = inputs[7]
+
+
+def _backward(ctx, grad_bh, _g1, _g2):
+    if ctx.units is None:
+        raise RuntimeError(f"kdfast {OP}: backward ran twice through the same loss (retain_graph=True); "
+                           "recompute the loss for a second backward")
+    dq_unit, dk_unit = ctx.units
+    ctx.units = None
+    dq = dk = None
+    if ctx.compute_grad:
+        g = grad_bh.float()[:, :, None, None]
+        if ctx.needs_input_grad[0]:
+            dq = _scaled(dq_unit, g, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dk = _scaled(dk_unit, g, ctx.dtypes[1])
+    # The teacher is a constant in distillation: q_t and k_t get no gradient.
+    return dq, dk, None, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@backends.register(OP, "reference")
+def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+    """Materialised maps with the gradient written out: d/dS_s = p_s - p_t on valid pairs."""
+    acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    logp_s = _log_probs(q_s, k_s, scale_s, mask, acc)
+    logp_t = _log_probs(q_t, k_t, scale_t, mask, acc)
+    pair = _inputs.pair_mask(mask)
+    zero = torch.zeros((), dtype=acc, device=mask.device)
+    p_t = logp_t.exp()
+    loss = torch.where(pair, p_t * (logp_t - logp_s), zero).sum((-1, -2)).float()
+    if not compute_grad:
+        empty = q_s.new_empty((0,), dtype=torch.float32)
+        return loss, empty, empty.clone()
+    ds = torch.where(pair, logp_s.exp() - p_t, zero)
+    dq = scale_s * (ds @ k_s.to(acc))
+    dk = scale_s * (ds.transpose(-1, -2) @ q_s.to(acc))
+    return loss, dq.float(), dk.float()
+
+
+@backends.register(OP, "cpu", check=_inputs.kernel_check, kernel="attention_kl_fwd")
+def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+    return torch.ops.kdfast_C.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+
+
+@backends.register(OP, "triton", check=_inputs.kernel_check)
+def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+    from kdfast.kernels.triton import layer_kd as k
+    return k.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+
+
+backends.set_gpu_order(OP, ("triton",))
+
+
+def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
+    """MiniLM attention transfer KL(teacher || student) from q and k, without L x L maps.
+
+    Args:
+        q_s, k_s: student ``[B, H, L, D_s]`` (float32/bfloat16/float16; float64 runs on the
+            reference backend). Get gradients.
+        q_t, k_t: teacher ``[B, H, L, D_t]``; same B, H (clear error otherwise) and L; head
+            dims may differ. Get no gradient.
+        mask: optional ``[B, L]`` padding mask, nonzero = keep. Padded keys are left out
+            of both softmaxes, padded query rows out of the mean.
+        scale_s, scale_t: score scales, default ``1 / sqrt(D)`` of each model.
+
+    Value relation (MiniLM): ``attention_kl(v_s, v_s, v_t, v_t, mask)``.
+
+    Returns a float32 0-d tensor: sum of row KLs / (H * number of valid tokens).
+
+    Equivalent PyTorch (materialising, mask all ones)::
+
+        ls = torch.log_softmax(q_s @ k_s.transpose(-1, -2) * scale_s, -1)
+        lt = torch.log_softmax(q_t @ k_t.transpose(-1, -2) * scale_t, -1)
+        (lt.exp() * (lt - ls)).sum(-1).mean()
+    """
+    m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
+    # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
+    backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
+    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
+    count = q_s.shape[1] * m.sum()
+    return loss_bh.sum() / count.clamp(min=1)

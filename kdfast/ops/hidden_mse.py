@@ -1,0 +1,234 @@
+"""TinyBERT hidden/embedding loss with the student->teacher projection fused,
+and its cosine variant (DistilBERT).
+
+    hidden_mse    = sum over valid tokens of ||h_s W^T + b - h_t||^2 / (n_valid * D_t)
+    hidden_cosine = mean over valid tokens of 1 - cos(h_s W^T + b, h_t)
+
+The CPU kernel works in blocks of rows: project, compare and write the
+gradient for h_s, W and b while the block is in cache, so the projected
+[N, D_t] activations and their difference never exist as whole tensors. The
+Triton backend projects with the vendor GEMM and runs the loss and row
+gradient as one fused epilogue in place over the projection. The loss is a
+sum, so its gradient is produced in the same run; autograd only scales it.
+"""
+from __future__ import annotations
+
+import torch
+
+from kdfast import backends
+from kdfast.ops import _checks
+from kdfast.ops._attention_inputs import scaled_unit_grad
+
+OP = "hidden_loss"
+KINDS = {"mse": 0, "cosine": 1}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _project(h_s, weight, bias, acc):
+    y = h_s.to(acc)
+    if weight is not None:
+        y = y @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y
+
+
+def _check(h_s, h_t, weight, bias, mask, fn):
+    _checks.tensor("student_hidden", h_s, dtypes=_checks.FLOAT_DTYPES, min_ndim=1)
+    _checks.tensor("teacher_hidden", h_t, dtypes=_checks.FLOAT_DTYPES, min_ndim=1)
+    _checks.same_device(student_hidden=h_s, teacher_hidden=h_t, proj_weight=weight, proj_bias=bias, mask=mask)
+    if h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(f"{fn}: student_hidden {tuple(h_s.shape)} and teacher_hidden {tuple(h_t.shape)} must "
+                         "agree in all but the last dim")
+    Ds, Dt = h_s.shape[-1], h_t.shape[-1]
+    if weight is not None:
+        _checks.tensor("proj_weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+        if tuple(weight.shape) != (Dt, Ds):
+            raise ValueError(f"proj_weight must be [D_teacher={Dt}, D_student={Ds}] (nn.Linear layout), got "
+                             f"{tuple(weight.shape)}")
+    elif Ds != Dt:
+        raise ValueError(f"{fn}: hidden sizes differ (student {Ds}, teacher {Dt}); pass proj_weight [{Dt}, {Ds}]")
+    if bias is not None:
+        _checks.tensor("proj_bias", bias, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != Dt:
+            raise ValueError(f"proj_bias must be [D_teacher={Dt}], got {tuple(bias.shape)}")
+    lead = h_s.shape[:-1]
+    if mask is None:
+        m = torch.ones(lead, dtype=torch.float32, device=h_s.device)
+    else:
+        _checks.tensor("mask", mask)
+        if mask.shape != lead:
+            raise ValueError(f"mask must have the leading shape of the hidden states {tuple(lead)} (1 = keep), "
+                             f"got {tuple(mask.shape)}")
+        m = (mask != 0).to(torch.float32)
+    return m.reshape(-1).contiguous()
+
+
+def _rows_reference(h_s, h_t, weight, bias, mask, kind, eps):
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    y = _project(h_s, weight, bias, acc)
+    t = h_t.to(acc)
+    if kind == 0:
+        rows = ((y - t) ** 2).sum(-1)
+    else:
+        rows = 1 - torch.nn.functional.cosine_similarity(y, t, dim=-1, eps=eps)
+    return torch.where(mask != 0, rows, torch.zeros((), dtype=acc, device=rows.device))
+
+
+def hidden_loss_reference(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *,
+                          kind="mse", eps=1e-8):
+    """The specification (autograd through PyTorch); float32, or float64 for float64 inputs."""
+    _checks.choice("kind", kind, tuple(KINDS))
+    m = _check(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "hidden_loss_reference")
+    Dt = teacher_hidden.shape[-1]
+    rows = _rows_reference(student_hidden.reshape(-1, student_hidden.shape[-1]), teacher_hidden.reshape(-1, Dt),
+                           proj_weight, proj_bias, m, KINDS[kind], eps)
+    count = m.sum().to(rows.dtype) * (Dt if kind == "mse" else 1)
+    return rows.sum() / count.clamp(min=1)
+
+
+# --------------------------------------------------------------------------
+# Custom op: loss sum over valid rows and (when compute_grad) the gradients
+# of that sum for h_s, weight, bias (float32; empty when not computed).
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::hidden_loss_fwd", mutates_args=())
+def _fwd(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+         mask: torch.Tensor, kind: int, eps: float, compute_grad: bool, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run(OP, h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend=backend or None)
+
+
+@_fwd.register_fake
+def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend):
+    f = dict(dtype=torch.float32)
+    loss = h_s.new_empty((), **f)
+    dh = h_s.new_empty(h_s.shape if compute_grad else (0,), **f)
+    dw = h_s.new_empty(weight.shape if compute_grad and weight is not None else (0,), **f)
+    db = h_s.new_empty(bias.shape if compute_grad and bias is not None else (0,), **f)
+    return loss, dh, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    h_s, _, weight, bias = inputs[:4]
+    ctx.mark_non_differentiable(*output[1:])
+    # Attributes, not saved tensors: scaled in place in the backward (one buffer per gradient).
+    ctx.units = list(output[1:])
+    ctx.dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.compute_grad = inputs[7]
+
+
+def _backward(ctx, grad, *_):
+    if ctx.units is None:
+        raise RuntimeError("kdfast hidden_loss: backward ran twice through the same loss (retain_graph=True); "
+                           "recompute the loss for a second backward")
+    dh, dw, db = ctx.units
+    ctx.units = None
+    out = [None] * 9
+    if ctx.compute_grad:
+        g = grad.float()
+        for i, unit, dt in ((0, dh, ctx.dtypes[0]), (2, dw, ctx.dtypes[1]), (3, db, ctx.dtypes[2])):
+            if ctx.needs_input_grad[i]:
+                out[i] = scaled_unit_grad(unit, g, dt)
+    # The teacher is a constant: h_t gets no gradient.
+    return tuple(out)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@backends.register(OP, "reference")
+def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+    """Whole-tensor PyTorch with the gradient written out (row gradient gy = d row / d y)."""
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    y = _project(h_s, weight, bias, acc)
+    t = h_t.to(acc)
+    keep = (mask != 0)[:, None]
+    zero = torch.zeros((), dtype=acc, device=y.device)
+    if kind == 0:
+        diff = torch.where(keep, y - t, zero)
+        loss = (diff * diff).sum()
+        gy = 2 * diff
+    else:
+        ny, nt = y.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
+        den = (ny * nt).clamp(min=eps)
+        cos = (y * t).sum(-1, keepdim=True) / den
+        loss = torch.where(keep, 1 - cos, zero).sum()
+        c = torch.where((ny * nt > eps) & (ny > 0), cos / (ny * ny).clamp(min=1e-300), zero)
+        gy = torch.where(keep, -t / den + c * y, zero)
+    loss = loss.float()
+    empty = h_s.new_empty((0,), dtype=torch.float32)
+    if not compute_grad:
+        return loss, empty, empty.clone(), empty.clone()
+    dh = gy @ weight.to(acc) if weight is not None else gy
+    dw = gy.t() @ h_s.to(acc) if weight is not None else empty
+    db = gy.sum(0) if bias is not None else empty.clone()
+    return loss, dh.float(), dw.float(), db.float()
+
+
+def _kernel_check(h_s, h_t, weight, bias, *rest):
+    for name, x in (("student_hidden", h_s), ("teacher_hidden", h_t), ("proj_weight", weight),
+                    ("proj_bias", bias)):
+        if x is not None and x.dtype not in _KERNEL_DTYPES:
+            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
+    return None
+
+
+@backends.register(OP, "cpu", check=_kernel_check, kernel="hidden_loss_fwd")
+def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+    return torch.ops.kdfast_C.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
+
+
+@backends.register(OP, "triton", check=_kernel_check)
+def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+    from kdfast.kernels.triton import layer_kd as k
+    return k.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
+
+
+backends.set_gpu_order(OP, ("triton",))
+
+
+def _hidden_loss(h_s, h_t, weight, bias, mask, kind, eps, fn):
+    m = _check(h_s, h_t, weight, bias, mask, fn)
+    Ds, Dt = h_s.shape[-1], h_t.shape[-1]
+    hs2, ht2 = h_s.reshape(-1, Ds), h_t.reshape(-1, Dt)
+    backend = "" if torch.compiler.is_compiling() else backends.explain(OP, hs2, ht2, weight, bias).backend
+    want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h_s, weight, bias))
+    loss, _, _, _ = _fwd(hs2, ht2, weight, bias, m, KINDS[kind], float(eps), want, backend)
+    count = m.sum() * (Dt if kind == "mse" else 1)
+    return loss / count.clamp(min=1)
+
+
+def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None):
+    """TinyBERT hidden-state / embedding loss MSE(h_s W^T + b, h_t) over unmasked tokens.
+
+    Args:
+        student_hidden: ``[..., D_s]`` (e.g. ``[B, L, D_s]``), float32/bfloat16/float16 (float64:
+            reference backend). Gets a gradient.
+        teacher_hidden: ``[..., D_t]``, same leading shape. Gets no gradient.
+        proj_weight: optional ``[D_t, D_s]`` (``nn.Linear(D_s, D_t).weight``); required when
+            D_s != D_t. proj_bias: optional ``[D_t]``. Both get gradients.
+        mask: optional ``[...]`` (the leading shape, e.g. ``[B, L]``), nonzero = keep.
+
+    Returns float32 0-d: sum of squared errors over valid tokens / (n_valid * D_t); 0 if none.
+
+    Equivalent PyTorch::
+
+        y = F.linear(student_hidden, proj_weight, proj_bias)
+        F.mse_loss(y[mask.bool()], teacher_hidden[mask.bool()])
+    """
+    return _hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "mse", 1e-8, "hidden_mse")
+
+
+def hidden_cosine(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *, eps=1e-8):
+    """DistilBERT cosine hidden loss: mean over unmasked tokens of 1 - cos(h_s W^T + b, h_t).
+
+    Same arguments as :func:`hidden_mse`. Returns float32 0-d.
+
+    Equivalent PyTorch::
+
+        y = F.linear(student_hidden, proj_weight, proj_bias)
+        (1 - F.cosine_similarity(y, teacher_hidden, dim=-1, eps=eps))[mask.bool()].mean()
+    """
+    eps = _checks.positive("eps", eps)
+    return _hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "cosine", eps,
+                        "hidden_cosine")

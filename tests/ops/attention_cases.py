@@ -1,0 +1,70 @@
+"""Shared cases for the attention distillation ops (attention_score_mse, attention_kl).
+
+Each op is checked against its float64 reference, which materialises the
+L x L maps, on every backend: different head dims for student and teacher,
+per-example padding (including an example with a single kept token and an
+example with none), non-contiguous [B, L, H, D] -> [B, H, L, D] views (the
+layout HF attention modules hand over), bf16, grad_output != 1.
+"""
+import pytest
+import torch
+
+import kdfast
+from kdfast import cpu_isa
+from tests.numerics import assert_close_to_oracle
+
+BACKENDS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.cpu),
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
+]
+
+
+def make_inputs(B, H, L, Ds, Dt, *, scale=3.0, seed=0, lengths=None):
+    """q/k of realistic magnitude as non-contiguous [B, H, L, D] views, and a [B, L] int mask."""
+    g = torch.Generator().manual_seed(seed)
+
+    def qk(D):
+        return (torch.randn(B, L, H, D, generator=g, dtype=torch.float64) * scale).permute(0, 2, 1, 3)
+
+    q_s, k_s, q_t, k_t = qk(Ds), qk(Ds), qk(Dt), qk(Dt)
+    mask = torch.ones(B, L, dtype=torch.int64)
+    if lengths is None:
+        lengths = [L, max(1, L // 2), 1, 0][:B]
+    for b, n in enumerate(lengths):
+        mask[b, n:] = 0
+    if B > 1 and L > 3:  # a hole in the middle and left padding, not only right padding
+        mask[0, L // 3] = 0
+    return q_s, k_s, q_t, k_t, mask
+
+
+def run_case(op, ref, backend, inputs, dtype, *, grad_scale=2.5, value=False):
+    q_s, k_s, q_t, k_t, mask = inputs
+    if value:  # value relation: the same tensor as "q" and "k"
+        k_s, k_t = q_s, q_t
+    cast = [x.to(dtype) for x in (q_s, k_s, q_t, k_t)]
+    # Oracle: float64 on the dtype-rounded inputs.
+    o_leaf = [x.double().detach().requires_grad_() for x in cast[:2]]
+    oracle = ref(o_leaf[0], o_leaf[1] if not value else o_leaf[0], cast[2].double(), cast[3].double(), mask)
+    (grad_scale * oracle).backward()
+    # Same-dtype PyTorch reference (materialising, float32 accumulation for 16-bit inputs).
+    r_leaf = [x.detach().requires_grad_() for x in cast[:2]]
+    tref = ref(r_leaf[0], r_leaf[1] if not value else r_leaf[0], cast[2], cast[3], mask)
+    (grad_scale * tref).backward()
+    leaf = [x.detach().requires_grad_() for x in cast[:2]]
+    with kdfast.use_backend(backend):
+        out = op(leaf[0], leaf[1] if not value else leaf[0], cast[2], cast[3], mask)
+        (grad_scale * out).backward()
+    assert out.dtype == torch.float32 and out.dim() == 0
+    assert_close_to_oracle(out.detach().reshape(1), oracle.detach().reshape(1), tref.detach().float().reshape(1),
+                           dtype, what=f"{backend} loss")
+    n = 1 if value else 2
+    for i in range(n):
+        assert leaf[i].grad.dtype == dtype
+        assert_close_to_oracle(leaf[i].grad.float(), o_leaf[i].grad, r_leaf[i].grad.float(), dtype,
+                               what=f"{backend} grad {'qk'[i]}_s")
+    return out
+
+
+def isa_list():
+    return cpu_isa.available_isas() if kdfast._ext.extension() is not None else []

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import kdfast
+from kdfast import cpu_isa
+from kdfast.ops import attention_kl, attention_kl_reference
+from kdfast.ops.attention_kl import _fwd
+from tests.ops.attention_cases import BACKENDS, isa_list, make_inputs, run_case
+
+
+def _shape(backend):
+    # The Triton interpreter is slow: smaller L there (still not a multiple of the block).
+    return (4, 2, 37 if backend == "triton" else 97, 16, 24)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_oracle(backend, dtype):
+    run_case(attention_kl, attention_kl_reference, backend, make_inputs(*_shape(backend)), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_relation_same_tensor(backend):
+    # MiniLM value relation: attention_kl(v, v, v_t, v_t); the gradient of v sums both paths.
+    run_case(attention_kl, attention_kl_reference, backend, make_inputs(3, 2, 29, 8, 32, seed=3), torch.float32,
+             value=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_length_one(backend):
+    inputs = make_inputs(2, 3, 1, 16, 16, lengths=[1, 0])
+    out = run_case(attention_kl, attention_kl_reference, backend, inputs, torch.float32)
+    assert abs(out.item()) < 1e-6  # one key: both distributions are 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16(backend):
+    run_case(attention_kl, attention_kl_reference, backend, make_inputs(2, 2, 33, 16, 16, scale=1.5, seed=5),
+             torch.float16)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", isa_list())
+def test_cpu_isa_paths(isa):
+    with cpu_isa.use_cpu_isa(isa):
+        run_case(attention_kl, attention_kl_reference, "cpu", make_inputs(3, 2, 70, 16, 8, seed=7), torch.float32)
+
+
+@pytest.mark.cpu
+def test_long_rows_cpu():
+    # Several query tiles (64 rows) and keys beyond one tile.
+    run_case(attention_kl, attention_kl_reference, "cpu", make_inputs(2, 2, 200, 16, 16, seed=9, lengths=[200, 131]),
+             torch.float32)
+
+
+def test_all_padding_gives_zero():
+    q_s, k_s, q_t, k_t, _ = make_inputs(2, 2, 5, 4, 4)
+    q_s = q_s.float().requires_grad_()
+    out = attention_kl(q_s, k_s.float(), q_t.float(), k_t.float(), torch.zeros(2, 5))
+    out.backward()
+    assert out.item() == 0.0 and torch.all(q_s.grad == 0)
+
+
+def test_teacher_gets_no_gradient_and_mask_optional():
+    q_s, k_s, q_t, k_t, _ = make_inputs(2, 2, 6, 4, 4)
+    q_s, k_s, q_t = (x.float().requires_grad_() for x in (q_s, k_s, q_t))
+    out = attention_kl(q_s, k_s, q_t, k_t.float())
+    out.backward()
+    assert q_t.grad is None and q_s.grad is not None
+    ref = attention_kl_reference(q_s.double(), k_s.double(), q_t.double(), k_t.double())
+    assert abs(out.item() - ref.item()) < 1e-4 * max(1, abs(ref.item()))
+
+
+def test_scales_are_used():
+    q_s, k_s, q_t, k_t, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 9, 4, 8))
+    a = attention_kl(q_s, k_s, q_t, k_t, mask, scale_s=0.3, scale_t=0.05)
+    b = attention_kl_reference(q_s.double(), k_s.double(), q_t.double(), k_t.double(), mask, scale_s=0.3,
+                               scale_t=0.05)
+    assert abs(a.item() - b.item()) < 1e-4 * max(1, b.item())
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 4, 5, 8)
+    with pytest.raises(ValueError, match="same number of heads"):
+        attention_kl(x, x, torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8))
+    with pytest.raises(ValueError, match="mask must be"):
+        attention_kl(x, x, x, x, torch.ones(2, 6))
+    with pytest.raises(ValueError, match="k_s must have the shape"):
+        attention_kl(x, torch.randn(2, 4, 5, 4), x, x)
+    with pytest.raises(ValueError, match="q_s must be 4-D"):
+        attention_kl(x[0], x[0], x, x)
+    with pytest.raises(TypeError, match="q_t must have dtype"):
+        attention_kl(x, x, x.long(), x)
+    with pytest.raises(ValueError, match="scale_s must be a positive"):
+        attention_kl(x, x, x, x, scale_s=-1.0)
+    with pytest.raises(ValueError, match="q_t must be"):
+        attention_kl(x, x, torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8))
+
+
+def test_float64_runs_on_reference():
+    q_s, k_s, q_t, k_t, mask = make_inputs(2, 2, 5, 4, 4)
+    assert kdfast.explain("attention_kl", q_s, k_s, q_t, k_t).backend == "reference"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu)])
+def test_opcheck(backend):
+    q_s, k_s, q_t, k_t, mask = (x.float().contiguous() for x in make_inputs(2, 2, 7, 4, 8))
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    for grad in (True, False):
+        torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
+
+
+def test_torch_compile_fullgraph():
+    q_s, k_s, q_t, k_t, mask = (x.float() for x in make_inputs(2, 2, 7, 4, 8))
+    q_s.requires_grad_()
+    fn = torch.compile(lambda a, b, c, d, m: attention_kl(a, b, c, d, m), fullgraph=True, backend="aot_eager")
+    out = fn(q_s, k_s, q_t, k_t, mask)
+    out.backward()
+    ref = attention_kl_reference(q_s.double(), k_s.double(), q_t.double(), k_t.double(), mask)
+    assert abs(out.item() - ref.item()) < 1e-4 * max(1, ref.item())
+    assert q_s.grad is not None and torch.isfinite(q_s.grad).all()
+
+
+def test_second_backward_is_a_clear_error():
+    q_s, k_s, q_t, k_t, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 5, 4, 4))
+    q_s.requires_grad_()
+    out = attention_kl(q_s, k_s, q_t, k_t, mask)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
