@@ -71,7 +71,7 @@ def _build_extension():
         json.dump(info, f, indent=1)
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++17", "-fno-math-errno", "-DKDFAST_ISA_X86=%d" % int(x86)]
+    cxx = opt + ["-fopenmp", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-DKDFAST_ISA_X86=%d" % int(x86)]
     if native:
         cxx.append("-march=native")
     defines = [("KDFAST_TORCH_VERSION", '"%s"' % torch.__version__)]
@@ -83,7 +83,7 @@ def _build_extension():
     )
     if with_cuda:
         srcs += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*_torch.cpp"))
-        nvcc_flags = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = opt + ["-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension(
             "kdfast._C", srcs,
             extra_compile_args={"cxx": cxx + ["-DKDFAST_WITH_CUDA=1"], "nvcc": nvcc_flags + ["-DKDFAST_WITH_CUDA=1"]},

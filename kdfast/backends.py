@@ -135,7 +135,11 @@ def triton_available() -> str | None:
     """None if triton can be imported, else why not."""
     if os.environ.get("KDFAST_DISABLE_TRITON", "0") == "1":
         return "disabled by KDFAST_DISABLE_TRITON=1"
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
         return "triton is not installed"
     return None
 

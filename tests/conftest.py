@@ -20,6 +20,8 @@ import kdfast  # noqa: E402
 from kdfast import _ext, backends  # noqa: E402
 
 _tiers = {}
+_counts = {}  # tier -> [ran, skipped]
+TIERS = ("cpu", "triton", "cuda", "nvcc", "slow")
 
 
 def _cuda_reason():
@@ -59,9 +61,10 @@ def pytest_configure(config):
 
 
 def pytest_runtest_setup(item):
-    for tier in ("triton", "cuda", "nvcc", "slow", "cpu"):
+    for tier in TIERS:
         if item.get_closest_marker(tier):
             r = tier_reason(tier)
+            _counts.setdefault(tier, [0, 0])[r is not None] += 1
             if r is not None:
                 pytest.skip(f"{tier} tier skipped: {r}")
 
@@ -69,10 +72,14 @@ def pytest_runtest_setup(item):
 def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("kdfast test tiers")
-    tr.write_line("reference: ran (always)")
-    for tier in ("cpu", "triton", "cuda", "nvcc", "slow"):
+    tr.write_line("reference: always runs")
+    for tier in TIERS:
         r = tier_reason(tier)
-        tr.write_line(f"{tier}: " + ("ran" if r is None else f"SKIPPED ({r})"))
+        ran, skipped = _counts.get(tier, [0, 0])
+        if r is None:
+            tr.write_line(f"{tier}: ran {ran} tests")
+        else:
+            tr.write_line(f"{tier}: SKIPPED {skipped} tests ({r})")
     if _ext.extension() is not None:
         from kdfast import cpu_isa
         tr.write_line(f"cpu ISA paths tested: {', '.join(cpu_isa.available_isas())}")

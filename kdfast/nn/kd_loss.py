@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdfast.ops import kd_loss as _kd
+from kdfast.ops import _checks
+from kdfast.ops.kd_loss import DIVERGENCES, REDUCTIONS, kd_loss
 
 
 class KDLoss(nn.Module):
@@ -22,14 +23,13 @@ class KDLoss(nn.Module):
                             hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction,
                             scale_by_t2=scale_by_t2)
         # Validate once, at construction, with the same messages as the op.
-        from kdfast.ops import _checks
         _checks.positive("temperature", temperature)
-        _checks.choice("divergence", divergence, _kd.DIVERGENCES)
-        _checks.choice("reduction", reduction, _kd.REDUCTIONS)
+        _checks.choice("divergence", divergence, DIVERGENCES)
+        _checks.choice("reduction", reduction, REDUCTIONS)
         _checks.in_unit("beta", beta)
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return _kd.kd_loss(student_logits, teacher_logits, labels, **self.options)
+        return kd_loss(student_logits, teacher_logits, labels, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

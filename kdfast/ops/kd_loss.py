@@ -54,7 +54,7 @@ def _log_mixture(logp_t: torch.Tensor, logp_s: torch.Tensor, beta: float) -> tor
 
 
 def kd_rows_reference(student, teacher, labels=None, *, temperature=1.0, divergence="kl",
-                      beta=0.5, ignore_index=-100, compute_hard=True):
+                      beta=0.5, ignore_index=-100, compute_hard=True, compute_dtype=None):
     """Per-row (soft, hard) terms, shape [N, 2], in float32 (float64 for float64 inputs).
 
     Equivalent PyTorch for divergence="kl"::
@@ -67,8 +67,10 @@ def kd_rows_reference(student, teacher, labels=None, *, temperature=1.0, diverge
     soft = beta * KL(p_t || M) + (1 - beta) * KL(p_s || M); the public op maps
     beta = 0 to "kl" and beta = 1 to "reverse_kl" (the limits of the
     normalised skew divergence). Rows whose label is ignore_index give 0.
+    ``compute_dtype`` (default float32, float64 for float64 inputs) is the
+    dtype the math runs in.
     """
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = compute_dtype or (torch.float64 if student.dtype == torch.float64 else torch.float32)
     s, t = student.to(acc), teacher.to(acc)
     logp_s = _masked_log_softmax(s / temperature)
     logp_t = _masked_log_softmax(t / temperature)
@@ -92,15 +94,15 @@ def kd_rows_reference(student, teacher, labels=None, *, temperature=1.0, diverge
 
 def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0,
                       divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0,
-                      ignore_index=-100, reduction="batchmean", scale_by_t2=True):
-    """Readable whole-loss reference (autograd through plain PyTorch); the test oracle."""
+                      ignore_index=-100, reduction="batchmean", scale_by_t2=True, compute_dtype=None):
+    """Readable whole-loss reference (autograd through plain PyTorch); the test oracle in float64."""
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
     lab = None if labels is None else labels.reshape(-1)
     divergence, beta = _canonical_divergence(divergence, beta)
     rows = kd_rows_reference(s, t, lab, temperature=temperature, divergence=divergence, beta=beta,
-                             ignore_index=ignore_index, compute_hard=hard_weight != 0)
+                             ignore_index=ignore_index, compute_hard=hard_weight != 0, compute_dtype=compute_dtype)
     return _combine(rows, lab, V, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_t2,
                     student_logits.shape[:-1])
 
@@ -140,6 +142,11 @@ def _combine(rows, labels, V, T, soft_weight, hard_weight, ignore_index, reducti
 # --------------------------------------------------------------------------
 # Custom ops (schema, fake, autograd) and backend implementations.
 # --------------------------------------------------------------------------
+def _acc_dtype(x):
+    """Rows and statistics are float32, or float64 for float64 inputs (reference backend only)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("kdfast::kd_loss_fwd", mutates_args=())
 def _kd_fwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
             temperature: float, div: int, beta: float, ignore_index: int, compute_hard: bool,
@@ -150,8 +157,8 @@ def _kd_fwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
 
 @_kd_fwd.register_fake
 def _(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, backend):
-    n = student.shape[0]
-    return student.new_empty((n, 2), dtype=torch.float32), student.new_empty((n, N_STATS), dtype=torch.float32)
+    n, acc = student.shape[0], _acc_dtype(student)
+    return student.new_empty((n, 2), dtype=acc), student.new_empty((n, N_STATS), dtype=acc)
 
 
 @torch.library.custom_op("kdfast::kd_loss_bwd", mutates_args=())
@@ -177,7 +184,7 @@ def _backward(ctx, grad_rows, grad_stats):
     student, teacher, labels, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _kd_bwd(student, teacher, labels, stats, grad_rows.contiguous().float(), *ctx.args)
+        grad = _kd_bwd(student, teacher, labels, stats, grad_rows.contiguous().to(stats.dtype), *ctx.args)
     # The teacher is a constant in distillation: it gets no gradient.
     return grad, None, None, None, None, None, None, None, None
 
@@ -190,10 +197,11 @@ _NAMES = {0: "kl", 1: "reverse_kl", 2: "jsd"}
 @backends.register("kd_loss_fwd", "reference")
 def _fwd_reference(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     rows = kd_rows_reference(student, teacher, labels, temperature=temperature, divergence=_NAMES[div],
-                             beta=beta, ignore_index=ignore_index, compute_hard=compute_hard).float()
-    lse_a = torch.logsumexp(student.float() / temperature, -1)
-    lse_b = torch.logsumexp(teacher.float() / temperature, -1)
-    lse_s = torch.logsumexp(student.float(), -1)
+                             beta=beta, ignore_index=ignore_index, compute_hard=compute_hard)
+    acc = _acc_dtype(student)
+    lse_a = torch.logsumexp(student.to(acc) / temperature, -1)
+    lse_b = torch.logsumexp(teacher.to(acc) / temperature, -1)
+    lse_s = torch.logsumexp(student.to(acc), -1)
     stats = torch.stack([lse_a, lse_b, lse_s, torch.zeros_like(lse_a)], -1)
     return rows, stats
 
@@ -210,7 +218,8 @@ def _bwd_reference(student, teacher, labels, stats, grad_rows, temperature, div,
       hard:        softmax(s) - onehot(label)
     """
     T = temperature
-    s, t = student.float(), teacher.float()
+    acc = _acc_dtype(student)
+    s, t = student.to(acc), teacher.to(acc)
     logp_s = _masked_log_softmax(s / T)
     logp_t = _masked_log_softmax(t / T)
     p_s = logp_s.exp()
@@ -299,7 +308,9 @@ def _rows_2d(x):
 
 def kd_rows(student, teacher, labels, *, temperature, divergence, beta, ignore_index, compute_hard):
     """Per-row (soft, hard) terms [N, 2] float32 through the fastest backend, with autograd."""
-    backend = backends.explain("kd_loss", student, teacher).backend
+    # Eager: choose here so forward and backward surely use one backend. Under
+    # torch.compile the op body chooses at run time (same rules, opaque to the tracer).
+    backend = "" if torch.compiler.is_compiling() else backends.explain("kd_loss", student, teacher).backend
     rows, _ = _kd_fwd(_rows_2d(student), _rows_2d(teacher), labels, float(temperature), _DIV_CODE[divergence],
                       float(beta), int(ignore_index), bool(compute_hard), backend)
     return rows
@@ -346,7 +357,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, div
         scale_by_t2: multiply the soft term by T^2 (DistilBERT; TinyBERT uses no T^2).
 
     ``-inf`` logits (masked positions) are exact: they add nothing, never NaN;
-    a row fully masked in both models contributes 0. Returns float32.
+    a row fully masked in both models contributes 0. Returns float32 (float64 for float64 inputs, which run on the reference backend).
 
     Equivalent PyTorch (divergence="kl", reduction="batchmean")::
 

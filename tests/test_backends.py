@@ -1,0 +1,103 @@
+"""Backend dispatch: automatic choice, reasons, forcing (context and env), and errors."""
+import pytest
+import torch
+
+import kdfast
+from kdfast import backends
+from kdfast.backends import BackendUnavailable
+
+
+def _logits(n=4, v=33):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, v, generator=g) * 10, torch.randn(n, v, generator=g) * 10
+
+
+@pytest.mark.cpu
+def test_auto_choice_on_cpu_is_compiled_kernel_with_reasons():
+    s, t = _logits()
+    c = kdfast.explain("kd_loss", s, t)
+    assert c.backend == "cpu" and not c.forced
+    assert set(c.rejected) == {"reference", "triton", "cuda"}
+    assert "cuda" in c.rejected["cuda"]
+    assert c.rejected["reference"] == "not preferred for this device"
+
+
+def test_float64_takes_reference_and_says_why():
+    s, t = _logits()
+    c = kdfast.explain("kd_loss", s.double(), t.double())
+    assert c.backend == "reference"
+    if "cpu" in c.rejected and "extension" not in c.rejected["cpu"]:
+        assert "float64" in c.rejected["cpu"]
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    s, t = _logits()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = kdfast.explain("kd_loss", s, t).rejected["triton"]
+    assert "TRITON_INTERPRET" in reason or "not installed" in reason
+
+
+def test_context_manager_forces_and_restores():
+    s, t = _logits()
+    with kdfast.use_backend("reference"):
+        c = kdfast.explain("kd_loss", s, t)
+        assert c.backend == "reference" and c.forced
+    assert not kdfast.explain("kd_loss", s, t).forced
+
+
+def test_forced_backend_that_cannot_run_raises_never_falls_back():
+    s, t = _logits()
+    with kdfast.use_backend("cuda"):
+        with pytest.raises(BackendUnavailable, match="'cuda' is forced by use_backend.*kd_loss"):
+            kdfast.ops.kd_loss(s, t)
+
+
+def test_env_override(monkeypatch):
+    s, t = _logits()
+    monkeypatch.setenv("KDFAST_BACKEND", "reference")
+    c = kdfast.explain("kd_loss", s, t)
+    assert c.backend == "reference" and c.forced
+    with kdfast.use_backend(None):  # the context wins over the environment
+        assert not kdfast.explain("kd_loss", s, t).forced
+    monkeypatch.setenv("KDFAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="KDFAST_BACKEND"):
+        kdfast.ops.kd_loss(s, t)
+    monkeypatch.setenv("KDFAST_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="KDFAST_BACKEND: unknown backend 'gpu'"):
+        kdfast.explain("kd_loss", s, t)
+
+
+def test_force_for_some_ops_only():
+    s, t = _logits()
+    with kdfast.use_backend("reference", ops=["some_other_op"]):
+        assert not kdfast.explain("kd_loss", s, t).forced
+    with kdfast.use_backend("reference", ops=["kd_loss"]):
+        assert kdfast.explain("kd_loss", s, t).forced
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="use_backend: unknown backend 'fast'"):
+        with kdfast.use_backend("fast"):
+            pass
+    with pytest.raises(KeyError, match="unknown op 'nope'"):
+        kdfast.explain("nope")
+
+
+@pytest.mark.cpu
+def test_backward_runs_on_the_forward_backend(monkeypatch):
+    """The backend chosen at forward time is used by backward, even outside the force block."""
+    calls = []
+    impl = backends._impls["kd_loss_bwd"]["reference"]
+    orig = impl.fn
+    monkeypatch.setattr(impl, "fn", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    s, t = _logits()
+    s.requires_grad_(True)
+    with kdfast.use_backend("reference"):
+        loss = kdfast.ops.kd_loss(s, t)
+    loss.backward()
+    assert calls == [1]
+
+
+def test_plan_without_inputs():
+    assert kdfast.plan("kd_loss", "cpu").backend in ("cpu", "reference")
+    assert kdfast.plan("kd_loss", "cuda").backend in ("triton", "cuda", "reference")
