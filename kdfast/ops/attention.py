@@ -336,8 +336,10 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
     active = _active_mask(active_heads, q.shape[1], q.device) if active_heads is not None else None
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
-    backend = backends.explain("attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
-                               zero_padded_queries).backend
+    # Eager: choose here so forward and backward surely use one backend. Under
+    # torch.compile the op body chooses at run time (same rules, opaque to the tracer).
+    backend = "" if torch.compiler.is_compiling() else backends.explain(
+        "attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries).backend
     keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
     out, _, _ = _attn_fwd(q, k, v, mask, head_gates, active, block_mask, block_size, scale,
                           bool(zero_padded_queries), keep_ungated, backend)
