@@ -50,8 +50,11 @@ def torch_same_dtype(q, k, v, mask=None, scale=None, **kw):
     return out
 
 
-def _backend_params():
-    return [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu)]
+def _backend_params(triton=True):
+    ps = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu)]
+    if triton:  # under TRITON_INTERPRET=1 on machines without a GPU
+        ps.append(pytest.param("triton", marks=pytest.mark.triton))
+    return ps
 
 
 CASES = {
