@@ -12,7 +12,13 @@ Mask. For bidirectional (encoder) masks the mask function hands the attention
 the 2-D ``[B, L]`` bool padding mask itself (1 = keep), not a 4-D
 ``[B, 1, L, L]`` bias, so :func:`kdfast.ops.attention` can skip padded keys
 (variable-length processing: the mask is built once per forward, not per
-layer). Any other pattern (causal, sliding, custom ``or/and`` mask functions)
+layer; each layer's kernel call only lists the valid key indices, O(B * L)
+integer work, and never touches padded keys).
+
+Training note: with ``model.train()`` BERT passes its attention dropout
+(0.1) and the op then runs its reference path (dropout masks are drawn only
+there), which materialises the scores; set
+``config.attention_probs_dropout_prob = 0`` to keep the fused kernels. Any other pattern (causal, sliding, custom ``or/and`` mask functions)
 falls back to transformers' SDPA mask, and the attention then runs
 ``F.scaled_dot_product_attention`` with the same gates applied.
 
