@@ -22,6 +22,7 @@ sys.path.insert(0, HERE)
 # family -> extra argv for --quick
 FAMILIES = {
     "kd_loss": ["--quick"],
+    "fused_linear_kd": ["--quick"],
 }
 
 
