@@ -32,6 +32,8 @@ has attribute ``kdfast_head_gates`` (a tensor ``[H]``, or a callable such as a
 :class:`kdfast.nn.HardConcreteGate` returning one) its values multiply each
 head's output inside the op; ``kdfast_active_heads`` (bool ``[H]``) restricts
 the computation to those heads. :func:`kdfast.compress.add_gates` sets them.
+Without a gradient to the gates (eval, inference), heads whose gate is
+exactly 0 are skipped as if inactive.
 
 Observers (layer-distillation capture)::
 
@@ -109,6 +111,10 @@ def kdfast_attention_forward(module, query, key, value, attention_mask, dropout=
         for fn in tuple(_observers):
             fn(module, query, key, value, attention_mask)
     gates, active = _module_gates(module)
+    if active is None and gates is not None and gates.dim() == 1 and not (gates.requires_grad and
+                                                                          torch.is_grad_enabled()):
+        # Heads whose gate is exactly 0 (hard-concrete gates in eval) are not computed at all.
+        active = gates != 0
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     plain = attention_mask is None or attention_mask.dim() == 2
     if plain and not (is_causal and query.shape[2] > 1) and kwargs.get("position_bias") is None \
