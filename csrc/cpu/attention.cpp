@@ -67,41 +67,56 @@ KDFAST_INLINE vf16 ld(const float* p) { return *reinterpret_cast<const vf16u*>(p
 KDFAST_INLINE void st(float* p, vf16 x) { *reinterpret_cast<vf16u*>(p) = x; }
 
 struct Scratch {
-  std::vector<float> qs, acc, kt, vb, pb;
+  std::vector<float> qt, acc, vb, st, zero, m, l, alpha;
   int64_t Dp = 0;
   void ensure(int64_t D) {
     Dp = (D + 15) / 16 * 16;
-    qs.assign(kQT * Dp, 0.f);
+    qt.assign(D * kQT, 0.f);
     acc.assign(kQT * Dp, 0.f);
-    kt.assign(Dp * kKT, 0.f);
     vb.assign(kKT * Dp, 0.f);
-    pb.assign(kQT * kKT, 0.f);
+    st.assign(kKT * kQT, 0.f);
+    zero.assign(Dp, 0.f);
+    m.assign(kQT, 0.f);
+    l.assign(kQT, 0.f);
+    alpha.assign(kQT, 0.f);
   }
 };
 
-// Scores of kRB query rows against the 64 keys of kt ([Dp][64]): 16 vector accumulators.
-KDFAST_INLINE void scores_block(const float* qs, const float* kt, int64_t Dp, float* out /* [kRB][64] */) {
-  vf16 s00 = {}, s01 = {}, s02 = {}, s03 = {}, s10 = {}, s11 = {}, s12 = {}, s13 = {};
-  vf16 s20 = {}, s21 = {}, s22 = {}, s23 = {}, s30 = {}, s31 = {}, s32 = {}, s33 = {};
-  for (int64_t d = 0; d < Dp; ++d) {
-    const float* kd = kt + d * kKT;
-    const vf16 k0 = ld(kd), k1 = ld(kd + 16), k2 = ld(kd + 32), k3 = ld(kd + 48);
-    const float q0 = qs[d], q1 = qs[Dp + d], q2 = qs[2 * Dp + d], q3 = qs[3 * Dp + d];
-    s00 += q0 * k0; s01 += q0 * k1; s02 += q0 * k2; s03 += q0 * k3;
-    s10 += q1 * k0; s11 += q1 * k1; s12 += q1 * k2; s13 += q1 * k3;
-    s20 += q2 * k0; s21 += q2 * k1; s22 += q2 * k2; s23 += q2 * k3;
-    s30 += q3 * k0; s31 += q3 * k1; s32 += q3 * k2; s33 += q3 * k3;
+// Scores of 4 keys (rows k0..k3, unit stride) against NRV*16 query rows of
+// qt ([D][kQT], query-major lanes): 4*NRV vector accumulators, written to
+// st[j][r] (key-major), so the softmax below runs down columns with vector ops.
+template <int NRV>
+KDFAST_INLINE void scores_block(const float* qt, const float* const* kr, int64_t D, float* out) {
+  vf16 a[4][NRV];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 4
+    for (int x = 0; x < NRV; ++x) a[j][x] = vf16{};
+  const float *k0 = kr[0], *k1 = kr[1], *k2 = kr[2], *k3 = kr[3];
+  for (int64_t d = 0; d < D; ++d) {
+    const float* qd = qt + d * kQT;
+    vf16 qv[NRV];
+#pragma GCC unroll 4
+    for (int x = 0; x < NRV; ++x) qv[x] = ld(qd + 16 * x);
+    const float c0 = k0[d], c1 = k1[d], c2 = k2[d], c3 = k3[d];
+#pragma GCC unroll 4
+    for (int x = 0; x < NRV; ++x) {
+      a[0][x] += c0 * qv[x];
+      a[1][x] += c1 * qv[x];
+      a[2][x] += c2 * qv[x];
+      a[3][x] += c3 * qv[x];
+    }
   }
-  st(out, s00); st(out + 16, s01); st(out + 32, s02); st(out + 48, s03);
-  st(out + 64, s10); st(out + 80, s11); st(out + 96, s12); st(out + 112, s13);
-  st(out + 128, s20); st(out + 144, s21); st(out + 160, s22); st(out + 176, s23);
-  st(out + 192, s30); st(out + 208, s31); st(out + 224, s32); st(out + 240, s33);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 4
+    for (int x = 0; x < NRV; ++x) st(out + j * kQT + 16 * x, a[j][x]);
 }
 
-// acc[kRB rows][NV*16 cols at c] = alpha * acc + P[kRB][n] V[n][cols]: 4*NV vector accumulators.
+// acc[kRB rows][NV*16 cols at c] = alpha * acc + P V, with P read from st[j][r]: 4*NV accumulators.
 template <int NV>
-KDFAST_INLINE void pv_block(float* acc, int64_t Dp, int64_t c, const float* alpha, const float* pb, const float* vb,
-                            int64_t n) {
+KDFAST_INLINE void pv_block(float* acc, int64_t Dp, int64_t c, const float* alpha, const float* pt,
+                            const float* const* vr, int64_t n) {
   vf16 a[kRB][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < kRB; ++r)
@@ -109,13 +124,15 @@ KDFAST_INLINE void pv_block(float* acc, int64_t Dp, int64_t c, const float* alph
     for (int x = 0; x < NV; ++x) a[r][x] = ld(acc + r * Dp + c + 16 * x) * alpha[r];
   for (int64_t j = 0; j < n; ++j) {
     vf16 vv[NV];
+    const float* v = vr[j] + c;
 #pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) vv[x] = ld(vb + j * Dp + c + 16 * x);
+    for (int x = 0; x < NV; ++x) vv[x] = ld(v + 16 * x);
+    const float* p = pt + j * kQT;
 #pragma GCC unroll 4
     for (int r = 0; r < kRB; ++r) {
-      const float p = pb[r * kKT + j];
+      const float pr = p[r];
 #pragma GCC unroll 4
-      for (int x = 0; x < NV; ++x) a[r][x] += p * vv[x];
+      for (int x = 0; x < NV; ++x) a[r][x] += pr * vv[x];
     }
   }
 #pragma GCC unroll 4
@@ -126,67 +143,86 @@ KDFAST_INLINE void pv_block(float* acc, int64_t Dp, int64_t c, const float* alph
 
 KDFAST_INLINE void tile_kernel(const AttnTile& t, Scratch& w) {
   const int64_t D = t.D, Dp = w.Dp, nq = t.i1 - t.i0;
-  const int64_t nqp = (nq + kRB - 1) / kRB * kRB;
-  float* qs = w.qs.data();
+  const int64_t nqp = (nq + 15) / 16 * 16;  // rows rounded to whole vectors
+  float* qt = w.qt.data();
   float* acc = w.acc.data();
-  float* kt = w.kt.data();
   float* vb = w.vb.data();
-  float* pb = w.pb.data();
-  float m[kQT], l[kQT], alpha[kQT];
+  float* stt = w.st.data();
+  float* m = w.m.data();
+  float* l = w.l.data();
+  float* alpha = w.alpha.data();
+  // Q tile transposed to [D][kQT] and pre-scaled; rows past nq are zero.
   for (int64_t r = 0; r < nqp; ++r) {
-    float* dst = qs + r * Dp;
     if (r < nq) {
       const float* src = t.q + (t.i0 + r) * t.sq;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * t.scale;
+      for (int64_t d = 0; d < D; ++d) qt[d * kQT + r] = src[d] * t.scale;
     } else {
-      for (int64_t d = 0; d < D; ++d) dst[d] = 0.f;
+      for (int64_t d = 0; d < D; ++d) qt[d * kQT + r] = 0.f;
     }
     float* a = acc + r * Dp;
     for (int64_t d = 0; d < Dp; ++d) a[d] = 0.f;
     m[r] = kNegInf;
     l[r] = 0.f;
   }
+  const bool direct_v = D % 16 == 0;  // V rows can be read in place (no padding needed)
+  const float* kr[kKT + 4];
+  const float* vr[kKT];
   for (int64_t sg = 0; sg < t.nseg; ++sg) {
     for (int64_t c0 = t.seg_begin[sg]; c0 < t.seg_end[sg]; c0 += kKT) {
       const int64_t n = std::min<int64_t>(kKT, t.seg_end[sg] - c0);
-      // Gather the chunk's valid keys: K transposed to [Dp][64], V to [64][Dp] (zero padding).
       for (int64_t j = 0; j < n; ++j) {
         const int64_t key = t.keys[c0 + j];
-        const float* kr = t.k + key * t.sk;
-        for (int64_t d = 0; d < D; ++d) kt[d * kKT + j] = kr[d];
-      }
-      for (int64_t j = 0; j < n; ++j)
-        std::memcpy(vb + j * Dp, t.v + static_cast<int64_t>(t.keys[c0 + j]) * t.sv, D * sizeof(float));
-      for (int64_t j = n; j < kKT; ++j)
-        for (int64_t d = 0; d < D; ++d) kt[d * kKT + j] = 0.f;
-      for (int64_t r0 = 0; r0 < nqp; r0 += kRB) {
-        float* sb = pb + r0 * kKT;
-        scores_block(qs + r0 * Dp, kt, Dp, sb);
-        for (int64_t r = r0; r < r0 + kRB; ++r) {
-          float* sr = pb + r * kKT;
-          float mx = m[r];
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < kKT; ++j) {
-            float x = j < n ? sr[j] : kNegInf;
-            mx = x > mx ? x : mx;
-          }
-          alpha[r] = m[r] == kNegInf ? 0.f : fast_exp(m[r] - mx);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < kKT; ++j) {
-            float p = j < n ? fast_exp(sr[j] - mx) : 0.f;
-            sr[j] = p;
-            sum += p;
-          }
-          l[r] = l[r] * alpha[r] + sum;
-          m[r] = mx;
+        kr[j] = t.k + key * t.sk;
+        if (direct_v) {
+          vr[j] = t.v + key * t.sv;
+        } else {
+          std::memcpy(vb + j * Dp, t.v + key * t.sv, D * sizeof(float));
+          vr[j] = vb + j * Dp;
         }
+      }
+      const int64_t n4 = (n + 3) / 4 * 4;
+      for (int64_t j = n; j < n4; ++j) kr[j] = w.zero.data();
+      for (int64_t j0 = 0; j0 < n4; j0 += 4) {
+        int64_t r0 = 0;
+        for (; r0 + 64 <= nqp; r0 += 64) scores_block<4>(qt + r0, kr + j0, D, stt + j0 * kQT + r0);
+        switch ((nqp - r0) / 16) {
+          case 3: scores_block<3>(qt + r0, kr + j0, D, stt + j0 * kQT + r0); break;
+          case 2: scores_block<2>(qt + r0, kr + j0, D, stt + j0 * kQT + r0); break;
+          case 1: scores_block<1>(qt + r0, kr + j0, D, stt + j0 * kQT + r0); break;
+          default: break;
+        }
+      }
+      // Online softmax, vectorised across query rows (key-major scores).
+      float mx[kQT];
+#pragma omp simd
+      for (int64_t r = 0; r < nqp; ++r) mx[r] = m[r];
+      for (int64_t j = 0; j < n; ++j) {
+        const float* sj = stt + j * kQT;
+#pragma omp simd
+        for (int64_t r = 0; r < nqp; ++r) mx[r] = sj[r] > mx[r] ? sj[r] : mx[r];
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < nqp; ++r) {
+        alpha[r] = m[r] == kNegInf ? 0.f : fast_exp(m[r] - mx[r]);
+        l[r] *= alpha[r];
+        m[r] = mx[r];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        float* sj = stt + j * kQT;
+#pragma omp simd
+        for (int64_t r = 0; r < nqp; ++r) {
+          const float p = fast_exp(sj[r] - mx[r]);
+          sj[r] = p;
+          l[r] += p;
+        }
+      }
+      for (int64_t r0 = 0; r0 < nqp; r0 += kRB) {
         int64_t c = 0;
-        for (; c + 64 <= Dp; c += 64) pv_block<4>(acc + r0 * Dp, Dp, c, alpha + r0, sb, vb, n);
+        for (; c + 64 <= Dp; c += 64) pv_block<4>(acc + r0 * Dp, Dp, c, alpha + r0, stt + r0, vr, n);
         switch ((Dp - c) / 16) {
-          case 3: pv_block<3>(acc + r0 * Dp, Dp, c, alpha + r0, sb, vb, n); break;
-          case 2: pv_block<2>(acc + r0 * Dp, Dp, c, alpha + r0, sb, vb, n); break;
-          case 1: pv_block<1>(acc + r0 * Dp, Dp, c, alpha + r0, sb, vb, n); break;
+          case 3: pv_block<3>(acc + r0 * Dp, Dp, c, alpha + r0, stt + r0, vr, n); break;
+          case 2: pv_block<2>(acc + r0 * Dp, Dp, c, alpha + r0, stt + r0, vr, n); break;
+          case 1: pv_block<1>(acc + r0 * Dp, Dp, c, alpha + r0, stt + r0, vr, n); break;
           default: break;
         }
       }

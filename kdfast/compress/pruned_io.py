@@ -77,6 +77,8 @@ def load_pruned(directory: str, *, model_class=None, attn_implementation: str | 
             raise ValueError(f"cannot tell the model class of {directory!r} (config.architectures={archs}); "
                              "pass model_class=")
         model_class = getattr(transformers, archs[0])
+    if attn_implementation == "kdfast":
+        import kdfast.hf  # noqa: F401  (registers the implementation)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = model_class._from_config(config, **kwargs)
     structure = getattr(config, CONFIG_KEY, None)

@@ -12,7 +12,13 @@ Mask. For bidirectional (encoder) masks the mask function hands the attention
 the 2-D ``[B, L]`` bool padding mask itself (1 = keep), not a 4-D
 ``[B, 1, L, L]`` bias, so :func:`kdfast.ops.attention` can skip padded keys
 (variable-length processing: the mask is built once per forward, not per
-layer). Any other pattern (causal, sliding, custom ``or/and`` mask functions)
+layer; each layer's kernel call only lists the valid key indices, O(B * L)
+integer work, and never touches padded keys).
+
+Training note: with ``model.train()`` BERT passes its attention dropout
+(0.1) and the op then runs its reference path (dropout masks are drawn only
+there), which materialises the scores; set
+``config.attention_probs_dropout_prob = 0`` to keep the fused kernels. Any other pattern (causal, sliding, custom ``or/and`` mask functions)
 falls back to transformers' SDPA mask, and the attention then runs
 ``F.scaled_dot_product_attention`` with the same gates applied.
 
@@ -26,6 +32,8 @@ has attribute ``kdfast_head_gates`` (a tensor ``[H]``, or a callable such as a
 :class:`kdfast.nn.HardConcreteGate` returning one) its values multiply each
 head's output inside the op; ``kdfast_active_heads`` (bool ``[H]``) restricts
 the computation to those heads. :func:`kdfast.compress.add_gates` sets them.
+Without a gradient to the gates (eval, inference), heads whose gate is
+exactly 0 are skipped as if inactive.
 
 Observers (layer-distillation capture)::
 
@@ -103,6 +111,10 @@ def kdfast_attention_forward(module, query, key, value, attention_mask, dropout=
         for fn in tuple(_observers):
             fn(module, query, key, value, attention_mask)
     gates, active = _module_gates(module)
+    if active is None and gates is not None and gates.dim() == 1 and not (gates.requires_grad and
+                                                                          torch.is_grad_enabled()):
+        # Heads whose gate is exactly 0 (hard-concrete gates in eval) are not computed at all.
+        active = gates != 0
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     plain = attention_mask is None or attention_mask.dim() == 2
     if plain and not (is_causal and query.shape[2] > 1) and kwargs.get("position_bias") is None \

@@ -220,7 +220,7 @@ def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg
 
 
-def _kernel_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, *rest):
+def _kernel_check(q, k, v, *rest):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
@@ -241,13 +241,26 @@ def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
 backends.register("attention_bwd", "cpu", check=_kernel_check, kernel="attention_fwd")(_bwd_reference)
 
 
-@backends.register("attention_fwd", "triton", check=_kernel_check)
+def _triton_check(q, k, v, mask, gates, active, bm, bs, *rest):
+    r = _kernel_check(q, k, v, mask, gates, active, bm, bs)
+    if r is None and bm is not None:
+        from kdfast.kernels.triton.attention import block_size_ok
+        if not block_size_ok(bs):
+            r = f"block_size {bs} is not a Triton tile size (16, 32, 64 or 128)"
+    return r
+
+
+def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, *rest):
+    return _triton_check(q, k, v, mask, gates, active, bm, bs)
+
+
+@backends.register("attention_fwd", "triton", check=_triton_check)
 def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
 
 
-@backends.register("attention_bwd", "triton", check=_kernel_check)
+@backends.register("attention_bwd", "triton", check=_triton_bwd_check)
 def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq)
@@ -255,7 +268,7 @@ def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, s
 
 backends.register("attention", "reference")(_fwd_reference)
 backends.register("attention", "cpu", check=_kernel_check, kernel="attention_fwd")(_fwd_cpu)
-backends.register("attention", "triton", check=_kernel_check)(_fwd_triton)
+backends.register("attention", "triton", check=_triton_check)(_fwd_triton)
 backends.set_gpu_order("attention", ("triton",))
 backends.set_gpu_order("attention_fwd", ("triton",))
 backends.set_gpu_order("attention_bwd", ("triton",))
@@ -336,8 +349,10 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
     active = _active_mask(active_heads, q.shape[1], q.device) if active_heads is not None else None
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
-    backend = backends.explain("attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
-                               zero_padded_queries).backend
+    # Eager: choose here so forward and backward surely use one backend. Under
+    # torch.compile the op body chooses at run time (same rules, opaque to the tracer).
+    backend = "" if torch.compiler.is_compiling() else backends.explain(
+        "attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries).backend
     keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
     out, _, _ = _attn_fwd(q, k, v, mask, head_gates, active, block_mask, block_size, scale,
                           bool(zero_padded_queries), keep_ungated, backend)

@@ -1,0 +1,317 @@
+"""Triton kernels of pruned attention (kdfast.ops.attention): forward and backward.
+
+Flash-attention structure: one program per (query block, batch*head) in the
+forward and the dQ pass, per (key block, batch*head) in the dK/dV pass. What
+is skipped rather than masked:
+  - keys after the last valid key of each batch row (right padding: the key
+    loop stops there); interior padded keys are masked,
+  - key blocks whose block-mask entry is false (block size = tile size),
+  - inactive heads (empty loops; outputs 0).
+The head gate multiplies the output as it is written. Tests run these under
+TRITON_INTERPRET=1 on CPU tensors at small shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
+                sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale,
+                HAS_KMASK: tl.constexpr, HAS_GATES: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                HAS_BMASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, KEEP_UNGATED: tl.constexpr,
+                IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    n_end = Lk
+    if HAS_KMASK:
+        n_end = tl.load(KVLEN + b)
+    if HAS_ACTIVE:
+        n_end = n_end * tl.load(ACTIVE + h).to(tl.int32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, LK_LOOP, BLOCK_N):
+        keep = start_n < n_end  # keys after the last valid one (right padding) are skipped
+        if HAS_BMASK:
+            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + pid_m * bm_sq + start_n // BLOCK_N) != 0)
+        if keep:
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < Lk
+            if HAS_KMASK:
+                n_ok = n_ok & (tl.load(KMASK + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0)
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(n_ok[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    live = l_i > 0
+    if ZERO_PAD_Q:
+        live = live & (tl.load(KMASK + b * Lk + offs_m, mask=m_ok, other=0) != 0)
+    inv = tl.where(live, 1.0 / tl.where(live, l_i, 1.0), 0.0)
+    o = acc * inv[:, None]
+    gate = 1.0
+    if HAS_GATES:
+        gate = tl.load(GATES + b * g_sb + h).to(tl.float32)
+    out_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
+    st_mask = m_ok[:, None] & d_ok[None, :]
+    tl.store(OUT + out_ptrs, (o * gate).to(OUT.dtype.element_ty), mask=st_mask)
+    if KEEP_UNGATED:
+        tl.store(UNG + out_ptrs, o.to(UNG.dtype.element_ty), mask=st_mask)
+    lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, DV,
+                     sqb, sqh, sql, skb, skh, skl, H, Lq, Lk, D, scale,
+                     bm_sb, bm_sh, bm_sq,
+                     HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
+                     IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # q, do share strides (sq*); k, v, dk, dv share strides (sk*) (the launcher makes them contiguous).
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < D
+    n_ok = offs_n < Lk
+    if HAS_KMASK:
+        n_ok = n_ok & (tl.load(KMASK + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0)
+    kv_ptr = b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
+    kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    v = tl.load(V + kv_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    m_end = Lq
+    if HAS_ACTIVE:
+        m_end = m_end * tl.load(ACTIVE + h).to(tl.int32)
+    if HAS_KMASK:  # key block entirely after the last valid key: nothing to do
+        m_end = tl.where(pid_n * BLOCK_N < tl.load(KVLEN + b), m_end, 0)
+    for start_m in range(0, LQ_LOOP, BLOCK_M):
+        keep = start_m < m_end
+        if HAS_BMASK:
+            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + (start_m // BLOCK_M) * bm_sq + pid_n) != 0)
+        if keep:
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < Lq
+            qp = b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :]
+            q = tl.load(Q + qp, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            do = tl.load(DO + qp, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=m_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            if IEEE:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p), do)
+                dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds), q)
+    tl.store(DK + kv_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
+                   sqb, sqh, sql, skb, skh, skl, H, Lq, Lk, D, scale,
+                   bm_sb, bm_sh, bm_sq,
+                   HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
+                   IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    qp = b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :]
+    q = tl.load(Q + qp, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    do = tl.load(DO + qp, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_end = Lk
+    if HAS_KMASK:
+        n_end = tl.load(KVLEN + b)
+    if HAS_ACTIVE:
+        n_end = n_end * tl.load(ACTIVE + h).to(tl.int32)
+    for start_n in range(0, LK_LOOP, BLOCK_N):
+        keep = start_n < n_end  # keys after the last valid one (right padding) are skipped
+        if HAS_BMASK:
+            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + pid_m * bm_sq + start_n // BLOCK_N) != 0)
+        if keep:
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < Lk
+            if HAS_KMASK:
+                n_ok = n_ok & (tl.load(KMASK + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0)
+            kvp = b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
+            k = tl.load(K + kvp, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            v = tl.load(V + kvp, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dq += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds, k)
+    tl.store(DQ + qp, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _ieee(q) -> bool:
+    """float32 inputs get exact fp32 dots (the numerics rule forbids tf32). Under the
+    interpreter every dot runs in fp32: its bf16/fp16 dot is wrong (checked: 1e10 errors)."""
+    return q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _loop_bound(n: int) -> int:
+    """Key/query loops run to this compile-time bound (a power of two >= n), skipping the
+    iterations past n at run time: the Triton interpreter here cannot loop to a run-time
+    bound, and powers of two keep recompilation to a few sizes on GPUs."""
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def block_size_ok(block_size: int) -> bool:
+    """Block-sparse layouts need the block size to be the tile size (a power of two in [16, 128])."""
+    return block_size in (16, 32, 64, 128)
+
+
+def _prep(q, k, v, mask, active, bm):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    kmask = kvlen = None
+    if mask is not None:
+        kmask = mask.to(torch.int8).contiguous()
+        pos = torch.arange(1, Lk + 1, device=q.device, dtype=torch.int32)
+        kvlen = (kmask.to(torch.int32) * pos).amax(-1).to(torch.int32).contiguous()  # last valid key + 1
+    act = active.to(torch.int8).contiguous() if active is not None else None
+    bmc = bm.to(torch.int8).contiguous() if bm is not None else None
+    return B, H, Lq, Lk, D, kmask, kvlen, act, bmc
+
+
+def _bm_strides(bmc, H):
+    if bmc is None:
+        return 0, 0, 0
+    bb, bh, nq, nk = bmc.shape
+    return (0 if bb == 1 else bh * nq * nk), (0 if bh == 1 else nq * nk), nk
+
+
+def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queries, keep_ungated):
+    B, H, Lq, Lk, D, kmask, kvlen, act, bmc = _prep(q, k, v, mask, active, bm)
+    out = q.new_empty((B, Lq, H, D)).transpose(1, 2)
+    ung = q.new_empty((B, Lq, H, D)).transpose(1, 2) if keep_ungated else q.new_empty((0,))
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    BM, BN = (bs, bs) if bm is not None else (32, 32)
+    BD = max(16, triton.next_power_of_2(D))
+    g = gates.contiguous() if gates is not None else None
+    g_sb = 0 if gates is None or gates.dim() == 1 else H
+    bm_sb, bm_sh, bm_sq = _bm_strides(bmc, H)
+    dummy = lse
+    grid = (triton.cdiv(Lq, BM), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, ung if keep_ungated else out, lse,
+        kmask if kmask is not None else dummy, kvlen if kvlen is not None else dummy,
+        g if g is not None else dummy, act if act is not None else dummy, bmc if bmc is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale,
+        HAS_KMASK=mask is not None, HAS_GATES=gates is not None, HAS_ACTIVE=active is not None,
+        HAS_BMASK=bm is not None, ZERO_PAD_Q=bool(zero_padded_queries and mask is not None),
+        KEEP_UNGATED=bool(keep_ungated), IEEE=_ieee(q),
+        LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+    return out, lse, ung
+
+
+def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zero_padded_queries):
+    B, H, Lq, Lk, D, kmask, kvlen, act, bmc = _prep(q, k, v, mask, active, bm)
+    go = grad_out.float()
+    dg = q.new_empty((0,))
+    if gates is not None:
+        g = (gates if gates.dim() == 2 else gates[None, :]).float()
+        if ung.numel():
+            dgf = (go * ung.float()).sum((-1, -2))
+            dg = dgf if gates.dim() == 2 else dgf.sum(0)
+        else:  # gates without grad: their gradient is not used
+            dg = torch.zeros(gates.shape, device=q.device, dtype=torch.float32)
+        go = go * g[:, :, None, None]
+    # rowsum(dO_ungated * O_ungated) = rowsum(grad_out * out): no division by the gate.
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    lse_b = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).contiguous()
+    qc = q.contiguous()
+    do = go.to(q.dtype).contiguous()
+    kc, vc = k.contiguous(), v.contiguous()
+    dq = torch.empty_like(qc)
+    dk = torch.empty_like(kc)
+    dv = torch.empty_like(vc)
+    BM, BN = (bs, bs) if bm is not None else (32, 32)
+    BD = max(16, triton.next_power_of_2(D))
+    bm_sb, bm_sh, bm_sq = _bm_strides(bmc, H)
+    dummy = lse_b
+    common = dict(HAS_KMASK=mask is not None, HAS_ACTIVE=active is not None, HAS_BMASK=bm is not None,
+                  IEEE=_ieee(q), LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk),
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+    km = kmask if kmask is not None else dummy
+    ac = act if act is not None else dummy
+    bmp = bmc if bmc is not None else dummy
+    _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * H)](
+        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, dk, dv,
+        qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, **common)
+    _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, dq,
+        qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, **common)
+    return dq, dk, dv, dg.float() if gates is not None else dg

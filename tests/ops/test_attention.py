@@ -1,0 +1,230 @@
+"""kdfast.ops.attention: every backend vs the float64 reference, with padding,
+head gates, active heads, block masks; gradients; opcheck; compile; errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import backends
+from kdfast.ops import attention, attention_reference
+from kdfast.ops.attention import _attn_fwd
+from tests.numerics import assert_close_to_oracle
+
+
+def make_qkv(B, H, L, D, dtype=torch.float32, seed=0, hf_layout=True, Lk=None):
+    """q, k of scale ~2 (scores of scale ~10), v of scale 10; HF layout = [B, L, H, D] transposed views."""
+    g = torch.Generator().manual_seed(seed)
+    Lk = L if Lk is None else Lk
+
+    def t(n, s):
+        if hf_layout:
+            return (torch.randn(B, n, H, D, generator=g) * s).to(dtype).transpose(1, 2)
+        return (torch.randn(B, H, n, D, generator=g) * s).to(dtype)
+    return t(L, 2.0), t(Lk, 2.0), t(Lk, 10.0)
+
+
+def pad_mask(B, L, lengths=None):
+    lengths = lengths or [L, max(1, L // 2), 3, L - 1, 0][:B]
+    m = torch.zeros(B, L, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        m[b, :n] = True
+    return m
+
+
+def oracle(q, k, v, **kw):
+    g = kw.get("head_gates")
+    kw = dict(kw, head_gates=None if g is None else g.double())
+    return attention_reference(q.double(), k.double(), v.double(), **kw)
+
+
+def torch_same_dtype(q, k, v, mask=None, scale=None, **kw):
+    """What a user would run instead: SDPA in the same dtype (plus gates / masks by hand)."""
+    if kw:
+        return attention_reference(q, k, v, mask=mask, scale=scale, **kw)
+    am = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=scale)
+    if mask is not None:
+        out = torch.where(mask.any(-1)[:, None, None, None], out, torch.zeros_like(out))
+    return out
+
+
+def _backend_params(triton=True):
+    ps = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.cpu)]
+    if triton:  # under TRITON_INTERPRET=1 on machines without a GPU
+        ps.append(pytest.param("triton", marks=pytest.mark.triton))
+    return ps
+
+
+CASES = {
+    "plain": lambda B, H, L: {},
+    "padding": lambda B, H, L: {"mask": pad_mask(B, L)},
+    "gates": lambda B, H, L: {"mask": pad_mask(B, L), "head_gates": torch.rand(H) * 2},
+    "gates_bh": lambda B, H, L: {"head_gates": torch.rand(B, H)},
+    "active_bool": lambda B, H, L: {"mask": pad_mask(B, L), "active_heads": torch.arange(H) % 2 == 0},
+    "active_idx": lambda B, H, L: {"active_heads": torch.tensor([H - 1, 0])},
+    "blocks": lambda B, H, L: {"block_mask": torch.rand(B, H, -(-L // 16), -(-L // 16),
+                                                       generator=torch.Generator().manual_seed(3)) > 0.4,
+                               "block_size": 16},
+    "blocks_pad_zpq": lambda B, H, L: {"mask": pad_mask(B, L), "zero_padded_queries": True,
+                                       "block_mask": torch.rand(1, H, -(-L // 32), -(-L // 32),
+                                                                generator=torch.Generator().manual_seed(4)) > 0.5,
+                                       "block_size": 32},
+}
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_oracle(backend, case):
+    B, H, L, D = 4, 3, 97, 40
+    q, k, v = make_qkv(B, H, L, D, seed=hash(case) % 1000)
+    kw = CASES[case](B, H, L)
+    with kdfast.use_backend(backend):
+        out = attention(q, k, v, **kw)
+    assert out.shape == (B, H, L, D) and out.dtype == q.dtype
+    ref = oracle(q, k, v, **kw)
+    assert_close_to_oracle(out, ref, torch_same_dtype(q, k, v, **kw), torch.float32, what=case)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_vnni"])
+def test_cpu_isa_paths(isa):
+    from kdfast import cpu_isa
+    if isa not in cpu_isa.available_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    B, H, L, D = 3, 2, 70, 64
+    q, k, v = make_qkv(B, H, L, D, seed=7)
+    kw = {"mask": pad_mask(B, L), "head_gates": torch.rand(H),
+          "block_mask": torch.tensor([[True, False, True], [True, True, False], [False, True, True]])[None, None],
+          "block_size": 32}
+    with cpu_isa.use_cpu_isa(isa), kdfast.use_backend("cpu"):
+        out = attention(q, k, v, **kw)
+    assert_close_to_oracle(out, oracle(q, k, v, **kw), torch_same_dtype(q, k, v, **kw), torch.float32, what=isa)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend, dtype):
+    B, H, L, D = 2, 2, 33, 32
+    q, k, v = make_qkv(B, H, L, D, dtype=dtype, seed=11)
+    m = pad_mask(B, L, [33, 20])
+    with kdfast.use_backend(backend):
+        out = attention(q, k, v, mask=m)
+    assert out.dtype == dtype
+    assert_close_to_oracle(out, oracle(q, k, v, mask=m), torch_same_dtype(q, k, v, mask=m), dtype)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_edge_shapes(backend):
+    with kdfast.use_backend(backend):
+        for (B, H, L, D, Lk) in [(1, 1, 1, 8, 1), (2, 3, 5, 17, 130), (1, 2, 130, 16, 3)]:
+            q, k, v = make_qkv(B, H, L, D, seed=L, hf_layout=False, Lk=Lk)
+            m = pad_mask(B, Lk, [Lk, 1][:B])
+            out = attention(q, k, v, mask=m, scale=0.3)
+            ref = oracle(q, k, v, mask=m, scale=0.3)
+            assert_close_to_oracle(out, ref, torch_same_dtype(q, k, v, mask=m, scale=0.3), torch.float32)
+
+
+def test_fully_masked_rows_give_zero():
+    q, k, v = make_qkv(2, 2, 9, 8)
+    m = pad_mask(2, 9, [9, 0])
+    out = attention(q, k, v, mask=m)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out).all()
+
+
+def test_zero_padded_queries_zeroes_rows():
+    q, k, v = make_qkv(2, 2, 9, 8)
+    m = pad_mask(2, 9, [9, 4])
+    out = attention(q, k, v, mask=m, zero_padded_queries=True)
+    full = attention(q, k, v, mask=m)
+    assert torch.equal(out[1, :, 4:], torch.zeros_like(out[1, :, 4:]))
+    torch.testing.assert_close(out[1, :, :4], full[1, :, :4])
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("case", ["padding", "gates", "gates_bh", "active_bool", "blocks_pad_zpq"])
+def test_gradients_match_oracle(backend, case):
+    B, H, L, D = 3, 2, 37, 24
+    q, k, v = [x.detach().requires_grad_() for x in make_qkv(B, H, L, D, seed=5)]
+    kw = CASES[case](B, H, L)
+    gates = kw.get("head_gates")
+    if gates is not None:
+        gates = gates.clone().requires_grad_()
+        kw["head_gates"] = gates
+    with kdfast.use_backend(backend):
+        out = attention(q, k, v, **kw)
+    go = torch.randn_like(out) * 3
+    inputs = [q, k, v] + ([gates] if gates is not None else [])
+    got = torch.autograd.grad(out, inputs, go)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    kw64 = dict(kw)
+    ins64 = [q64, k64, v64]
+    if gates is not None:
+        kw64["head_gates"] = gates.detach().double().requires_grad_()
+        ins64.append(kw64["head_gates"])
+    want = torch.autograd.grad(attention_reference(q64, k64, v64, **kw64), ins64, go.double())
+    kw32 = dict(kw)
+    ins32 = [x.detach().requires_grad_() for x in inputs]
+    if gates is not None:
+        kw32["head_gates"] = ins32[3]
+    tref = torch.autograd.grad(attention_reference(*ins32[:3], **kw32), ins32, go)
+    for name, a, b, c in zip("qkvg", got, want, tref):
+        assert_close_to_oracle(a, b, c, torch.float32, what=f"grad {name}")
+
+
+def test_dropout_runs_reference_with_grad():
+    q, k, v = [x.detach().requires_grad_() for x in make_qkv(2, 2, 16, 8)]
+    torch.manual_seed(0)
+    out = attention(q, k, v, dropout_p=0.5)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert not torch.allclose(out, attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_opcheck(backend):
+    q, k, v = [x.contiguous() for x in make_qkv(2, 2, 19, 8, seed=2)]
+    q.requires_grad_()
+    m = pad_mask(2, 19, [19, 7])
+    gates = torch.rand(2, requires_grad=True)
+    bm = torch.tensor([[True, False], [True, True]])[None, None]
+    args = (q, k, v, m, gates, None, bm, 16, 0.25, False, True, backend)
+    torch.library.opcheck(_attn_fwd, args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(2, 2, 19, 8, seed=2)
+    m = pad_mask(2, 19, [19, 7])
+    gates = torch.rand(2)
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, mask=m, head_gates=gates), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), attention(q, k, v, mask=m, head_gates=gates))
+
+
+def test_explain_names_backends():
+    q, k, v = make_qkv(1, 1, 4, 8)
+    ch = backends.explain("attention", q.double(), k.double(), v.double(), None, None, None, None, 64, 1.0, False)
+    assert ch.backend == "reference" and "dtype" in ch.rejected["cpu"] + ch.rejected.get("triton", "dtype")
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(q=torch.zeros(2, 3, 4)), "q must be 4-D"),
+    (dict(k=torch.zeros(2, 3, 5, 9)), "k must be"),
+    (dict(mask=torch.ones(2, 4)), "mask must be a bool/integer"),
+    (dict(mask=torch.ones(3, 5, dtype=torch.bool)), "mask must be a bool/integer"),
+    (dict(head_gates=torch.ones(4)), "head_gates must be"),
+    (dict(active_heads=torch.ones(4, dtype=torch.bool)), "active_heads as a bool mask"),
+    (dict(block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool)), "block_mask must be"),
+    (dict(block_size=0), "block_size must be"),
+    (dict(scale=-1.0), "scale must be"),
+    (dict(dropout_p=1.0), "dropout_p must be"),
+    (dict(q=torch.zeros(2, 3, 4, 8, dtype=torch.int32)), "q must have dtype"),
+])
+def test_bad_inputs(bad, err):
+    args = dict(q=torch.zeros(2, 3, 4, 8), k=torch.zeros(2, 3, 5, 8), v=torch.zeros(2, 3, 5, 8))
+    args.update(bad)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises((ValueError, TypeError), match=err):
+        attention(q, k, v, **args)
