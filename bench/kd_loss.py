@@ -70,8 +70,10 @@ def liger(divergence, device):
     return lambda s, t: T * T * mod(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1))
 
 
-def shapes(device, full):
+def shapes(device, full, quick=False):
     qa = [("qa", 64, 384)]
+    if quick:
+        return qa + [("vocab", 1024, 30522)]
     if full:
         return qa + [("vocab", n, v) for v in (30522, 128256) for n in (1024, 4096, 8192)]
     if device.startswith("cuda"):
@@ -98,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--divergence", default="kl", choices=("kl", "jsd"))
     ap.add_argument("--full", action="store_true", help="all shapes (slow on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--quick", action="store_true", help="QA shape and N=1024, V=30522 only (make demo)")
     args = ap.parse_args(argv)
     dev, dtype = args.device, DTYPES[args.dtype]
     bench = Bench("kd_loss", device=dev)
@@ -109,7 +112,7 @@ def main(argv=None):
     if lig is not None:
         providers.append(("liger", lig))
     g = torch.Generator(device=dev).manual_seed(0)
-    for name, n, v in shapes(dev, args.full):
+    for name, n, v in shapes(dev, args.full, args.quick):
         s = (torch.randn(n, v, generator=g, device=dev) * 10).to(dtype)
         t = (torch.randn(n, v, generator=g, device=dev) * 10).to(dtype)
         big = n * v >= 4096 * 30522 and not dev.startswith("cuda")

@@ -70,7 +70,7 @@ def _reexec_with_mmap_malloc():
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
-def main():
+def main(argv=None):
     if "--mmap-malloc" in sys.argv:
         _reexec_with_mmap_malloc()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,10 +87,13 @@ def main():
     ap.add_argument("--mmap-malloc", action="store_true",
                     help="re-run under glibc MALLOC_MMAP_THRESHOLD_=128K so that RSS peaks are exact "
                          "(use for the memory column; times then include page faults)")
-    a = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="B=2, L=384 only, 2 reps (make demo)")
+    a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     H, D = 12, 64
     sizes = [(32, 384), (32, 2048)] if a.full else [(4, 384), (1, 2048)]
+    if a.quick:
+        sizes, a.reps = [(2, 384)], 2
     bench = Bench("layer_kd", device=a.device)
     # Config tag: dtype, and "mm" when RSS peaks are exact (--mmap-malloc).
     tag = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype] + (" mm" if a.mmap_malloc else "")

@@ -195,16 +195,23 @@ def bench_op(b: Bench, B, reps, summary):
                        f"{r[f'sdpa-dense-mask@{sp}'] * 1e3:.1f} ms ({r[f'sdpa-dense-mask@{sp}'] / t:.2f}x)")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="12 layers (BERT-base) and 5 reps")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-op", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine multi-thread timings are noise)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="2 layers, 2 reps (make demo)")
+    ap.add_argument("--device", default="cpu", help="only cpu is measured by this script so far")
+    args = ap.parse_args(argv)
+    if args.device != "cpu":
+        print(f"bench/pruning.py measures CPU inference only; --device {args.device} is not supported yet")
+        return
     torch.set_num_threads(args.threads)
     layers, reps = (12, 5) if args.full else (4, 3)
+    if args.quick:
+        layers, reps = 2, 2
     b = Bench("pruning")
     summary = []
     print(f"kdfast {kdfast.__version__}; attention backend on CPU: "

@@ -23,6 +23,8 @@ sys.path.insert(0, HERE)
 FAMILIES = {
     "kd_loss": ["--quick"],
     "fused_linear_kd": ["--quick"],
+    "layer_kd": ["--quick"],
+    "pruning": ["--quick"],
 }
 
 
