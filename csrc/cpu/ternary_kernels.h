@@ -94,8 +94,10 @@ KDFAST_INLINE fvec unpack_weights(const uint8_t* p, int j) {
 constexpr int kVecPerBlock = 64 / kVecBytes;
 constexpr int kFvecPerBlock = 64 / kFloats;
 constexpr int kTileN = 4;  // output features per register tile
-#if TERNARY_ISA >= 2
+#if TERNARY_ISA == 3
 constexpr int kTileM = 6;  // 4 x 6 accumulators + 4 weights + 1 input < 32 zmm
+#elif TERNARY_ISA == 2
+constexpr int kTileM = 4;  // maddubs needs temporaries: keep 16 accumulators
 #else
 constexpr int kTileM = 2;  // 16 ymm registers only
 #endif
