@@ -129,7 +129,17 @@ def _cpu(x, packed, scale, bias, act_bits):
     return y.to(x.dtype)
 
 
-@backends.register("ternary_linear", "cuda", check=_kernel_check, kernel="ternary_linear_cuda")
+CUDA_MAX_M = 16  # the CUDA C++ kernel is a GEMV; larger M goes to the Triton GEMM
+
+
+def _cuda_check(x, packed, scale, bias, act_bits):
+    r = _kernel_check(x, packed, scale, bias, act_bits)
+    if r is None and x.shape[0] > CUDA_MAX_M:
+        return f"cuda kernel is a GEMV for M <= {CUDA_MAX_M} rows, got M={x.shape[0]}"
+    return r
+
+
+@backends.register("ternary_linear", "cuda", check=_cuda_check, kernel="ternary_linear_cuda")
 def _cuda(x, packed, scale, bias, act_bits):
     N = packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
@@ -197,6 +207,9 @@ def ternary_linear(x: torch.Tensor, packed_weight: torch.Tensor, scale: torch.Te
     x2 = x.reshape(-1, K)
     ab = act_bits or 0
     sw = scale.reshape(-1)
-    backend = backends.explain("ternary_linear", x2, packed_weight, sw, bias, ab).backend
+    # Eager: choose now, so a forced backend that cannot run fails early. Under
+    # torch.compile the choice happens inside the op at run time ("" = auto).
+    backend = "" if torch.compiler.is_compiling() else backends.explain(
+        "ternary_linear", x2, packed_weight, sw, bias, ab).backend
     y = _ternary_linear(x2, packed_weight, sw, bias, ab, backend)
     return y.reshape(*x.shape[:-1], N)

@@ -135,7 +135,7 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Unpack uint8 ``[N, 16 * ceil(in_features / 64)]`` into int8 codes ``[N, in_features]``."""
     _checks.tensor("packed", packed, dtypes=(torch.uint8,), ndim=2)
-    if not isinstance(in_features, int) or in_features < 1:
+    if not isinstance(in_features, (int, torch.SymInt)) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     if packed.shape[1] != packed_columns(in_features):
         raise ValueError(f"packed must have 16 * ceil(in_features / 64) = {packed_columns(in_features)} columns "
