@@ -48,6 +48,22 @@ def test_cpu_int8_exact(isa, M, N, K):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64)])
+def test_cpu_int8_amx_and_vnni_gemm(monkeypatch, amx, M, N, K):
+    """M >= 64 takes the AMX tile path where the CPU has AMX (KDFAST_TERNARY_AMX=0 forces VNNI)."""
+    if amx == "1" and not torch.ops.kdfast_C.ternary_amx_available():
+        pytest.skip("this CPU has no AMX-INT8 (the VNNI case still runs)")
+    monkeypatch.setenv("KDFAST_TERNARY_AMX", amx)
+    x, p, scale, bias, codes = make(M, N, K, seed=M + N)
+    q, sx = quantize_activations(x)
+    acc = torch.ops.kdfast_C.ternary_matmul_i8_acc(q, p, K)
+    assert torch.equal(acc.long(), q.long() @ codes.long().T)
+    y = torch.ops.kdfast_C.ternary_linear_w2a8(x, p, scale, bias, K)
+    assert torch.equal(y, ternary_linear_reference(x, p, scale, bias, act_bits=8))
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_cpu_float_vs_oracle(isa, M, N, K):
