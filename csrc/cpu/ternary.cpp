@@ -59,13 +59,14 @@ constexpr int kTileM = 4;
 KDFAST_INLINE int code_at(const uint8_t* w, int64_t k) {
   return (w[(k >> 6) * 16 + (k & 15)] >> (2 * ((k >> 4) & 3))) & 3;
 }
-template <int MR>
-void int_rows_inreg(const uint8_t* w, const int8_t* x, int64_t Kp, int64_t, int32_t* out) {
-  for (int m = 0; m < MR; ++m) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < Kp; ++k) s += code_at(w, k) * x[m * Kp + k];
-    out[m] = s;
-  }
+template <int MR, int NR = 1>
+void int_rows_inreg(const uint8_t* w, int64_t rowb, const int8_t* x, int64_t Kp, int64_t, int32_t* out) {
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < Kp; ++k) s += code_at(w + r * rowb, k) * x[m * Kp + k];
+      out[r * MR + m] = s;
+    }
 }
 template <int MR>
 void int_tile(const uint8_t* codes, const int8_t* x, int64_t Kp, int32_t* out) {
@@ -79,13 +80,14 @@ void int_tile(const uint8_t* codes, const int8_t* x, int64_t Kp, int32_t* out) {
 inline void unpack_codes_row(const uint8_t* w, int64_t KB, uint8_t* dst) {
   for (int64_t k = 0; k < KB * 64; ++k) dst[k] = static_cast<uint8_t>(code_at(w, k));
 }
-template <int MR>
-void f_rows_inreg(const uint8_t* w, const float* x, int64_t Kp, int64_t, float* out) {
-  for (int m = 0; m < MR; ++m) {
-    float s = 0.f;
-    for (int64_t k = 0; k < Kp; ++k) s += static_cast<float>(code_at(w, k) - 1) * x[m * Kp + k];
-    out[m] = s;
-  }
+template <int MR, int NR = 1>
+void f_rows_inreg(const uint8_t* w, int64_t rowb, const float* x, int64_t Kp, int64_t, float* out) {
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < Kp; ++k) s += static_cast<float>(code_at(w + r * rowb, k) - 1) * x[m * Kp + k];
+      out[r * MR + m] = s;
+    }
 }
 template <int MR>
 void f_tile(const float* wbuf, const float* x, int64_t Kp, float* out) {

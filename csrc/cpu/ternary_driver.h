@@ -42,9 +42,17 @@ KDFAST_INLINE void by_rows(int64_t mr, Fn&& fn) {
 void int_range(const IntArgs& a, int64_t n0, int64_t n1) {
   const int64_t Kp = a.KB * 64, rowb = a.KB * 16;
   if (a.M <= 4) {
-    int32_t out[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      by_rows(a.M, [&](auto mr) { int_rows_inreg<decltype(mr)::value>(a.w + n * rowb, a.x, Kp, a.KB, out); });
+    int32_t out[4 * 6];  // sized for every by_rows instantiation
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      by_rows(a.M, [&](auto mr) {
+        int_rows_inreg<decltype(mr)::value, 4>(a.w + n * rowb, rowb, a.x, Kp, a.KB, out);
+      });
+      for (int r = 0; r < 4; ++r)
+        for (int64_t m = 0; m < a.M; ++m) int_store(a, m, n + r, out[r * a.M + m]);
+    }
+    for (; n < n1; ++n) {
+      by_rows(a.M, [&](auto mr) { int_rows_inreg<decltype(mr)::value>(a.w + n * rowb, rowb, a.x, Kp, a.KB, out); });
       for (int64_t m = 0; m < a.M; ++m) int_store(a, m, n, out[m]);
     }
     return;
@@ -72,9 +80,17 @@ void int_range(const IntArgs& a, int64_t n0, int64_t n1) {
 void f_range(const FArgs& a, int64_t n0, int64_t n1) {
   const int64_t Kp = a.KB * 64, rowb = a.KB * 16;
   if (a.M <= 4) {
-    float out[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      by_rows(a.M, [&](auto mr) { f_rows_inreg<decltype(mr)::value>(a.w + n * rowb, a.x, Kp, a.KB, out); });
+    float out[4 * 6];
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      by_rows(a.M, [&](auto mr) {
+        f_rows_inreg<decltype(mr)::value, 4>(a.w + n * rowb, rowb, a.x, Kp, a.KB, out);
+      });
+      for (int r = 0; r < 4; ++r)
+        for (int64_t m = 0; m < a.M; ++m) f_store(a, m, n + r, out[r * a.M + m]);
+    }
+    for (; n < n1; ++n) {
+      by_rows(a.M, [&](auto mr) { f_rows_inreg<decltype(mr)::value>(a.w + n * rowb, rowb, a.x, Kp, a.KB, out); });
       for (int64_t m = 0; m < a.M; ++m) f_store(a, m, n, out[m]);
     }
     return;
