@@ -220,6 +220,23 @@ void check_vec(const at::Tensor& v, int64_t n, const char* name, const char* op)
               name, " must be a float32 CPU vector of length ", n, ", got ", v.scalar_type(), " ", v.sizes());
 }
 
+// Output-feature blocks over OpenMP threads with a dynamic schedule: on a
+// loaded machine a thread that is descheduled holds up only its current
+// chunk, where a static split (at::parallel_for) waits for its whole share.
+// Chunks carry at least ~2^20 multiply-adds; small problems run inline.
+template <typename F>
+void parallel_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, macs_per_block));
+  const int64_t nchunks = (nblocks + chunk - 1) / chunk;
+  const int threads = at::get_num_threads();
+  if (nchunks <= 1 || threads <= 1 || at::in_parallel_region()) {
+    f(0, nblocks);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < nchunks; ++c) f(c * chunk, std::min(nblocks, (c + 1) * chunk));
+}
+
 void run_int(IntArgs& a, const Paths& p) {
 #if KDFAST_HAVE_X86_PATHS
   if (a.M >= kAmxMinRows && amx_enabled()) {
@@ -229,14 +246,14 @@ void run_int(IntArgs& a, const Paths& p) {
     at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) { amx::make_xu(a.x, m0, m1, Kp, K, xu.data()); });
     amx::AmxArgs t{xu.data(), Mp, K};
     const int64_t nblocks = (a.N + amx::kTileN - 1) / amx::kTileN;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    parallel_blocks(nblocks, amx::kTileN * Kp * a.M, [&](int64_t b, int64_t e) {
       amx::int_range(a, t, b * amx::kTileN, std::min(a.N, e * amx::kTileN));
     });
     return;
   }
 #endif
   const int64_t nblocks = (a.N + p.tile_n - 1) / p.tile_n;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+  parallel_blocks(nblocks, p.tile_n * a.KB * 64 * a.M, [&](int64_t b, int64_t e) {
     p.int_range(a, b * p.tile_n, std::min(a.N, e * p.tile_n));
   });
 }
@@ -338,7 +355,7 @@ at::Tensor ternary_linear_f32(const at::Tensor& x_in, const at::Tensor& packed, 
   FArgs a{xp.data(), M, KB, N, w.data_ptr<uint8_t>(), out.data_ptr<float>(), sw.data_ptr<float>(),
           bc.defined() ? bc.data_ptr<float>() : nullptr};
   const int64_t nblocks = (N + p.tile_n - 1) / p.tile_n;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+  parallel_blocks(nblocks, p.tile_n * Kp * M, [&](int64_t b, int64_t e) {
     p.f_range(a, b * p.tile_n, std::min(N, e * p.tile_n));
   });
   return out;
