@@ -92,7 +92,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     b = Bench("ternary")
-    print(f"device: {b.dev_name}; kdfast CPU path: {cpu_isa.current_isa()}", flush=True)
+    amx = torch.ops.kdfast_C.ternary_amx_available() if hasattr(torch.ops.kdfast_C, "ternary_amx_available") else False
+    load = os.getloadavg()[0]
+    print(f"device: {b.dev_name}; kdfast CPU path: {cpu_isa.current_isa()}{' + AMX-INT8 (M >= 64)' if amx else ''}; "
+          f"load average {load:.1f} on {os.cpu_count()} cores", flush=True)
+    if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        print("  note: the machine is oversubscribed; multi-threaded timings will be dominated by scheduler "
+              "ticks. --threads 1 gives comparable numbers.", flush=True)
     if args.full:
         plan = [(K, N, M) for (K, N) in BERT + LLM for M in (1, 16, 384)]
     else:
