@@ -80,3 +80,24 @@ def test_errors(tmp_path):
     torch.save({"x": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a kdfast ternary checkpoint"):
         load_quantized(Tiny(), tmp_path / "bad.pt")
+
+
+def test_hf_bert_qa_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(cfg).eval()
+    ids = torch.randint(0, 100, (2, 11))
+    quantize(model, act_bits=8)
+    assert type(model.qa_outputs) is nn.Linear
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, TernaryLinear)
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    save_quantized(model, tmp_path / "qa.pt")
+    fresh = transformers.BertForQuestionAnswering(cfg).eval()
+    load_quantized(fresh, tmp_path / "qa.pt")
+    with torch.no_grad():
+        again = fresh(input_ids=ids)
+    torch.testing.assert_close(again.start_logits, out.start_logits)
+    torch.testing.assert_close(again.end_logits, out.end_logits)
