@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (import nothing above kdfast.kernels)."""
