@@ -87,7 +87,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="all shapes x M in {1, 16, 384}")
     ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15, help="timed repetitions per provider (3 for the largest shapes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +104,7 @@ def main():
     else:
         plan = [(K, N, 384) for (K, N) in BERT] + [(768, 768, 1), (4096, 11008, 1), (4096, 11008, 16)]
     for K, N, M in plan:
-        reps = args.reps if K * N * M < 2e9 else 3
+        reps = args.reps if K * N * M < 2e8 else (7 if K * N * M < 2e9 else 3)
         print(f"  {K}x{N} M={M}", flush=True)
         bench_shape(b, K, N, M, reps)
     b.table(ours=OURS)
