@@ -117,6 +117,9 @@ KDFAST_INLINE void int_rows_inreg(const uint8_t* w, int64_t rowb, const int8_t* 
       ivec xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = iload(x + m * Kp + b * 64 + h * kVecBytes);
       for (int r = 0; r < NR; ++r) {
+        // The next group of NR rows, one cache line per 4 blocks: overlaps the
+        // weight stream with the dot products (the stream is the M = 1 bound).
+        if (NR > 1 && h == 0 && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * rowb + b * 16), _MM_HINT_T0);
         ivec c = unpack_codes(w + r * rowb + b * 16, h);
         for (int m = 0; m < MR; ++m) acc[r][m] = dot_codes(acc[r][m], c, xv[m]);
       }
@@ -161,6 +164,7 @@ KDFAST_INLINE void f_rows_inreg(const uint8_t* w, int64_t rowb, const float* x, 
       fvec xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = fload(x + m * Kp + b * 64 + j * kFloats);
       for (int r = 0; r < NR; ++r) {
+        if (NR > 1 && j == 0 && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * rowb + b * 16), _MM_HINT_T0);
         fvec wv = unpack_weights(w + r * rowb + b * 16, j);
         for (int m = 0; m < MR; ++m) acc[r][m] = ffma(wv, xv[m], acc[r][m]);
       }
