@@ -4,6 +4,7 @@ from kdfast.nn.qa_kd_loss import QAKDLoss
 from kdfast.nn.fused_linear_kd_loss import FusedLinearKDLoss
 from kdfast.nn.layer_kd import LayerKD, layer_mapping
 from kdfast.nn.gates import HardConcreteGate, SparsityController
+from kdfast.nn.ternary_linear import TernaryLinear
 
 __all__ = ["KDLoss", "QAKDLoss", "FusedLinearKDLoss", "LayerKD", "layer_mapping", "HardConcreteGate",
-           "SparsityController"]
+           "SparsityController", "TernaryLinear"]

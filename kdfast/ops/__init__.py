@@ -13,6 +13,9 @@ from kdfast.ops.attention_score_mse import attention_score_mse, attention_score_
 from kdfast.ops.attention_kl import attention_kl, attention_kl_reference
 # Pruned attention
 from kdfast.ops.attention import attention, attention_reference
+# Ternary weights
+from kdfast.ops.ternary_quant import dequantize_ternary, pack_ternary, quantize_activations, ternarize, unpack_ternary
+from kdfast.ops.ternary_linear import ternary_linear, ternary_linear_reference
 
 __all__ = [
     "kd_loss", "kd_loss_reference", "qa_kd_loss", "qa_kd_loss_reference", "fused_linear_kd_loss",
@@ -20,4 +23,6 @@ __all__ = [
     "hidden_mse", "hidden_cosine", "hidden_loss_reference", "attention_score_mse", "attention_score_mse_reference",
     "attention_kl", "attention_kl_reference",
     "attention", "attention_reference",
+    "ternarize", "pack_ternary", "unpack_ternary", "dequantize_ternary", "quantize_activations", "ternary_linear",
+    "ternary_linear_reference",
 ]

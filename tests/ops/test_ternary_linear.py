@@ -1,0 +1,177 @@
+"""ternary_linear: CPU kernels on every ISA path, dispatch, autograd, opcheck, compile, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import cpu_isa
+from kdfast.ops import pack_ternary, quantize_activations, ternarize, ternary_linear
+from kdfast.ops.ternary_linear import _ternary_linear, ternary_int_acc_reference, ternary_linear_reference
+from tests.numerics import assert_close_to_oracle
+
+SHAPES = [(1, 5, 7), (3, 9, 769), (4, 13, 130), (5, 4, 1), (7, 33, 64), (17, 6, 200), (100, 31, 3072)]
+
+
+def _isas():
+    try:
+        return cpu_isa.available_isas()
+    except RuntimeError:
+        return ["scalar"]
+
+
+def make(M, N, K, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    codes, scale = ternarize(w)
+    x = (torch.randn(M, K, generator=g) * 10).to(dtype)
+    bias = torch.randn(N, generator=g)
+    return x, pack_ternary(codes), scale, bias, codes
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_cpu_int8_exact(isa, M, N, K):
+    x, p, scale, bias, codes = make(M, N, K, seed=M * 7 + K)
+    q, sx = quantize_activations(x)
+    with cpu_isa.use_cpu_isa(isa):
+        acc = torch.ops.kdfast_C.ternary_matmul_i8_acc(q, p, K)
+        q2, sx2 = torch.ops.kdfast_C.quantize_act_i8(x)
+        y_fused = torch.ops.kdfast_C.ternary_linear_w2a8(x, p, scale, bias, K)
+        y_i8 = torch.ops.kdfast_C.ternary_linear_i8(q, sx, p, scale, None, K)
+    # integer sums are exact; int64 oracle
+    assert torch.equal(acc.long(), q.long() @ codes.long().T)
+    assert torch.equal(q2, q) and torch.equal(sx2, sx)
+    # the float epilogue ((acc * sx) * scale) + bias is bitwise the reference's
+    assert torch.equal(y_fused, ternary_linear_reference(x, p, scale, bias, act_bits=8))
+    assert torch.equal(y_i8, (acc.float() * sx[:, None]) * scale[None, :])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64)])
+def test_cpu_int8_amx_and_vnni_gemm(monkeypatch, amx, M, N, K):
+    """M >= 64 takes the AMX tile path where the CPU has AMX (KDFAST_TERNARY_AMX=0 forces VNNI)."""
+    if amx == "1" and not torch.ops.kdfast_C.ternary_amx_available():
+        pytest.skip("this CPU has no AMX-INT8 (the VNNI case still runs)")
+    monkeypatch.setenv("KDFAST_TERNARY_AMX", amx)
+    x, p, scale, bias, codes = make(M, N, K, seed=M + N)
+    q, sx = quantize_activations(x)
+    acc = torch.ops.kdfast_C.ternary_matmul_i8_acc(q, p, K)
+    assert torch.equal(acc.long(), q.long() @ codes.long().T)
+    y = torch.ops.kdfast_C.ternary_linear_w2a8(x, p, scale, bias, K)
+    assert torch.equal(y, ternary_linear_reference(x, p, scale, bias, act_bits=8))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_cpu_float_vs_oracle(isa, M, N, K):
+    x, p, scale, bias, _ = make(M, N, K, seed=M + K)
+    with cpu_isa.use_cpu_isa(isa):
+        y = torch.ops.kdfast_C.ternary_linear_f32(x, p, scale, bias, K)
+    oracle = ternary_linear_reference(x.double(), p, scale, bias)
+    torch_ref = ternary_linear_reference(x, p, scale, bias)
+    assert_close_to_oracle(y, oracle, torch_ref, torch.float32)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_public_op_cpu(dtype, act_bits):
+    x, p, scale, bias, _ = make(6, 11, 97, dtype=dtype)
+    x3 = x.reshape(2, 3, 97)
+    assert kdfast.explain("ternary_linear", x, p, scale, bias, act_bits or 0).backend == "cpu"
+    y = ternary_linear(x3, p, scale, bias, act_bits=act_bits)
+    assert y.shape == (2, 3, 11) and y.dtype == dtype
+    if act_bits == 8:
+        ref = ternary_linear_reference(x.float(), p, scale, bias, act_bits=8).to(dtype)
+        assert torch.equal(y.reshape(6, 11), ref)
+    else:
+        oracle = ternary_linear_reference(x.double(), p, scale, bias)
+        assert_close_to_oracle(y.reshape(6, 11), oracle, ternary_linear_reference(x, p, scale, bias), dtype)
+
+
+def test_reference_backend_and_noncontiguous():
+    x, p, scale, bias, _ = make(8, 10, 150)
+    xt = torch.randn(150, 8).T * 10  # non-contiguous
+    with kdfast.use_backend("reference"):
+        y = ternary_linear(xt, p, scale, bias)
+    torch.testing.assert_close(y, ternary_linear(xt.contiguous(), p, scale, bias), rtol=1e-5, atol=1e-4)
+    # tensor-granularity scale [1]
+    y1 = ternary_linear(x, p, scale[:1], None)
+    torch.testing.assert_close(y1, ternary_linear(x, p, scale[:1].expand(10).contiguous(), None))
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_autograd(act_bits):
+    x, p, scale, bias, codes = make(5, 7, 70)
+    x = x.requires_grad_()
+    b = bias.clone().requires_grad_()
+    g = torch.randn(5, 7)
+    (ternary_linear(x, p, scale, b, act_bits=act_bits) * g).sum().backward()
+    w = codes.float() * scale[:, None]
+    # straight-through: the gradient of x @ W^T + b, also for act_bits=8
+    torch.testing.assert_close(x.grad, g @ w)
+    torch.testing.assert_close(b.grad, g.sum(0))
+
+
+def test_opcheck():
+    x, p, scale, bias, _ = make(3, 5, 70)
+    for ab in (0, 8):
+        backend = kdfast.explain("ternary_linear", x, p, scale, bias, ab).backend
+        torch.library.opcheck(_ternary_linear, (x.requires_grad_(), p, scale, bias, ab, backend))
+        torch.library.opcheck(_ternary_linear, (x.detach(), p, scale, None, ab, "reference"))
+
+
+def test_torch_compile_fullgraph():
+    x, p, scale, bias, _ = make(4, 9, 100)
+    f = torch.compile(lambda x: ternary_linear(x, p, scale, bias, act_bits=8), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), ternary_linear(x, p, scale, bias, act_bits=8))
+
+
+def test_errors():
+    x, p, scale, bias, _ = make(2, 4, 70)
+    with pytest.raises(TypeError, match="packed_weight must have dtype"):
+        ternary_linear(x, p.to(torch.int8), scale)
+    with pytest.raises(ValueError, match=r"16 \* ceil\(K / 64\)"):
+        ternary_linear(x[:, :60], p, scale)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ternary_linear(x.long(), p, scale)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        ternary_linear(x, p, scale[:3])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ternary_linear(x, p, scale, bias[:2])
+    with pytest.raises(ValueError, match="act_bits"):
+        ternary_linear(x, p, scale, act_bits=4)
+    with pytest.raises(ValueError, match="one device"):
+        ternary_linear(x, p.to("meta"), scale)
+    with pytest.raises(kdfast.BackendUnavailable, match="cuda"):
+        with kdfast.use_backend("cuda"):
+            ternary_linear(x, p, scale)
+
+
+@pytest.mark.cpu
+def test_cpu_kernel_guards():
+    x, p, scale, bias, _ = make(2, 4, 70)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.kdfast_C.ternary_linear_f32(torch.randn(2, 200), p, scale, None, 200)
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.kdfast_C.ternary_linear_f32(x, p.float(), scale, None, 70)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.kdfast_C.ternary_linear_w2a8(x, p, scale[:2], None, 70)
+
+
+def test_int_acc_reference_large_k_is_exact():
+    g = torch.Generator().manual_seed(1)
+    K = 140000  # 127 * K > 2^24: the reference switches to float64
+    q = torch.randint(-127, 128, (2, K), generator=g, dtype=torch.int8)
+    codes = torch.randint(-1, 2, (3, K), generator=g, dtype=torch.int8)
+    acc = ternary_int_acc_reference(q, pack_ternary(codes), K)
+    assert torch.equal(acc.long(), q.long() @ codes.long().T)
+
+
+def test_matches_f_linear():
+    x, p, scale, bias, codes = make(9, 12, 300)
+    w = codes.float() * scale[:, None]
+    torch.testing.assert_close(ternary_linear(x, p, scale, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
