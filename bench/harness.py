@@ -73,6 +73,18 @@ class _RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
+def _malloc_for_measuring(on: bool):
+    """glibc only: mmap blocks >= 128 KiB while measuring (exact RSS), 32 MiB otherwise."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024 if on else 32 * 1024 * 1024)
+    libc.malloc_trim(0)
+
+
 def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0):
     """Run fn() warmup times, then reps times; returns times (s) p20/p50/p80 and peak extra memory (bytes)."""
     cuda = device.startswith("cuda")
@@ -105,8 +117,14 @@ def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with _RssSampler() as s:
-            fn()
+        # glibc keeps freed heap memory, so RSS would miss what a call allocates. For the
+        # memory run only, large blocks are mmap'd (returned to the OS on free).
+        _malloc_for_measuring(True)
+        try:
+            with _RssSampler() as s:
+                fn()
+        finally:
+            _malloc_for_measuring(False)
         peak = max(0, s.peak - s.base)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
     return {"p20": q[1], "p50": statistics.median(times), "p80": q[7], "peak_bytes": peak}

@@ -25,6 +25,7 @@ FAMILIES = {
     "fused_linear_kd": ["--quick"],
     "layer_kd": ["--quick"],
     "pruning": ["--quick"],
+    "ternary": ["--quick"],
 }
 
 

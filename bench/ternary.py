@@ -83,12 +83,17 @@ def encoder_sizes():
     return fp32, tern
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="all shapes x M in {1, 16, 384}")
     ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per provider (3 for the largest shapes)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="768x3072 M=384 and 4096x11008 M=1 only (make demo)")
+    ap.add_argument("--device", default="cpu", help="only cpu is measured by this script so far")
+    args = ap.parse_args(argv)
+    if args.device != "cpu":
+        print(f"bench/ternary.py measures CPU kernels only; --device {args.device} is not supported yet")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     b = Bench("ternary")
@@ -99,7 +104,9 @@ def main():
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("  note: the machine is oversubscribed; multi-threaded timings will be dominated by scheduler "
               "ticks. --threads 1 gives comparable numbers.", flush=True)
-    if args.full:
+    if args.quick:
+        plan = [(768, 3072, 384), (4096, 11008, 1)]
+    elif args.full:
         plan = [(K, N, M) for (K, N) in BERT + LLM for M in (1, 16, 384)]
     else:
         plan = [(K, N, 384) for (K, N) in BERT] + [(768, 768, 1), (4096, 11008, 1), (4096, 11008, 16)]
