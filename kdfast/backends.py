@@ -242,6 +242,18 @@ def explain(op: str, *args, **kwargs) -> Choice:
     return Choice(op, chosen, rejected=rejected)
 
 
+def choose(op: str, *args, **kwargs) -> str:
+    """The backend explain() would pick, without collecting every rejection reason (hot path)."""
+    forced, _ = forced_backend(op)
+    if forced is not None:
+        return explain(op, *args, **kwargs).backend  # raises with the reason if it cannot run
+    device = _device_of(args, kwargs)
+    for b in _auto_order(op, device):
+        if _reason(op, b, device, args, kwargs) is None:
+            return b
+    return "reference"
+
+
 def plan(op: str, device: str | torch.device) -> Choice:
     """Like explain() without inputs: what would run on ``device`` for typical inputs."""
     device = torch.device(device)
@@ -258,7 +270,7 @@ def plan(op: str, device: str | torch.device) -> Choice:
 def run(op: str, *args, backend: str | None = None, **kwargs) -> Any:
     """Run ``op`` on the chosen backend (or on ``backend`` when given; it must be able to run)."""
     if backend is None:
-        backend = explain(op, *args, **kwargs).backend
+        backend = choose(op, *args, **kwargs)
     else:
         r = _reason(op, _check_name(backend, "run"), _device_of(args, kwargs), args, kwargs)
         if r is not None:

@@ -306,14 +306,37 @@ def _rows_2d(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+class _KDRowsEager(torch.autograd.Function):
+    """Eager twin of the kdfast::kd_loss_fwd custom op: the same backend calls and
+    backward, without the custom-op dispatch layers (~100 us per call, which is
+    most of the cost at QA shapes like [64, 384])."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, *args):
+        rows, stats = backends.run("kd_loss_fwd", student, teacher, labels, *args[:-1], backend=args[-1])
+        ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.args = args
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        student, teacher, labels, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = backends.run("kd_loss_bwd", student, teacher, labels, stats, grad_rows.contiguous().to(stats.dtype),
+                                *ctx.args[:-1], backend=ctx.args[-1])
+        return (grad,) + (None,) * (2 + len(ctx.args))
+
+
 def kd_rows(student, teacher, labels, *, temperature, divergence, beta, ignore_index, compute_hard):
     """Per-row (soft, hard) terms [N, 2] float32 through the fastest backend, with autograd."""
-    # Eager: choose here so forward and backward surely use one backend. Under
-    # torch.compile the op body chooses at run time (same rules, opaque to the tracer).
-    backend = "" if torch.compiler.is_compiling() else backends.explain("kd_loss", student, teacher).backend
-    rows, _ = _kd_fwd(_rows_2d(student), _rows_2d(teacher), labels, float(temperature), _DIV_CODE[divergence],
-                      float(beta), int(ignore_index), bool(compute_hard), backend)
-    return rows
+    args = (float(temperature), _DIV_CODE[divergence], float(beta), int(ignore_index), bool(compute_hard))
+    s, t = _rows_2d(student), _rows_2d(teacher)
+    if torch.compiler.is_compiling():
+        # The op body chooses at run time (same rules, opaque to the tracer).
+        return _kd_fwd(s, t, labels, *args, "")[0]
+    # Eager: choose once so forward and backward surely use one backend.
+    return _KDRowsEager.apply(s, t, labels, *args, backends.choose("kd_loss", s, t))
 
 
 def validate_labels(labels, n, V, ignore_index, name="labels"):
