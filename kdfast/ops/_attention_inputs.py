@@ -67,3 +67,45 @@ def scaled_unit_grad(unit: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) ->
             and not unit.requires_grad:
         return unit.mul_(g)
     return (g * unit).to(dtype)
+
+
+def fake_pair_loss(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
+    """Fake impl shared by the attention-map loss ops: per-(b, h) loss and two unit gradients."""
+    B, H, L, D = q_s.shape
+    loss = q_s.new_empty((B, H), dtype=torch.float32)
+    g = (B, H, L, D) if compute_grad else (0,)
+    return loss, q_s.new_empty(g, dtype=torch.float32), q_s.new_empty(g, dtype=torch.float32)
+
+
+def register_unit_grad_autograd(op, name: str):
+    """Autograd of an op returning (loss [B, H], d(sum loss)/dq_s, d(sum loss)/dk_s).
+
+    The forward already wrote the "unit" gradients; the backward only scales
+    them by grad_output, in place for float32 inputs, so a step's peak holds one
+    gradient buffer per input instead of two. The teacher gets no gradient.
+    """
+
+    def setup_context(ctx, inputs, output):
+        q_s, k_s = inputs[0], inputs[1]
+        ctx.mark_non_differentiable(output[1], output[2])
+        # Attributes, not saved tensors: the backward consumes them in place.
+        ctx.units = [output[1], output[2]]
+        ctx.dtypes = (q_s.dtype, k_s.dtype)
+        ctx.compute_grad = inputs[7]
+
+    def backward(ctx, grad_bh, _g1, _g2):
+        if ctx.units is None:
+            raise RuntimeError(f"kdfast {name}: backward ran twice through the same loss (retain_graph=True); "
+                               "recompute the loss for a second backward")
+        dq_unit, dk_unit = ctx.units
+        ctx.units = None
+        dq = dk = None
+        if ctx.compute_grad:
+            g = grad_bh.float()[:, :, None, None]
+            if ctx.needs_input_grad[0]:
+                dq = scaled_unit_grad(dq_unit, g, ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                dk = scaled_unit_grad(dk_unit, g, ctx.dtypes[1])
+        return dq, dk, None, None, None, None, None, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)

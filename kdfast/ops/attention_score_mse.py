@@ -28,7 +28,6 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _attention_inputs as _inputs
-from kdfast.ops._attention_inputs import scaled_unit_grad as _scaled
 
 OP = "attention_score_mse"
 
@@ -60,42 +59,8 @@ def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Ten
     return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend or None)
 
 
-@_fwd.register_fake
-def _(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
-    B, H, L, D = q_s.shape
-    loss = q_s.new_empty((B, H), dtype=torch.float32)
-    g = (B, H, L, D) if compute_grad else (0,)
-    return loss, q_s.new_empty(g, dtype=torch.float32), q_s.new_empty(g, dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    q_s, k_s = inputs[0], inputs[1]
-    ctx.mark_non_differentiable(output[1], output[2])
-    # Kept as attributes, not saved tensors: the backward scales them in place (float32 inputs),
-    # so the step's peak holds one gradient buffer per input instead of two.
-    ctx.units = [output[1], output[2]]
-    ctx.dtypes = (q_s.dtype, k_s.dtype)
-    ctx.compute_grad = inputs[7]
-
-
-def _backward(ctx, grad_bh, _g1, _g2):
-    if ctx.units is None:
-        raise RuntimeError(f"kdfast {OP}: backward ran twice through the same loss (retain_graph=True); "
-                           "recompute the loss for a second backward")
-    dq_unit, dk_unit = ctx.units
-    ctx.units = None
-    dq = dk = None
-    if ctx.compute_grad:
-        g = grad_bh.float()[:, :, None, None]
-        if ctx.needs_input_grad[0]:
-            dq = _scaled(dq_unit, g, ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            dk = _scaled(dk_unit, g, ctx.dtypes[1])
-    # The teacher is a constant in distillation: q_t and k_t get no gradient.
-    return dq, dk, None, None, None, None, None, None, None
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_fake(_inputs.fake_pair_loss)
+_inputs.register_unit_grad_autograd(_fwd, OP)
 
 
 @backends.register(OP, "reference")
