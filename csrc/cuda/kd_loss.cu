@@ -10,6 +10,7 @@
 // float16 (any mix) are template parameters, 4 columns per access when the
 // rows are aligned; math is float32.
 // Contract: csrc/cuda/kd_loss.cuh and kdfast/ops/kd_loss.py.
+#include "cuda/float_convert.cuh"
 #include "cuda/kd_loss.cuh"
 
 #include <cuda_bf16.h>
@@ -21,24 +22,6 @@ namespace {
 
 constexpr float kInf = __builtin_huge_valf();
 constexpr int kMaxWarps = 32;
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // Centre of a side whose max is m: 0 for a fully masked side, so exp(x - c) stays 0, never NaN.
 __device__ __forceinline__ float safe(float m) { return m == -kInf ? 0.f : m; }
