@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.kernels.triton_compile_cases import CASES, MODULES, SHARED_LIMIT
+from tests.kernels.triton_compile_cases import CASES, GRID_LIMIT, MODULES, SHARED_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,6 +59,7 @@ def test_kernel_compiles(compiled, name):
         limit = SHARED_LIMIT[r["cc"]]
         assert r["shared"] < limit, (f"{name}: {r['kernel']} needs {r['shared']} bytes of shared memory, over the "
                                      f"{limit} of sm_{r['cc']} (meta {r['meta']})")
+        assert all(0 < g <= lim for g, lim in zip(r["grid"], GRID_LIMIT)), f"{name}: {r['kernel']} grid {r['grid']}"
 
 
 def test_every_jit_function_is_compiled(compiled):

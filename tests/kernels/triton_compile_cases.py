@@ -28,6 +28,8 @@ import torch
 MODULES = ("kd_loss", "ternary", "attention", "layer_kd")
 # Per-block shared memory a launch may use (bytes): H100/H200 (sm_90) 227 KiB opt-in, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {90: 228 * 1024, 80: 164 * 1024}
+# CUDA grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
+GRID_LIMIT = (2**31 - 1, 65535, 65535)
 META = torch.device("meta")
 
 
@@ -109,13 +111,13 @@ def _attn(m, dtype, D, L=512, mask=False, gates=False, active=False, bs=None, zp
 
 
 case("attention", "bf16_d64")(lambda m: _attn(m, torch.bfloat16, 64))
-case("attention", "bf16_d128_mask_gates_active_zpq_ungated")(
+case("attention", "bf16_d128_mask_gates_active_zpq_ungated", BOTH)(
     lambda m: _attn(m, torch.bfloat16, 128, mask=True, gates=True, active=True, zpq=True, keep_ungated=True))
 case("attention", "fp16_d80_blockmask64")(lambda m: _attn(m, torch.float16, 80, mask=True, bs=64))
 case("attention", "fp32_d64_mask")(lambda m: _attn(m, torch.float32, 64, mask=True, gates=True, keep_ungated=True))
 case("attention", "bf16_d128_blockmask128")(lambda m: _attn(m, torch.bfloat16, 128, bs=128))
 case("attention", "bf16_d256_blockmask128")(lambda m: _attn(m, torch.bfloat16, 256, bs=128))
-case("attention", "fp32_d128_blockmask128")(lambda m: _attn(m, torch.float32, 128, bs=128))
+case("attention", "fp32_d128_blockmask128", BOTH)(lambda m: _attn(m, torch.float32, 128, bs=128))
 
 
 # layer_kd: attention_kl / attention_score_mse on [B, H, L, D] q, k (any float dtype, student and teacher may
@@ -127,13 +129,13 @@ def _qk(B, H, L, Ds, Dt, ds, dt):
 case("layer_kd", "attention_kl_bf16_fp16_L384_d64_d128")(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 384, 64, 128, torch.bfloat16, torch.float16), _t(2, 384), 0.125,
                                  0.088, True))
-case("layer_kd", "attention_kl_fp32_L512_d128_d128")(
+case("layer_kd", "attention_kl_fp32_L512_d128_d128", BOTH)(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 512, 128, 128, torch.float32, torch.float32), _t(2, 512), 0.088,
                                  0.088, True))
 case("layer_kd", "attention_score_mse_bf16_fp32_L97_d48_d64")(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 97, 48, 64, torch.bfloat16, torch.float32), _t(2, 97), 0.14,
                                         0.125, True))
-case("layer_kd", "attention_score_mse_fp32_L512_d64_d128")(
+case("layer_kd", "attention_score_mse_fp32_L512_d64_d128", BOTH)(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 512, 64, 128, torch.float32, torch.float32), _t(2, 512),
                                         0.125, 0.088, True))
 for _kind in (0, 1):
