@@ -240,6 +240,13 @@ def _tile(bm, bs) -> int:
     return min(_TILE, bs) if bm is not None else _TILE
 
 
+def _warps(ieee: bool, block_d: int) -> int:
+    """8 warps for fp32 (IEEE, FMA) dots and 256-wide heads: with 4, ptxas spills on sm_90
+    (fp32 D=128 forward 524 B, backward dK/dV 1568 B; bf16 D=256 dK/dV 1492 B), with 8 the
+    spills go or shrink to <= 224 B (tests/kernels/test_triton_compile.py prints them)."""
+    return 8 if ieee or block_d >= 256 else 4
+
+
 def _prep(q, k, v, mask, active, bm):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -286,7 +293,7 @@ def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queri
         HAS_BMASK=bm is not None, ZERO_PAD_Q=bool(zero_padded_queries and mask is not None),
         KEEP_UNGATED=bool(keep_ungated), IEEE=_ieee(q),
         LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        BS=bs if bm is not None else BM)
+        BS=bs if bm is not None else BM, num_warps=_warps(_ieee(q), BD))
     return out, lse, ung
 
 
@@ -317,7 +324,8 @@ def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs,
     dummy = lse_b
     common = dict(HAS_KMASK=mask is not None, HAS_ACTIVE=active is not None, HAS_BMASK=bm is not None,
                   IEEE=_ieee(q), LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk),
-                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BS=bs if bm is not None else BM)
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BS=bs if bm is not None else BM,
+                  num_warps=_warps(_ieee(q), BD))
     km = kmask if kmask is not None else dummy
     ac = act if act is not None else dummy
     bmp = bmc if bmc is not None else dummy
