@@ -71,6 +71,11 @@ CASES = {
                                        "block_mask": torch.rand(1, H, -(-L // 32), -(-L // 32),
                                                                 generator=torch.Generator().manual_seed(4)) > 0.5,
                                        "block_size": 32},
+    # Mask blocks larger than the Triton tile (32): several tiles read one mask entry.
+    "blocks64": lambda B, H, L: {"mask": pad_mask(B, L),
+                                 "block_mask": torch.rand(B, 1, -(-L // 64), -(-L // 64),
+                                                          generator=torch.Generator().manual_seed(5)) > 0.3,
+                                 "block_size": 64},
 }
 
 
@@ -144,7 +149,7 @@ def test_zero_padded_queries_zeroes_rows():
 
 
 @pytest.mark.parametrize("backend", _backend_params())
-@pytest.mark.parametrize("case", ["padding", "gates", "gates_bh", "active_bool", "blocks_pad_zpq"])
+@pytest.mark.parametrize("case", ["padding", "gates", "gates_bh", "active_bool", "blocks_pad_zpq", "blocks64"])
 def test_gradients_match_oracle(backend, case):
     B, H, L, D = 3, 2, 37, 24
     q, k, v = [x.detach().requires_grad_() for x in make_qkv(B, H, L, D, seed=5)]

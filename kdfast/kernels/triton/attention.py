@@ -5,7 +5,10 @@ forward and the dQ pass, per (key block, batch*head) in the dK/dV pass. What
 is skipped rather than masked:
   - keys after the last valid key of each batch row (right padding: the key
     loop stops there); interior padded keys are masked,
-  - key blocks whose block-mask entry is false (block size = tile size),
+  - key tiles whose block-mask entry is false (the tile size divides the mask's block size BS,
+    so a tile lies in one mask block; tiles stay <= 32 so large mask blocks do not blow up
+    shared memory and registers: a 128 x 128 tile with D = 128 needed 320 KiB of shared memory
+    in the backward, over the 227 KiB of an H100),
   - inactive heads (empty loops; outputs 0).
 The head gate multiplies the output as it is written. Tests run these under
 TRITON_INTERPRET=1 on CPU tensors at small shapes.
@@ -26,7 +29,7 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
                 HAS_KMASK: tl.constexpr, HAS_GATES: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                 HAS_BMASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, KEEP_UNGATED: tl.constexpr,
                 IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -49,7 +52,8 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
     for start_n in range(0, LK_LOOP, BLOCK_N):
         keep = start_n < n_end  # keys after the last valid one (right padding) are skipped
         if HAS_BMASK:
-            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + pid_m * bm_sq + start_n // BLOCK_N) != 0)
+            bm_at = b * bm_sb + h * bm_sh + ((pid_m * BLOCK_M) // BS) * bm_sq + start_n // BS
+            keep = keep & (tl.load(BMASK + bm_at) != 0)
         if keep:
             offs_n = start_n + offs_n0
             n_ok = offs_n < Lk
@@ -98,7 +102,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, D
                      bm_sb, bm_sh, bm_sq,
                      HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
                      IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     # q, do share strides (sq*); k, v, dk, dv share strides (sk*) (the launcher makes them contiguous).
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -125,7 +129,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, D
     for start_m in range(0, LQ_LOOP, BLOCK_M):
         keep = start_m < m_end
         if HAS_BMASK:
-            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + (start_m // BLOCK_M) * bm_sq + pid_n) != 0)
+            bm_at = b * bm_sb + h * bm_sh + (start_m // BS) * bm_sq + (pid_n * BLOCK_N) // BS
+            keep = keep & (tl.load(BMASK + bm_at) != 0)
         if keep:
             offs_m = start_m + offs_m0
             m_ok = offs_m < Lq
@@ -160,7 +165,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
                    bm_sb, bm_sh, bm_sq,
                    HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
                    IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -184,7 +189,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
     for start_n in range(0, LK_LOOP, BLOCK_N):
         keep = start_n < n_end  # keys after the last valid one (right padding) are skipped
         if HAS_BMASK:
-            keep = keep & (tl.load(BMASK + b * bm_sb + h * bm_sh + pid_m * bm_sq + start_n // BLOCK_N) != 0)
+            bm_at = b * bm_sb + h * bm_sh + ((pid_m * BLOCK_M) // BS) * bm_sq + start_n // BS
+            keep = keep & (tl.load(BMASK + bm_at) != 0)
         if keep:
             offs_n = start_n + offs_n0
             n_ok = offs_n < Lk
@@ -222,8 +228,23 @@ def _loop_bound(n: int) -> int:
 
 
 def block_size_ok(block_size: int) -> bool:
-    """Block-sparse layouts need the block size to be the tile size (a power of two in [16, 128])."""
+    """Block-sparse layouts need a block size that tiles evenly (a power of two in [16, 128])."""
     return block_size in (16, 32, 64, 128)
+
+
+_TILE = 32
+
+
+def _tile(bm, bs) -> int:
+    """Query/key tile: 32, or the block-mask block size when smaller (it must divide bs)."""
+    return min(_TILE, bs) if bm is not None else _TILE
+
+
+def _warps(ieee: bool, block_d: int) -> int:
+    """8 warps for fp32 (IEEE, FMA) dots and 256-wide heads: with 4, ptxas spills on sm_90
+    (fp32 D=128 forward 524 B, backward dK/dV 1568 B; bf16 D=256 dK/dV 1492 B), with 8 the
+    spills go or shrink to <= 224 B (tests/kernels/test_triton_compile.py prints them)."""
+    return 8 if ieee or block_d >= 256 else 4
 
 
 def _prep(q, k, v, mask, active, bm):
@@ -254,7 +275,7 @@ def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queri
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    BM, BN = (bs, bs) if bm is not None else (32, 32)
+    BM = BN = _tile(bm, bs)
     BD = max(16, triton.next_power_of_2(D))
     g = gates.contiguous() if gates is not None else None
     g_sb = 0 if gates is None or gates.dim() == 1 else H
@@ -271,7 +292,8 @@ def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queri
         HAS_KMASK=mask is not None, HAS_GATES=gates is not None, HAS_ACTIVE=active is not None,
         HAS_BMASK=bm is not None, ZERO_PAD_Q=bool(zero_padded_queries and mask is not None),
         KEEP_UNGATED=bool(keep_ungated), IEEE=_ieee(q),
-        LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+        LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        BS=bs if bm is not None else BM, num_warps=_warps(_ieee(q), BD))
     return out, lse, ung
 
 
@@ -296,13 +318,14 @@ def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs,
     dq = torch.empty_like(qc)
     dk = torch.empty_like(kc)
     dv = torch.empty_like(vc)
-    BM, BN = (bs, bs) if bm is not None else (32, 32)
+    BM = BN = _tile(bm, bs)
     BD = max(16, triton.next_power_of_2(D))
     bm_sb, bm_sh, bm_sq = _bm_strides(bmc, H)
     dummy = lse_b
     common = dict(HAS_KMASK=mask is not None, HAS_ACTIVE=active is not None, HAS_BMASK=bm is not None,
                   IEEE=_ieee(q), LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk),
-                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BS=bs if bm is not None else BM,
+                  num_warps=_warps(_ieee(q), BD))
     km = kmask if kmask is not None else dummy
     ac = act if act is not None else dummy
     bmp = bmc if bmc is not None else dummy

@@ -28,15 +28,17 @@ def _unpack_tile(p_ptr, offs_n, offs_k, n_mask, row_bytes, IS_INT: tl.constexpr)
     shift = ((offs_k // 16) % 4) * 2
     b = tl.load(p_ptr + offs_n[:, None] * row_bytes + byte[None, :], mask=n_mask[:, None], other=0x55)
     code = (b.to(tl.int32) >> shift[None, :]) & 3
-    w = code - 1
+    # One return: compiled Triton rejects a constexpr-if return followed by another of a different type.
     if IS_INT:
-        return w.to(tl.int8)
-    return w.to(tl.float32)
+        w = (code - 1).to(tl.int8)
+    else:
+        w = (code - 1).to(tl.float32)
+    return w
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, p_ptr, acc_ptr, M, N, K, row_bytes, stride_xm,
-                 BM: tl.constexpr, BN: tl.constexpr, IS_INT: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, IS_INT: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -60,13 +62,13 @@ def _gemm_kernel(x_ptr, p_ptr, acc_ptr, M, N, K, row_bytes, stride_xm,
         if IS_INT:
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         else:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision=PRECISION)
     tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _gemv_splitk_kernel(x_ptr, p_ptr, acc_ptr, M, N, K, row_bytes, stride_xm, k_per_split,
-                        BM: tl.constexpr, BN: tl.constexpr, IS_INT: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, IS_INT: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BM)
@@ -89,8 +91,14 @@ def _gemv_splitk_kernel(x_ptr, p_ptr, acc_ptr, M, N, K, row_bytes, stride_xm, k_
         if IS_INT:
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         else:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision=PRECISION)
     tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _precision(x) -> str:
+    """Float dots: weights are exact in TF32, and so are bf16/fp16 activations (<= 10 mantissa bits);
+    float32 activations need exact fp32 products ("ieee"): TF32 would round them to 10 bits on GPUs."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def ternary_accumulate(x: torch.Tensor, packed: torch.Tensor, in_features: int, *, path: str | None = None,
@@ -122,12 +130,13 @@ def ternary_accumulate(x: torch.Tensor, packed: torch.Tensor, in_features: int, 
         acc = torch.zeros(M, N, dtype=acc_dtype, device=x.device)
         BN = 64
         _gemv_splitk_kernel[(triton.cdiv(N, BN), split_k)](
-            x, packed, acc, M, N, K, row_bytes, x.stride(0), k_per_split, BM=16, BN=BN, IS_INT=is_int)
+            x, packed, acc, M, N, K, row_bytes, x.stride(0), k_per_split, BM=16, BN=BN, IS_INT=is_int,
+            PRECISION=_precision(x))
         return acc
     acc = torch.empty(M, N, dtype=acc_dtype, device=x.device)
     BM, BN = 64, 64
     _gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        x, packed, acc, M, N, K, row_bytes, x.stride(0), BM=BM, BN=BN, IS_INT=is_int)
+        x, packed, acc, M, N, K, row_bytes, x.stride(0), BM=BM, BN=BN, IS_INT=is_int, PRECISION=_precision(x))
     return acc
 
 
