@@ -149,6 +149,8 @@ def compact(model: nn.Module, *, heads=None, ffn=None, hidden=None) -> dict:
         fv = [None] * n if ffn is None else list(ffn)
     if gates is not None:
         remove_gates(model)  # restores the plain LayerNorms before they are resized
+    if zv is not None:  # fail before anything is modified
+        zv = _hidden.check_hidden(model, base_model(model), layers, zv)
     prev = dict(getattr(model.config, CONFIG_KEY, None) or {})
     structure = {"num_heads": [], "ffn_dims": [], "kept_heads": []}
     for i, layer in enumerate(layers):

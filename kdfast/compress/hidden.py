@@ -179,19 +179,26 @@ def _param(t):
     return nn.Parameter(t.contiguous())
 
 
+def check_hidden(model, base, layers, z) -> torch.Tensor:
+    """Validate a hidden keep mask / gate values for :func:`compact_hidden`; returns it as float32 CPU."""
+    D = _sites(model, base, layers)[0]
+    z = torch.as_tensor(z).detach().float().cpu()
+    if tuple(z.shape) != (D,):
+        raise ValueError(f"hidden must have {D} entries, got shape {tuple(z.shape)}")
+    if not bool((z != 0).any()):
+        raise ValueError("hidden compaction: every hidden dim is pruned")
+    return z
+
+
 @torch.no_grad()
 def compact_hidden(model, base, layers, z) -> list:
     """Keep the hidden dims where ``z != 0`` (``z`` ``[D]``), folding kept values into rows and LayerNorms.
 
     Returns the kept indices (in the model's current hidden coordinates).
     """
+    z = check_hidden(model, base, layers, z)
     D, embs, lns, cols, rows = _sites(model, base, layers)
-    z = torch.as_tensor(z).detach().float().cpu()
-    if tuple(z.shape) != (D,):
-        raise ValueError(f"hidden must have {D} entries, got shape {tuple(z.shape)}")
     idx = torch.nonzero(z != 0).flatten()
-    if idx.numel() == 0:
-        raise ValueError("hidden compaction: every hidden dim is pruned")
     s = z[idx]
     d = idx.numel()
     for e in embs:
