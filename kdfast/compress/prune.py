@@ -2,12 +2,12 @@
 
     import kdfast.hf                                   # the gates act inside the kdfast attention
     model = AutoModelForQuestionAnswering.from_config(cfg, attn_implementation="kdfast")
-    gates = kdfast.compress.add_gates(model, heads=True, ffn=True)
+    gates = kdfast.compress.add_gates(model, heads=True, ffn=True, hidden=True)
     ctl = kdfast.nn.SparsityController(target=0.6, warmup_steps=2000)
     ...
     loss = task_or_kd_loss + ctl.penalty(gates.expected_sparsity(), step)
     ...
-    model.eval(); kdfast.compress.compact(model)         # physically removes pruned heads / units
+    model.eval(); kdfast.compress.compact(model)         # physically removes pruned heads / units / dims
 
 Gates (one :class:`~kdfast.nn.HardConcreteGate` each, held in
 ``model.kdfast_gates``, so they are parameters of the model):
