@@ -141,7 +141,8 @@ def _head_readers(model, base):
     for name, child in model.named_children():
         if child is base or not any(True for _ in child.parameters()):
             continue
-        if name in _SEQUENCE_HEADS or (name == "classifier" and type(model).__name__.endswith("ForTokenClassification")):
+        token_head = name == "classifier" and type(model).__name__.endswith("ForTokenClassification")
+        if name in _SEQUENCE_HEADS or token_head:
             if not isinstance(child, nn.Linear):
                 raise ValueError(f"hidden compaction: head {name!r} is not an nn.Linear")
             readers.append(child)
