@@ -8,7 +8,7 @@ import kdfast.compress as kc
 from kdfast.compress.hidden import GatedLayerNorm, HiddenMask
 from tests.numerics import assert_close_to_oracle
 from transformers import (AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                          BertConfig)
+                          AutoModelForTokenClassification, BertConfig)
 
 D, H, FF, NL = 96, 6, 160, 4
 
@@ -279,6 +279,18 @@ def test_compact_hidden_with_pooler_and_explicit_masks(tmp_path):
     kc.save_pruned(model, str(tmp_path))
     loaded = kc.load_pruned(str(tmp_path), attn_implementation="sdpa")
     torch.testing.assert_close(_run(loaded, ids, am).logits, gated, atol=2e-5, rtol=1e-4)
+
+
+def test_compact_hidden_token_classification_head():
+    ids, am = _batch()
+    model = _model("sdpa", cls=AutoModelForTokenClassification)
+    gates = kc.add_gates(model, heads=False, ffn=True, hidden=True)
+    _set_gates(gates)
+    model.eval()
+    gated = _run(model, ids, am).logits
+    st = kc.compact(model)
+    assert model.classifier.in_features == st["hidden_size"] < D
+    torch.testing.assert_close(_run(model, ids, am).logits, gated, atol=2e-5, rtol=1e-4)
 
 
 def test_hidden_errors():
