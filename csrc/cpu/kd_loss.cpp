@@ -447,11 +447,19 @@ at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
 // Forward and the gradient of sum_i (gs * rows[i, 0] + gh * rows[i, 1]) with
 // respect to the student in one visit of each row (kd_loss's eager path
 // computes the gradient for grad_output = 1 and scales it in the backward).
+// row_weights [N, 2], when given, holds a (gs, gh) pair per row instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels_opt,
-    double temperature, int64_t div, double beta, int64_t ignore_index, bool compute_hard, double gs, double gh) {
+    double temperature, int64_t div, double beta, int64_t ignore_index, bool compute_hard, double gs, double gh,
+    const std::optional<at::Tensor>& row_weights) {
   check_inputs(student, teacher, labels_opt);
   const int64_t N = student.size(0), V = student.size(1);
+  at::Tensor rw;  // optional per-row (soft, hard) weights replacing gs, gh
+  if (row_weights) {
+    rw = row_weights->to(at::kFloat).contiguous();
+    TORCH_CHECK(rw.numel() == N * 2, "kd_loss_fwd_grad: row_weights must be [N, 2], got ", row_weights->sizes());
+  }
+  const float* w = rw.defined() ? rw.data_ptr<float>() : nullptr;
   auto opts = student.options().dtype(at::kFloat);
   at::Tensor rows = at::zeros({N, 2}, opts);
   at::Tensor stats = at::empty({N, 4}, opts);
@@ -474,8 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
         for (int k = 0; k < 4; ++k) st[i * 4 + k] = -kInf;
         for (int64_t j = 0; j < V; ++j) g[j] = 0.f;
       } else {
-        fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, r + i * 2, st + i * 4, fgs, fgh, g,
-           scratch.data());
+        fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, r + i * 2, st + i * 4,
+           w ? w[i * 2] : fgs, w ? w[i * 2 + 1] : fgh, g, scratch.data());
       }
       if (!is_float) store_row(grad, i, g);
     }
@@ -493,7 +501,8 @@ TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
         "float temperature, int div, float beta, int ignore_index, bool compute_hard) -> Tensor",
         &kd_loss_bwd);
   m.def("kd_loss_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, float temperature, int div, float beta, "
-        "int ignore_index, bool compute_hard, float soft_grad, float hard_grad) -> (Tensor, Tensor, Tensor)",
+        "int ignore_index, bool compute_hard, float soft_grad, float hard_grad, Tensor? row_weights=None) "
+        "-> (Tensor, Tensor, Tensor)",
         &kd_loss_fwd_grad);
 }
 
