@@ -62,9 +62,10 @@ KDFAST_INLINE void row_max(const float* s, const float* t, int64_t V, float& ms,
 // log p = x - lse; a fully masked side (lse = -inf) gets probabilities 0.
 KDFAST_INLINE float safe_lse(float lse) { return lse == -kInf ? kInf : lse; }
 
-// kStore (fused forward+gradient, divergences 0 and 1 only): also keeps the
-// centred exponentials exp(a - ma) in ea_out and, for KL, exp(b - mb) in eb_out,
-// so that the gradient pass needs no exp of its own.
+// kStore (fused forward+gradient): also keeps what the gradient pass needs, so
+// that it needs no exp or log of its own: KL: exp(a - ma) in ea_out and
+// exp(b - mb) in eb_out; reverse KL: exp(a - ma); JSD: p_s in ea_out and
+// log p_s - log M in eb_out (written only when a side is live).
 template <bool kStore>
 KDFAST_INLINE void fwd_row_impl(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
                                 float* rows, float* stats, float* ea_out, float* eb_out, float* scales) {
@@ -160,6 +161,10 @@ KDFAST_INLINE void fwd_row_impl(const float* s, const float* t, int64_t V, int64
         float hi = xs > xt ? xs : xt, lo = xs > xt ? xt : xs;
         float lm = hi + fast_log(1.0f + fast_exp(lo - hi));
         const float vt = pt * (lpt - lm), vs = ps * (lps - lm);
+        if constexpr (kStore) {  // p_s and log p_s - log M for the gradient pass
+          ea_out[j] = ps;
+          eb_out[j] = lps - lm;
+        }
         ft += pt > 0.f ? vt : 0.f;
         fs += ps > 0.f ? vs : 0.f;
       }
@@ -236,20 +241,21 @@ KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t la
 }
 
 // Forward and the gradient of gs * soft + gh * hard in one visit of the row
-// (the row stays in cache between the passes): for KL and reverse KL the
-// gradient pass reuses the exponentials of the forward (2 exps per element in
-// all instead of 4 for forward + backward). JSD and non-finite rows take the
-// plain backward on the cached row. `scratch` holds V floats.
+// (the row stays in cache between the passes): the gradient pass reuses what
+// the forward computed (KL: 2 exps per element in all instead of 4 for
+// forward + backward). Non-finite and fully masked rows take the plain
+// backward on the cached row. `scratch` holds V floats.
 KDFAST_INLINE void fwd_grad_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
                                 float* rows, float* stats, float gs, float gh, float* g, float* scratch) {
-  if (p.div == 2 || gs == 0.f) {
+  if (gs == 0.f) {
     fwd_row_impl<false>(s, t, V, label, p, rows, stats, nullptr, nullptr, nullptr);
     bwd_row(s, t, V, label, p, stats, gs, gh, g);
     return;
   }
   float scales[2];
   fwd_row_impl<true>(s, t, V, label, p, rows, stats, g, scratch, scales);
-  if (stats[0] != stats[0] || stats[1] != stats[1]) {  // NaN / +inf row: the backward's NaN rules
+  // NaN / +inf rows: the backward's NaN rules; JSD with a fully masked student: no stores, zero soft gradient.
+  if (stats[0] != stats[0] || stats[1] != stats[1] || (p.div == 2 && stats[0] == -kInf)) {
     bwd_row(s, t, V, label, p, stats, gs, gh, g);
     return;
   }
@@ -257,12 +263,20 @@ KDFAST_INLINE void fwd_grad_row(const float* s, const float* t, int64_t V, int64
   if (p.div == 0) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) g[j] = cs * (g[j] * ra - scratch[j] * rb);
-  } else {
+  } else if (p.div == 1) {
     const float aux = stats[3];
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       const float ps = g[j] * ra;
       const float v = cs * ps * ((s[j] * it - t[j] * it) - aux);
+      g[j] = ps > 0.f ? v : 0.f;
+    }
+  } else {  // JSD: (1 - beta) p_s (log p_s - log M - KL(p_s || M)) / T
+    const float aux = stats[3], w = cs * (1.0f - p.beta);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const float ps = g[j];
+      const float v = w * ps * (scratch[j] - aux);
       g[j] = ps > 0.f ? v : 0.f;
     }
   }
