@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -345,6 +346,11 @@ const float* row_as_float(const at::Tensor& x, int64_t i, std::vector<float>& bu
   return buf.data();
 }
 
+// Rows per parallel task: at least ~64K elements, so a small problem (QA logits,
+// 64 x 384) runs on one thread instead of paying a thread wake-up and join
+// that cost more than the work (and much more when another process holds a core).
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
+
 // Row i of a bfloat16 / float16 [N, V] tensor from float values.
 void store_row(at::Tensor& x, int64_t i, const float* g) {
   const int64_t V = x.size(1);
@@ -403,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student, const 
   FwdFn fn = pick_kernels().fwd;
   float* r = rows.data_ptr<float>();
   float* st = stats.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t b, int64_t e) {
     std::vector<float> bs, bt;
     for (int64_t i = b; i < e; ++i) {
       const int64_t l = lab ? lab[i] : 0;
@@ -440,7 +446,7 @@ at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
   const float* st = stats.data_ptr<float>();
   const float* g2 = gr.data_ptr<float>();
   const bool is_float = student.scalar_type() == at::kFloat;
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t b, int64_t e) {
     std::vector<float> bs, bt, out;
     for (int64_t i = b; i < e; ++i) {
       const int64_t l = lab ? lab[i] : 0;
@@ -487,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
   float* st = stats.data_ptr<float>();
   const bool is_float = student.scalar_type() == at::kFloat;
   const float fgs = static_cast<float>(gs), fgh = static_cast<float>(gh);
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t b, int64_t e) {
     std::vector<float> bs, bt, out, scratch(V);
     for (int64_t i = b; i < e; ++i) {
       const int64_t l = lab ? lab[i] : 0;
