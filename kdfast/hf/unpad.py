@@ -41,11 +41,14 @@ bias, residual and LayerNorm), observers of the kdfast attention such as
 :func:`kdfast.hf.capture` (they see ``[B, H, L, D]`` q/k/v that are zero at
 padded positions, and the ``[B, L]`` mask).
 
+``output_hidden_states=True`` (e.g. for layer distillation) works on the
+packed path: entry 0 is the encoder input as usual, each layer's entry is
+its output scattered to ``[B, L, hidden]`` with zeros at padded positions.
+
 When the encoder runs its stock forward instead (same results, no skipping):
 no padding (mask ``None``), a mask that is not the 2-D padding mask,
-cross-attention inputs or a cache, ``output_hidden_states`` /
-``output_attentions`` requested (transformers records those with hooks on
-the layer modules, which the packed path does not call). Forward hooks on
+cross-attention inputs or a cache, or transformers recording outputs other
+than hidden states / (with kdfast: empty) attentions. Forward hooks on
 ``BertLayer`` / ``BertSelfAttention`` modules themselves do not fire on the
 packed path; hooks on the linears, ``intermediate``, ``output`` and
 ``attention.output`` do. Gradient checkpointing (``model.gradient_checkpointing_enable()``)
@@ -105,14 +108,31 @@ def _check_layer(i, layer):
                          "BERT-family layers are supported)")
 
 
-def _collecting_outputs() -> bool:
-    """True when transformers is recording per-layer outputs (output_hidden_states / output_attentions)."""
+def _collector():
+    """transformers' per-forward output collector (a dict, empty or None when nothing is recorded)."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # pragma: no cover - other transformers versions
-        return False
-    c = _active_collector.get()
-    return bool(c)
+        return None
+    return _active_collector.get()
+
+
+def _unsupported_recording(col) -> bool:
+    # hidden_states are recorded below; "attentions" of the kdfast attention are None and an encoder
+    # has no cross-attention (the stock forward records nothing for them either); anything else: let
+    # the stock forward and its hooks run.
+    ok = ("hidden_states", "_hidden_states_layers", "attentions", "cross_attentions")
+    return bool(col) and any(k not in ok for k in col)
+
+
+def _record_hidden(col, make):
+    """What transformers' output hook on each layer does, for the packed path (``make()`` -> [B, L, hidden])."""
+    hs = col["hidden_states"]
+    sel = col.get("_hidden_states_layers")
+    if sel is not None and len(hs) not in sel:
+        hs.append(None)
+    else:
+        hs.append(make())
 
 
 def _pad_heads(t, idx, B, L, d):
@@ -148,7 +168,7 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
     stock = type(self).forward
     if (attention_mask is None or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
             or hidden_states.dim() != 3 or encoder_hidden_states is not None or past_key_values is not None
-            or _collecting_outputs()):
+            or _unsupported_recording(col := _collector())):
         return stock(self, hidden_states, attention_mask, encoder_hidden_states=encoder_hidden_states,
                      encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
                      use_cache=use_cache, **kwargs)
@@ -157,13 +177,21 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
     B, L, Hd = hidden_states.shape
     idx = attention_mask.reshape(-1).nonzero().squeeze(1)  # unpad once per forward
     x = hidden_states.reshape(B * L, Hd).index_select(0, idx)
+    record = bool(col) and "hidden_states" in col
+
+    def scatter(t):
+        return t.new_zeros(B * L, t.shape[1]).index_copy_(0, idx, t).view(B, L, -1)
+    if record and not col["hidden_states"] and col.get("_hidden_states_layers") is None:
+        col["hidden_states"].append(hidden_states)  # the input of layer 0, as transformers records it
     for layer in self.layer:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
             x = checkpoint(_layer_packed, layer, x, idx, attention_mask, B, L, use_reentrant=False)
         else:
             x = _layer_packed(layer, x, idx, attention_mask, B, L)
-    out = x.new_zeros(B * L, x.shape[1]).index_copy_(0, idx, x).view(B, L, -1)
+        if record:
+            _record_hidden(col, lambda: scatter(x))
+    out = scatter(x)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out, past_key_values=None)
 
 

@@ -188,16 +188,34 @@ def test_capture_records_qkv_equal_to_dense_at_valid_positions():
             _close(tb.transpose(1, 2)[keep], ta.transpose(1, 2)[keep])
 
 
-def test_falls_back_to_stock_forward_when_nothing_to_skip_or_outputs_recorded():
+def test_no_mask_runs_stock_forward():
     ids, am = _batch()
     stock, fast = _model("kdfast"), _model("kdfast")
     kdfast.hf.unpad_encoder(fast)
     with torch.no_grad():
-        _close(fast(input_ids=ids).start_logits, stock(input_ids=ids).start_logits)  # no mask
-        a = stock(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        b = fast(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    assert len(b.hidden_states) == 4
-    _close(b.start_logits, a.start_logits)  # stock path: padded positions too
+        _close(fast(input_ids=ids).start_logits, stock(input_ids=ids).start_logits)  # every position
+
+
+def test_output_hidden_states_on_packed_path():
+    ids, am = _batch()
+    keep = am.bool()
+    stock, fast = _model("kdfast"), _model("kdfast")
+    kdfast.hf.unpad_encoder(fast)
+    with torch.no_grad():
+        a = stock(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
+        b = fast(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
+        a2 = stock.bert(input_ids=ids, attention_mask=am, output_hidden_states=[1, 3])
+        b2 = fast.bert(input_ids=ids, attention_mask=am, output_hidden_states=[1, 3])
+    assert len(b.hidden_states) == len(a.hidden_states) == 4 and b.attentions == a.attentions == ()
+    torch.testing.assert_close(b.hidden_states[0], a.hidden_states[0])  # embeddings, padded positions too
+    for ha, hb in zip(a.hidden_states[1:], b.hidden_states[1:]):
+        _close(hb[keep], ha[keep])
+        assert torch.equal(hb[~keep], torch.zeros_like(hb[~keep]))
+    _close(b.start_logits[keep], a.start_logits[keep])
+    assert [h is None for h in b2.hidden_states] == [h is None for h in a2.hidden_states]
+    for ha, hb in zip(a2.hidden_states, b2.hidden_states):
+        if ha is not None:
+            _close(hb[keep], ha[keep])
 
 
 def test_undo_restores_original_forward():
@@ -237,3 +255,28 @@ def test_errors():
     with pytest.raises(ValueError, match=r"layer 2: attention.self.key"):
         kdfast.hf.unpad_encoder(model)
     assert not hfu.is_unpadded(model)
+
+
+def test_layer_kd_losses_equal_with_unpadded_student_and_teacher():
+    from kdfast.nn import LayerKD
+    ids, am = _batch()
+    losses = {"embedding": 1.0, "hidden": 1.0, "attention_score": 1.0, "attention_kl": 1.0, "value_relation": 1.0}
+    results = []
+    for unpad in (False, True):
+        student, teacher = _model("kdfast", seed=1), _model("kdfast", seed=2, num_hidden_layers=3)
+        if unpad:
+            kdfast.hf.unpad_encoder(student)
+            kdfast.hf.unpad_encoder(teacher)
+        kd = LayerKD(student.config, teacher.config, mapping="uniform", losses=losses)
+        with kdfast.hf.capture(student) as cs, kdfast.hf.capture(teacher) as ct:
+            s = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
+            with torch.no_grad():
+                t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        total, terms = kd(s.hidden_states, t.hidden_states, cs.layers, ct.layers, attention_mask=am)
+        total.backward()
+        results.append((terms, student.bert.encoder.layer[0].attention.self.query.weight.grad.clone()))
+    (ta, ga), (tb, gb) = results
+    assert ta.keys() == tb.keys() == losses.keys()
+    for k in ta:
+        _close(tb[k], ta[k], atol=1e-4, rtol=1e-4)
+    _close(gb, ga, atol=1e-4, rtol=1e-3)
