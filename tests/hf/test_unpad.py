@@ -280,3 +280,18 @@ def test_layer_kd_losses_equal_with_unpadded_student_and_teacher():
     for k in ta:
         _close(tb[k], ta[k], atol=1e-4, rtol=1e-4)
     _close(gb, ga, atol=1e-4, rtol=1e-3)
+
+
+def test_bfloat16_error_like_the_stock_model():
+    ids, am = _batch()
+    keep = am.bool()
+    ref = _model("kdfast")
+    stock, fast = _model("kdfast").to(torch.bfloat16), _model("kdfast").to(torch.bfloat16)
+    kdfast.hf.unpad_encoder(fast)
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=am).start_logits[keep]
+        a = stock(input_ids=ids, attention_mask=am).start_logits[keep].float()
+        b = fast(input_ids=ids, attention_mask=am).start_logits[keep]
+    assert b.dtype == torch.bfloat16
+    err_stock, err_fast = (a - r).abs().max().item(), (b.float() - r).abs().max().item()
+    assert err_fast <= 2 * err_stock + 1e-2, (err_fast, err_stock)
