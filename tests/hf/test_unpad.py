@@ -295,3 +295,19 @@ def test_bfloat16_error_like_the_stock_model():
     assert b.dtype == torch.bfloat16
     err_stock, err_fast = (a - r).abs().max().item(), (b.float() - r).abs().max().item()
     assert err_fast <= 2 * err_stock + 1e-2, (err_fast, err_stock)
+
+
+def test_linears_see_only_valid_tokens():
+    ids, am = _batch()
+    fast = _model("kdfast")
+    kdfast.hf.unpad_encoder(fast)
+    rows = []
+    layer = fast.bert.encoder.layer[1]
+    hooks = [m.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+             for m in (layer.attention.self.query, layer.attention.output.dense, layer.intermediate.dense,
+                       layer.output.dense)]
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=am)
+    for h in hooks:
+        h.remove()
+    assert rows == [int(am.sum())] * 4  # 79 valid tokens of 4 x 41
