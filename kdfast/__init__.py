@@ -14,8 +14,9 @@ from kdfast import _ext
 from kdfast.backends import BACKENDS, BackendUnavailable, explain, plan, use_backend
 from kdfast import ops  # noqa: E402  (registers the ops)
 from kdfast import nn  # noqa: E402
+from kdfast import buffer_cache  # noqa: E402
 
 if _ext.extension_error() is not None:
     _ext.warn_once()
 
-__all__ = ["BACKENDS", "BackendUnavailable", "explain", "plan", "use_backend", "ops", "nn", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "plan", "use_backend", "ops", "nn", "buffer_cache", "__version__"]

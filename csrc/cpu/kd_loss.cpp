@@ -15,6 +15,7 @@
 #include <vector>
 
 
+#include "cpu/buffer_cache.h"
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
 
@@ -61,8 +62,12 @@ KDFAST_INLINE void row_max(const float* s, const float* t, int64_t V, float& ms,
 // log p = x - lse; a fully masked side (lse = -inf) gets probabilities 0.
 KDFAST_INLINE float safe_lse(float lse) { return lse == -kInf ? kInf : lse; }
 
-KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
-                           float* rows, float* stats) {
+// kStore (fused forward+gradient, divergences 0 and 1 only): also keeps the
+// centred exponentials exp(a - ma) in ea_out and, for KL, exp(b - mb) in eb_out,
+// so that the gradient pass needs no exp of its own.
+template <bool kStore>
+KDFAST_INLINE void fwd_row_impl(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
+                                float* rows, float* stats, float* ea_out, float* eb_out, float* scales) {
   float ms, mt;
   bool bad;
   row_max(s, t, V, ms, mt, bad);
@@ -86,6 +91,10 @@ KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t la
       for (int64_t j = j0; j < j1; ++j) {
         float a = s[j] * it - ma, b = t[j] * it - mb;
         float ea = fast_exp(a), eb = fast_exp(b);
+        if constexpr (kStore) {
+          ea_out[j] = ea;
+          eb_out[j] = eb;
+        }
         fa += ea;
         fb += eb;
         const float v = eb * (b - a);  // computed unconditionally: a select, not a branch, so it vectorises
@@ -96,6 +105,7 @@ KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t la
       for (int64_t j = j0; j < j1; ++j) {
         float a = s[j] * it - ma, b = t[j] * it - mb;
         float ea = fast_exp(a), eb = fast_exp(b);
+        if constexpr (kStore) ea_out[j] = ea;
         fa += ea;
         fb += eb;
         const float v = ea * (a - b);
@@ -164,12 +174,25 @@ KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t la
     // A fully masked student puts probability 0 on the label: -log 0 = inf (as the reference).
     hard = (label >= 0 && label < V) ? (ms == -kInf ? kInf : lse_1 - s[label]) : kNaN;
   }
+  if constexpr (kStore) {  // 1 / sum of the stored exponentials; 0 for a fully masked side
+    scales[0] = ms == -kInf ? 0.f : static_cast<float>(1.0 / sum_a);
+    scales[1] = mt == -kInf ? 0.f : static_cast<float>(1.0 / sum_b);
+  }
   rows[0] = soft;
   rows[1] = hard;
   stats[0] = lse_a;
   stats[1] = lse_b;
   stats[2] = lse_1;
   stats[3] = aux;
+}
+
+// g += gh * (softmax(s) - onehot(label)): the hard cross-entropy term at T = 1.
+KDFAST_INLINE void add_hard_grad(const float* s, int64_t V, int64_t label, const KdArgs& p, float l1, float gh,
+                                 float* g) {
+  if (!p.hard || gh == 0.f) return;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) g[j] += gh * fast_exp(s[j] - l1);
+  if (label >= 0 && label < V) g[label] -= gh;
 }
 
 KDFAST_INLINE void bwd_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
@@ -204,65 +227,93 @@ KDFAST_INLINE void bwd_row(const float* s, const float* t, int64_t V, int64_t la
       g[j] = ps > 0.f ? v : 0.f;
     }
   }
-  if (p.hard && gh != 0.f) {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] += gh * fast_exp(s[j] - l1);
-    if (label >= 0 && label < V) g[label] -= gh;
+  add_hard_grad(s, V, label, p, l1, gh, g);
+}
+
+KDFAST_INLINE void fwd_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
+                           float* rows, float* stats) {
+  fwd_row_impl<false>(s, t, V, label, p, rows, stats, nullptr, nullptr, nullptr);
+}
+
+// Forward and the gradient of gs * soft + gh * hard in one visit of the row
+// (the row stays in cache between the passes): for KL and reverse KL the
+// gradient pass reuses the exponentials of the forward (2 exps per element in
+// all instead of 4 for forward + backward). JSD and non-finite rows take the
+// plain backward on the cached row. `scratch` holds V floats.
+KDFAST_INLINE void fwd_grad_row(const float* s, const float* t, int64_t V, int64_t label, const KdArgs& p,
+                                float* rows, float* stats, float gs, float gh, float* g, float* scratch) {
+  if (p.div == 2 || gs == 0.f) {
+    fwd_row_impl<false>(s, t, V, label, p, rows, stats, nullptr, nullptr, nullptr);
+    bwd_row(s, t, V, label, p, stats, gs, gh, g);
+    return;
   }
+  float scales[2];
+  fwd_row_impl<true>(s, t, V, label, p, rows, stats, g, scratch, scales);
+  if (stats[0] != stats[0] || stats[1] != stats[1]) {  // NaN / +inf row: the backward's NaN rules
+    bwd_row(s, t, V, label, p, stats, gs, gh, g);
+    return;
+  }
+  const float it = p.inv_t, cs = gs * it, ra = scales[0], rb = scales[1];
+  if (p.div == 0) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = cs * (g[j] * ra - scratch[j] * rb);
+  } else {
+    const float aux = stats[3];
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const float ps = g[j] * ra;
+      const float v = cs * ps * ((s[j] * it - t[j] * it) - aux);
+      g[j] = ps > 0.f ? v : 0.f;
+    }
+  }
+  add_hard_grad(s, V, label, p, safe_lse(stats[2]), gh, g);
 }
 
 using FwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, float*, float*);
 using BwdFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, const float*, float, float,
                        float*);
+using FwdGradFn = void (*)(const float*, const float*, int64_t, int64_t, const KdArgs&, float*, float*, float,
+                           float, float*, float*);
 
-void fwd_baseline(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r, float* st) {
-  fwd_row(s, t, V, l, p, r, st);
-}
-void bwd_baseline(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, const float* st, float gs,
-                  float gh, float* g) {
-  bwd_row(s, t, V, l, p, st, gs, gh, g);
-}
+struct RowKernels {
+  FwdFn fwd;
+  BwdFn bwd;
+  FwdGradFn fwd_grad;
+};
+
+// The row functions compiled for one ISA (ATTR: a target attribute from isa.h, or nothing).
+#define KDFAST_KD_ROW_KERNELS(NAME, ATTR)                                                                   \
+  ATTR void fwd_##NAME(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r,      \
+                       float* st) {                                                                         \
+    fwd_row(s, t, V, l, p, r, st);                                                                          \
+  }                                                                                                         \
+  ATTR void bwd_##NAME(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, const float* st, \
+                       float gs, float gh, float* g) {                                                      \
+    bwd_row(s, t, V, l, p, st, gs, gh, g);                                                                  \
+  }                                                                                                         \
+  ATTR void fwd_grad_##NAME(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r,  \
+                            float* st, float gs, float gh, float* g, float* scratch) {                      \
+    fwd_grad_row(s, t, V, l, p, r, st, gs, gh, g, scratch);                                                 \
+  }                                                                                                         \
+  constexpr RowKernels kRow_##NAME{fwd_##NAME, bwd_##NAME, fwd_grad_##NAME};
+
+KDFAST_KD_ROW_KERNELS(baseline, )
 #if KDFAST_HAVE_X86_PATHS
-KDFAST_TARGET_AVX2 void fwd_avx2(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p, float* r,
-                                 float* st) {
-  fwd_row(s, t, V, l, p, r, st);
-}
-KDFAST_TARGET_AVX2 void bwd_avx2(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
-                                 const float* st, float gs, float gh, float* g) {
-  bwd_row(s, t, V, l, p, st, gs, gh, g);
-}
-KDFAST_TARGET_AVX512 void fwd_avx512(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
-                                     float* r, float* st) {
-  fwd_row(s, t, V, l, p, r, st);
-}
-KDFAST_TARGET_AVX512 void bwd_avx512(const float* s, const float* t, int64_t V, int64_t l, const KdArgs& p,
-                                     const float* st, float gs, float gh, float* g) {
-  bwd_row(s, t, V, l, p, st, gs, gh, g);
-}
+KDFAST_KD_ROW_KERNELS(avx2, KDFAST_TARGET_AVX2)
+KDFAST_KD_ROW_KERNELS(avx512, KDFAST_TARGET_AVX512)
 #endif
+#undef KDFAST_KD_ROW_KERNELS
 
-FwdFn pick_fwd() {
-#if KDFAST_HAVE_X86_PATHS
-  switch (cpu_isa()) {
-    case Isa::AVX512:
-    case Isa::AVX512_VNNI: return fwd_avx512;
-    case Isa::AVX2: return fwd_avx2;
-    default: break;
-  }
-#endif
-  return fwd_baseline;
-}
-
-BwdFn pick_bwd() {
+RowKernels pick_kernels() {
 #if KDFAST_HAVE_X86_PATHS
   switch (cpu_isa()) {
     case Isa::AVX512:
-    case Isa::AVX512_VNNI: return bwd_avx512;
-    case Isa::AVX2: return bwd_avx2;
+    case Isa::AVX512_VNNI: return kRow_avx512;
+    case Isa::AVX2: return kRow_avx2;
     default: break;
   }
 #endif
-  return bwd_baseline;
+  return kRow_baseline;
 }
 
 // Row i of x as float: the row itself for float32, else converted into buf.
@@ -278,6 +329,18 @@ const float* row_as_float(const at::Tensor& x, int64_t i, std::vector<float>& bu
     for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
   }
   return buf.data();
+}
+
+// Row i of a bfloat16 / float16 [N, V] tensor from float values.
+void store_row(at::Tensor& x, int64_t i, const float* g) {
+  const int64_t V = x.size(1);
+  if (x.scalar_type() == at::kBFloat16) {
+    auto* dst = x.data_ptr<at::BFloat16>() + i * V;
+    for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::BFloat16>(g[j]);
+  } else {
+    auto* dst = x.data_ptr<at::Half>() + i * V;
+    for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::Half>(g[j]);
+  }
 }
 
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels) {
@@ -323,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student, const 
   at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
   const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
   const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
-  FwdFn fn = pick_fwd();
+  FwdFn fn = pick_kernels().fwd;
   float* r = rows.data_ptr<float>();
   float* st = stats.data_ptr<float>();
   at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
@@ -353,12 +416,13 @@ at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
   // Not madvise(MADV_HUGEPAGE)'d: 2 MiB pages halved allocate+fill of a 477 MiB
   // gradient in steady state (330 -> 98..196 ms) but took up to 1 s right after
   // a large free (direct compaction under THP defrag=madvise), as in training.
-  at::Tensor grad = at::empty({N, V}, student.options());
+  // The one-block cache (buffer_cache.h) avoids the page faults instead.
+  at::Tensor grad = empty_cached({N, V}, student.options());
   if (N == 0 || V == 0) return grad;
   at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
   const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
   const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
-  BwdFn fn = pick_bwd();
+  BwdFn fn = pick_kernels().bwd;
   const float* st = stats.data_ptr<float>();
   const float* g2 = gr.data_ptr<float>();
   const bool is_float = student.scalar_type() == at::kFloat;
@@ -374,18 +438,57 @@ at::Tensor kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
         fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, st + i * 4, g2[i * 2],
            g2[i * 2 + 1], g);
       }
-      if (!is_float) {
-        if (student.scalar_type() == at::kBFloat16) {
-          auto* dst = grad.data_ptr<at::BFloat16>() + i * V;
-          for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::BFloat16>(g[j]);
-        } else {
-          auto* dst = grad.data_ptr<at::Half>() + i * V;
-          for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<at::Half>(g[j]);
-        }
-      }
+      if (!is_float) store_row(grad, i, g);
     }
   });
   return grad;
+}
+
+// Forward and the gradient of sum_i (gs * rows[i, 0] + gh * rows[i, 1]) with
+// respect to the student in one visit of each row (kd_loss's eager path
+// computes the gradient for grad_output = 1 and scales it in the backward).
+// row_weights [N, 2], when given, holds a (gs, gh) pair per row instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels_opt,
+    double temperature, int64_t div, double beta, int64_t ignore_index, bool compute_hard, double gs, double gh,
+    const std::optional<at::Tensor>& row_weights) {
+  check_inputs(student, teacher, labels_opt);
+  const int64_t N = student.size(0), V = student.size(1);
+  at::Tensor rw;  // optional per-row (soft, hard) weights replacing gs, gh
+  if (row_weights) {
+    rw = row_weights->to(at::kFloat).contiguous();
+    TORCH_CHECK(rw.numel() == N * 2, "kd_loss_fwd_grad: row_weights must be [N, 2], got ", row_weights->sizes());
+  }
+  const float* w = rw.defined() ? rw.data_ptr<float>() : nullptr;
+  auto opts = student.options().dtype(at::kFloat);
+  at::Tensor rows = at::zeros({N, 2}, opts);
+  at::Tensor stats = at::empty({N, 4}, opts);
+  at::Tensor grad = empty_cached({N, V}, student.options());
+  if (N == 0 || V == 0) return {rows, stats, grad};
+  at::Tensor labels = labels_opt ? labels_opt->contiguous() : at::Tensor();
+  const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
+  const KdArgs p = make_args(temperature, div, beta, compute_hard && lab != nullptr);
+  FwdGradFn fn = pick_kernels().fwd_grad;
+  float* r = rows.data_ptr<float>();
+  float* st = stats.data_ptr<float>();
+  const bool is_float = student.scalar_type() == at::kFloat;
+  const float fgs = static_cast<float>(gs), fgh = static_cast<float>(gh);
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> bs, bt, out, scratch(V);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t l = lab ? lab[i] : 0;
+      float* g = is_float ? grad.data_ptr<float>() + i * V : (out.resize(V), out.data());
+      if (lab && l == ignore_index) {  // ignored row: no terms, zero gradient
+        for (int k = 0; k < 4; ++k) st[i * 4 + k] = -kInf;
+        for (int64_t j = 0; j < V; ++j) g[j] = 0.f;
+      } else {
+        fn(row_as_float(student, i, bs), row_as_float(teacher, i, bt), V, l, p, r + i * 2, st + i * 4,
+           w ? w[i * 2] : fgs, w ? w[i * 2 + 1] : fgh, g, scratch.data());
+      }
+      if (!is_float) store_row(grad, i, g);
+    }
+  });
+  return {rows, stats, grad};
 }
 
 }  // namespace
@@ -397,6 +500,10 @@ TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
   m.def("kd_loss_bwd(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, Tensor grad_rows, "
         "float temperature, int div, float beta, int ignore_index, bool compute_hard) -> Tensor",
         &kd_loss_bwd);
+  m.def("kd_loss_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, float temperature, int div, float beta, "
+        "int ignore_index, bool compute_hard, float soft_grad, float hard_grad, Tensor? row_weights=None) "
+        "-> (Tensor, Tensor, Tensor)",
+        &kd_loss_fwd_grad);
 }
 
 }  // namespace kdfast

@@ -2,7 +2,6 @@
 // allocation, stream, and the ops torch.ops.kdfast_C.kd_loss_{fwd,bwd}_cuda
 // with the same schemas as the CPU kernels (csrc/cpu/kd_loss.cpp).
 // Compiled only in CUDA builds.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -75,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   cudaError_t err = cuda::kd_loss_fwd_launch(student.data_ptr(), kd_dtype(student, "student"), student.stride(0),
                                              teacher.data_ptr(), kd_dtype(teacher, "teacher"), teacher.stride(0),
                                              lab, N, V, p, rows.data_ptr<float>(), stats.data_ptr<float>(),
-                                             at::cuda::getCurrentCUDAStream());
+                                             c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "kd_loss_fwd_cuda launch failed: ", cudaGetErrorString(err));
   return {rows, stats};
 }
@@ -102,7 +101,7 @@ at::Tensor kd_loss_bwd_cuda(const at::Tensor& student, const at::Tensor& teacher
   cudaError_t err = cuda::kd_loss_bwd_launch(student.data_ptr(), kd_dtype(student, "student"), student.stride(0),
                                              teacher.data_ptr(), kd_dtype(teacher, "teacher"), teacher.stride(0),
                                              lab, st.data_ptr<float>(), gr.data_ptr<float>(), N, V, p,
-                                             grad.data_ptr(), at::cuda::getCurrentCUDAStream());
+                                             grad.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "kd_loss_bwd_cuda launch failed: ", cudaGetErrorString(err));
   return grad;
 }

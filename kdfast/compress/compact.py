@@ -1,7 +1,7 @@
-"""Compaction: physically remove pruned heads and FFN units from a BERT-family model.
+"""Compaction: physically remove pruned heads, FFN units and hidden dims from a BERT-family model.
 
     kdfast.compress.compact(model)                       # from the model's gates (eval values)
-    kdfast.compress.compact(model, heads=[...], ffn=[...])  # or from explicit keep masks
+    kdfast.compress.compact(model, heads=[...], ffn=[...], hidden=...)  # or from explicit keep masks
 
 Each layer keeps its own number of heads and FFN width. Gate values of the
 kept units are folded into the output projections (``attention.output.dense``
@@ -14,16 +14,25 @@ bias, the residual and the LayerNorm: what the gated model computes there.
 An FFN with no unit left becomes zero-width linears (no matmul work) with the
 same effect.
 
+With a hidden gate (or an explicit ``hidden`` mask), the pruned hidden dims
+are removed from the embeddings, the residual LayerNorms (kept gate values
+folded into their affine), every q/k/v and FFN input, the residual writers'
+output rows (gate values folded in), the pooler's input and the task head's
+input (see :func:`kdfast.compress.hidden.compact_hidden`). ``config.hidden_size``
+becomes the kept width; the attention head size stays what it was.
+
 The per-layer shapes are written to ``model.config.kdfast_pruning``
-(``{"num_heads": [...], "ffn_dims": [...], "kept_heads": [[...], ...]}``) so
-:func:`kdfast.compress.load_pruned` can rebuild the model.
+(``{"num_heads": [...], "ffn_dims": [...], "kept_heads": [[...], ...]}``, plus
+``"hidden_size"``, ``"full_hidden_size"`` and ``"kept_hidden"`` once the hidden
+dim is pruned) so :func:`kdfast.compress.load_pruned` can rebuild the model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kdfast.compress.prune import encoder_layers, remove_gates
+from kdfast.compress import hidden as _hidden
+from kdfast.compress.prune import base_model, encoder_layers, remove_gates
 
 CONFIG_KEY = "kdfast_pruning"
 
@@ -75,15 +84,24 @@ def resize_layer(layer: nn.Module, num_heads: int, ffn_dim: int) -> None:
     layer.output.dense = _linear(ffn_dim, out.out_features, out)
 
 
+_HIDDEN_KEYS = ("hidden_size", "full_hidden_size", "kept_hidden")
+
+
 def apply_structure(model: nn.Module, structure: dict) -> None:
-    """Resize every layer to ``structure`` (``{"num_heads": [...], "ffn_dims": [...]}``)."""
+    """Resize every layer to ``structure`` (``{"num_heads": [...], "ffn_dims": [...]}``, optional ``"hidden_size"``)."""
     layers = encoder_layers(model)
     nh, fd = structure["num_heads"], structure["ffn_dims"]
     if len(nh) != len(layers) or len(fd) != len(layers):
         raise ValueError(f"structure has {len(nh)}/{len(fd)} layers, model has {len(layers)}")
     for layer, h, f in zip(layers, nh, fd):
         resize_layer(layer, int(h), int(f))
-    model.config.update({CONFIG_KEY: {k: list(v) for k, v in structure.items()}})
+    d = structure.get("hidden_size")
+    if d is not None:
+        base = base_model(model)
+        if int(d) != base.embeddings.LayerNorm.normalized_shape[0]:
+            _hidden.resize_hidden(model, base, layers, int(d))
+    model.config.update({CONFIG_KEY: {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                      for k, v in structure.items()}})
 
 
 def _values(mask_or_values, n, what, i):
@@ -96,7 +114,7 @@ def _values(mask_or_values, n, what, i):
 
 
 @torch.no_grad()
-def compact(model: nn.Module, *, heads=None, ffn=None) -> dict:
+def compact(model: nn.Module, *, heads=None, ffn=None, hidden=None) -> dict:
     """Remove pruned heads / FFN units in place; returns the structure written to the config.
 
     Args:
@@ -106,14 +124,16 @@ def compact(model: nn.Module, *, heads=None, ffn=None) -> dict:
             the gates are removed afterwards.
         heads: optional list (one per layer) of ``[H]`` keep masks or gate values.
         ffn: optional list (one per layer) of ``[F]`` keep masks or gate values.
+        hidden: optional ``[D]`` keep mask or gate values over the hidden dim
+            (values are folded like the gate values of the gated model).
     """
     layers = encoder_layers(model)
     gates = getattr(model, "kdfast_gates", None)
     n = len(layers)
     if heads is not None and len(heads) != n or ffn is not None and len(ffn) != n:
         raise ValueError(f"heads and ffn must have one entry per layer ({n})")
-    hv, fv = [], []
-    if gates is not None and heads is None and ffn is None:
+    hv, fv, zv = [], [], hidden
+    if gates is not None and heads is None and ffn is None and hidden is None:
         was = gates.training
         gates.eval()
         for i in range(n):
@@ -121,10 +141,17 @@ def compact(model: nn.Module, *, heads=None, ffn=None) -> dict:
             f = gates.ffn_values(i)
             hv.append(None if h is None else h.detach().float().cpu())
             fv.append(None if f is None else f.detach().float().cpu())
+        z = gates.hidden_values()
+        zv = None if z is None else z.detach().float().cpu()
         gates.train(was)
     else:
         hv = [None] * n if heads is None else list(heads)
         fv = [None] * n if ffn is None else list(ffn)
+    if gates is not None:
+        remove_gates(model)  # restores the plain LayerNorms before they are resized
+    if zv is not None:  # fail before anything is modified
+        zv = _hidden.check_hidden(model, base_model(model), layers, zv)
+    prev = dict(getattr(model.config, CONFIG_KEY, None) or {})
     structure = {"num_heads": [], "ffn_dims": [], "kept_heads": []}
     for i, layer in enumerate(layers):
         sa = layer.attention.self
@@ -164,7 +191,12 @@ def compact(model: nn.Module, *, heads=None, ffn=None) -> dict:
         structure["num_heads"].append(len(keep_h))
         structure["ffn_dims"].append(len(keep_f))
         structure["kept_heads"].append(keep_h.tolist())
-    if gates is not None:
-        remove_gates(model)
+    full = prev.get("full_hidden_size", model.config.hidden_size)
+    kept = prev.get("kept_hidden", list(range(full)))
+    if zv is not None:
+        keep = _hidden.compact_hidden(model, base_model(model), layers, zv)
+        kept = [kept[j] for j in keep]
+    if len(kept) != full:
+        structure.update({"hidden_size": len(kept), "full_hidden_size": full, "kept_hidden": kept})
     model.config.update({CONFIG_KEY: structure})
     return structure

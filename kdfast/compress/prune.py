@@ -2,12 +2,12 @@
 
     import kdfast.hf                                   # the gates act inside the kdfast attention
     model = AutoModelForQuestionAnswering.from_config(cfg, attn_implementation="kdfast")
-    gates = kdfast.compress.add_gates(model, heads=True, ffn=True)
+    gates = kdfast.compress.add_gates(model, heads=True, ffn=True, hidden=True)
     ctl = kdfast.nn.SparsityController(target=0.6, warmup_steps=2000)
     ...
     loss = task_or_kd_loss + ctl.penalty(gates.expected_sparsity(), step)
     ...
-    model.eval(); kdfast.compress.compact(model)         # physically removes pruned heads / units
+    model.eval(); kdfast.compress.compact(model)         # physically removes pruned heads / units / dims
 
 Gates (one :class:`~kdfast.nn.HardConcreteGate` each, held in
 ``model.kdfast_gates``, so they are parameters of the model):
@@ -17,9 +17,19 @@ Gates (one :class:`~kdfast.nn.HardConcreteGate` each, held in
 - ``ffn``: one per FFN intermediate unit per layer (scales the intermediate
   activations),
 - ``layers``: one for each whole attention and FFN sublayer per layer
-  (CoFi ``mha_z`` / ``ffn_z``), multiplying the finer gates.
+  (CoFi ``mha_z`` / ``ffn_z``), multiplying the finer gates,
+- ``hidden``: one gate over the hidden dimension d_model, shared by the
+  embeddings and every layer (CoFi ``hidden_z``): it multiplies each sublayer
+  output written to the residual stream, and the residual LayerNorms become
+  :class:`~kdfast.compress.hidden.GatedLayerNorm` (statistics over the kept
+  dims only, output times the gate, exact zeros in pruned dims), so that
+  :func:`~kdfast.compress.compact` can remove the pruned dims exactly. See
+  :mod:`kdfast.compress.hidden`. Works with any attention implementation.
 
-The hidden-dimension gate of CoFi is not implemented.
+Expected sizes follow CoFi: a layer's expected prunable parameters are
+``4 * E[d] * dh * E[heads] + 2 * E[d] * E[ffn units]`` (expectations of
+independent gates multiply; ``E[d] = d_model`` without a hidden gate).
+Embeddings and the task head are not counted (as in CoFi).
 
 Works on models whose encoder is ``<model>.<base>.encoder.layer[i]`` with
 ``attention.self.{query,key,value}``, ``attention.output.dense``,
@@ -31,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdfast.compress import hidden as _hidden
 from kdfast.nn.gates import HardConcreteGate
 
 
@@ -44,6 +55,15 @@ def encoder_layers(model: nn.Module):
     raise ValueError("model has no BERT-family encoder (expected .encoder.layer[i].attention/.intermediate)")
 
 
+def base_model(model: nn.Module):
+    """The module holding ``.embeddings`` and ``.encoder`` (e.g. ``model.bert``; raises if not found)."""
+    for m in model.modules():
+        layers = getattr(getattr(m, "encoder", None), "layer", None)
+        if isinstance(layers, nn.ModuleList) and hasattr(m, "embeddings"):
+            return m
+    raise ValueError("model has no BERT-family base model (expected .embeddings and .encoder.layer)")
+
+
 def _head_dim(sa):
     return sa.attention_head_size
 
@@ -55,13 +75,15 @@ def _n_heads(sa):
 class PruningGates(nn.Module):
     """The gates of one model, with expected size and sparsity reports."""
 
-    def __init__(self, layers, heads, ffn, layer_gates, init_keep):
+    def __init__(self, layers, heads, ffn, layer_gates, init_keep, hidden=False):
         super().__init__()
         self.head = nn.ModuleList()
         self.ffn = nn.ModuleList()
         self.mha_layer = nn.ModuleList()
         self.ffn_layer = nn.ModuleList()
-        self.has = {"heads": heads, "ffn": ffn, "layers": layer_gates}
+        self.has = {"heads": heads, "ffn": ffn, "layers": layer_gates, "hidden": hidden}
+        self.hidden = HardConcreteGate(layers[0].attention.self.query.in_features, init_keep=init_keep) \
+            if hidden else None
         self.shapes = []
         for layer in layers:
             sa = layer.attention.self
@@ -92,7 +114,14 @@ class PruningGates(nn.Module):
             z = zl.expand(self.shapes[i][3]) if z is None else z * zl
         return z
 
+    def hidden_values(self):
+        """Hidden-gate values ``[D]`` (a sample in training, deterministic in eval), or None."""
+        return self.hidden() if self.has["hidden"] else None
+
     # --- expected size ------------------------------------------------------
+    def _expected_hidden(self, d):
+        return self.hidden.prob_nonzero().sum() if self.has["hidden"] else torch.tensor(float(d))
+
     def _expected_units(self, i):
         H, dh, d, F_ = self.shapes[i]
         eh = self.head[i].prob_nonzero().sum() if self.has["heads"] else torch.tensor(float(H))
@@ -111,7 +140,8 @@ class PruningGates(nn.Module):
         total = 0.0
         for i, (H, dh, d, F_) in enumerate(self.shapes):
             eh, ef = self._expected_units(i)
-            total = total + 4 * d * dh * eh + 2 * d * ef
+            ed = self._expected_hidden(d)
+            total = total + 4 * ed * dh * eh + 2 * ed * ef
         return total
 
     def expected_sparsity(self):
@@ -120,18 +150,22 @@ class PruningGates(nn.Module):
 
     @torch.no_grad()
     def report(self):
-        """Per layer: expected heads, FFN units and parameters, and the hard (eval) counts."""
+        """Per layer: expected heads, FFN units, hidden dims and parameters, and the hard (eval) counts."""
         rows = []
+        zv = self._eval(lambda _: self.hidden_values(), 0)
         for i, (H, dh, d, F_) in enumerate(self.shapes):
             eh, ef = self._expected_units(i)
+            ed = self._expected_hidden(d)
             hv = self._eval(self.head_values, i)
             fv = self._eval(self.ffn_values, i)
             kh = int((hv > 0).sum()) if hv is not None else H
             kf = int((fv > 0).sum()) if fv is not None else F_
+            kd = int((zv > 0).sum()) if zv is not None else d
             rows.append({"layer": i, "heads": H, "expected_heads": float(eh), "kept_heads": kh,
                          "ffn": F_, "expected_ffn": float(ef), "kept_ffn": kf,
-                         "expected_params": float(4 * d * dh * eh + 2 * d * ef),
-                         "kept_params": 4 * d * dh * kh + 2 * d * kf})
+                         "hidden": d, "expected_hidden": float(ed), "kept_hidden": kd,
+                         "expected_params": float(4 * ed * dh * eh + 2 * ed * ef),
+                         "kept_params": 4 * kd * dh * kh + 2 * kd * kf})
         return rows
 
     def _eval(self, fn, i):
@@ -161,27 +195,33 @@ def _ffn_hook(gates, i):
 
 
 def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers: bool = False,
-              init_keep: float = 0.9) -> PruningGates:
+              hidden: bool = False, init_keep: float = 0.9) -> PruningGates:
     """Add L0 gates to a BERT-family HF model in place; returns the :class:`PruningGates`.
 
     The gates become ``model.kdfast_gates`` (parameters of the model). Head
     gates act through the ``"kdfast"`` attention (``import kdfast.hf`` and
     ``attn_implementation="kdfast"``); FFN gates through a forward hook on
-    each ``intermediate`` module. Call again after :func:`remove_gates` only.
+    each ``intermediate`` module; the hidden gate (``hidden=True``, one gate
+    ``[d_model]``) through hooks on the residual writers and gated LayerNorms
+    (:mod:`kdfast.compress.hidden`). Call again after :func:`remove_gates` only.
     """
     if hasattr(model, "kdfast_gates"):
         raise ValueError("model already has kdfast gates (remove_gates(model) first)")
-    if not (heads or ffn or layers):
-        raise ValueError("add_gates: enable at least one of heads, ffn, layers")
+    if not (heads or ffn or layers or hidden):
+        raise ValueError("add_gates: enable at least one of heads, ffn, layers, hidden")
     enc = encoder_layers(model)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if (heads or layers) and impl != "kdfast":
         raise ValueError(f"head gates act inside the kdfast attention, but the model uses attn_implementation="
                          f"{impl!r}; build it with attn_implementation='kdfast' (after import kdfast.hf) or call "
                          "model.set_attn_implementation('kdfast')")
-    gates = PruningGates(enc, heads, ffn, layers, init_keep)
+    base = base_model(model) if hidden else None
+    if hidden and any(not hasattr(layer.attention.self, "query") for layer in enc):
+        raise ValueError("add_gates(hidden=True) needs every layer's attention (compact after training, not before)")
+    gates = PruningGates(enc, heads, ffn, layers, init_keep, hidden=hidden)
     p = next(model.parameters())
     gates.to(device=p.device)
+    gates.train(model.training)  # a model in eval mode gets deterministic gates
     model.kdfast_gates = gates
     model._kdfast_hooks = []
     for i, layer in enumerate(enc):
@@ -189,6 +229,9 @@ def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers:
             layer.attention.self.kdfast_head_gates = _HeadGateFn(gates, i)
         if ffn or layers:
             model._kdfast_hooks.append(layer.intermediate.register_forward_hook(_ffn_hook(gates, i)))
+    if hidden:
+        gates.hidden_mask, handles = _hidden.install_hidden(base, enc, gates.hidden_values)
+        model._kdfast_hooks += handles
     return gates
 
 
@@ -196,6 +239,9 @@ def remove_gates(model: nn.Module) -> None:
     """Undo :func:`add_gates` (the model computes as it did before)."""
     for h in getattr(model, "_kdfast_hooks", []):
         h.remove()
+    gates = getattr(model, "kdfast_gates", None)
+    if gates is not None and gates.has.get("hidden"):
+        _hidden.remove_hidden(base_model(model), encoder_layers(model))
     for layer in encoder_layers(model):
         sa = layer.attention.self
         if hasattr(sa, "kdfast_head_gates"):

@@ -9,7 +9,10 @@ transformers 5 removed ``prune_heads`` / ``config.pruned_heads``, and a plain
 per-layer head counts and FFN widths live in ``config.kdfast_pruning``;
 :func:`load_pruned` builds the architecture from the config, resizes each
 layer to those shapes and then loads the weights (strictly: every weight must
-be present with its shape).
+be present with its shape). With a pruned hidden dim, ``config.hidden_size``
+is the kept width and ``kdfast_pruning["full_hidden_size"]`` the original:
+the model is built at the original width (so the attention head size is the
+original ``full_hidden_size // num_attention_heads``), then resized.
 """
 from __future__ import annotations
 
@@ -80,8 +83,11 @@ def load_pruned(directory: str, *, model_class=None, attn_implementation: str | 
     if attn_implementation == "kdfast":
         import kdfast.hf  # noqa: F401  (registers the implementation)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = model_class._from_config(config, **kwargs)
     structure = getattr(config, CONFIG_KEY, None)
+    full = (structure or {}).get("full_hidden_size")
+    if full is not None:
+        config.hidden_size = int(full)  # build at the original width: head size = full // num_attention_heads
+    model = model_class._from_config(config, **kwargs)
     if structure:
         apply_structure(model, structure)
     sd = _read_state_dict(directory)

@@ -23,7 +23,9 @@ Meaning (the reference below is the specification):
   positions output 0 and are not computed (what FlashAttention varlen does);
   by default they are computed over the valid keys like SDPA with a padding
   mask, so outputs equal SDPA's everywhere.
-- ``dropout_p > 0`` runs the reference (no kernel draws dropout masks).
+- ``dropout_p > 0`` (training with attention dropout) runs PyTorch SDPA, which
+  draws the dropout mask, plus the gates and zero rows above (the reference
+  when a block mask is given: SDPA cannot skip blocks).
 
 Equivalent PyTorch (no gates, no block mask)::
 
@@ -317,6 +319,37 @@ def _check_inputs(q, k, v, mask, head_gates, active_heads, block_mask, block_siz
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def _attention_dropout(q, k, v, mask, head_gates, active_heads, scale, dropout_p, zero_padded_queries):
+    """``dropout_p > 0`` without a block mask: PyTorch SDPA draws the dropout mask (its fused
+    kernels take the padding mask too, so no L x L map on CUDA), then kdfast's extras: head
+    gates, inactive heads and key-less rows give 0, padded queries give 0 when asked.
+    """
+    B, H = q.shape[:2]
+    heads = None
+    if active_heads is not None:
+        heads = _active_mask(active_heads, H, q.device).nonzero().flatten()
+        q, k, v = q[:, heads], k[:, heads], v[:, heads]
+    attn_mask = live = None
+    if mask is not None:
+        keep = mask != 0
+        live = keep.any(-1)
+        # An example with no key attends everywhere here (finite values and gradients, unlike an
+        # all-False SDPA row) and is zeroed below.
+        attn_mask = (keep | ~live[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    if mask is not None:
+        rows = live[:, None] & keep if zero_padded_queries else live[:, None].expand(B, q.shape[2])
+        out = out * rows[:, None, :, None].to(out.dtype)
+    if head_gates is not None:
+        g = head_gates if head_gates.dim() == 2 else head_gates[None, :]
+        g = g if heads is None else g[:, heads]
+        out = out * g[:, :, None, None].to(out.dtype)
+    if heads is not None:
+        full = out.new_zeros(B, H, *out.shape[2:])
+        out = full.index_copy(1, heads, out)
+    return out
+
+
 def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_mask=None,
               block_size=DEFAULT_BLOCK_SIZE, scale=None, dropout_p=0.0, zero_padded_queries=False):
     """Scaled dot-product attention with padding, head gates, head pruning and block sparsity.
@@ -328,7 +361,7 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
         active_heads: ``[H]`` bool or int64 indices of the heads to compute; the others give 0.
         block_mask: ``[1|B, 1|H, ceil(Lq/block_size), ceil(Lk/block_size)]`` bool.
         scale: defaults to ``1/sqrt(D)``.
-        dropout_p: attention-probability dropout (reference backend only).
+        dropout_p: attention-probability dropout (runs SDPA, or the reference with a block mask).
         zero_padded_queries: padded query rows output 0 instead of attending.
 
     Returns ``[B, H, Lq, D]`` in q's dtype (stored as ``[B, Lq, H, D]``, so
@@ -341,8 +374,10 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
     if zero_padded_queries and mask is not None and q.shape[2] != k.shape[2]:
         raise ValueError("zero_padded_queries needs self-attention (Lq == Lk) so that mask also marks queries")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dropout_p > 0 and block_mask is None:
+        return _attention_dropout(q, k, v, mask, head_gates, active_heads, scale, dropout_p, zero_padded_queries)
     if dropout_p > 0:
-        # No kernel draws dropout masks: autograd through the reference.
+        # No kernel draws dropout masks and SDPA cannot skip blocks: autograd through the reference.
         return attention_reference(q, k, v, mask=mask, head_gates=head_gates, active_heads=active_heads,
                                    block_mask=block_mask, block_size=block_size, scale=scale,
                                    dropout_p=dropout_p, zero_padded_queries=zero_padded_queries)

@@ -328,6 +328,69 @@ class _KDRowsEager(torch.autograd.Function):
         return (grad,) + (None,) * (2 + len(ctx.args))
 
 
+def _row_grad_weights(reduction, soft_scale, hard_weight, count, V):
+    """d loss / d (soft_i, hard_i) at grad_output = 1: the same for every counted row."""
+    denom = max(count, 1)
+    if reduction in ("none", "sum"):
+        return soft_scale, hard_weight
+    if reduction == "batchmean":
+        return soft_scale / denom, hard_weight / denom
+    return soft_scale / (denom * V), hard_weight / denom  # mean
+
+
+class _KDLossFusedCPU(torch.autograd.Function):
+    """kd_loss with the student gradient computed in the forward (CPU kernel).
+
+    The kernel visits each row once for the loss and its gradient at
+    grad_output = 1 (the row stays in cache; KL and reverse KL reuse the
+    forward's exponentials), so the backward only scales it: nothing when
+    grad_output is 1 (``loss.backward()``), one multiply otherwise. Peak memory
+    is unchanged: the one logits-sized gradient buffer, held from the forward.
+    A second backward through the same graph (retain_graph) recomputes the
+    gradient with the backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, div, beta, ignore_index, compute_hard,
+                soft_weight, hard_weight, reduction, scale_by_t2, lead_shape):
+        V = student.shape[1]
+        count = student.shape[0] if labels is None else int((labels != ignore_index).sum())
+        soft_scale = soft_weight * (temperature * temperature if scale_by_t2 else 1.0)
+        weights = _row_grad_weights(reduction, soft_scale, hard_weight if compute_hard else 0.0, count, V)
+        rows, stats, grad = torch.ops.kdfast_C.kd_loss_fwd_grad(student, teacher, labels, temperature, div, beta,
+                                                               ignore_index, compute_hard, *weights)
+        ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.grad, ctx.weights, ctx.reduction = grad, weights, reduction
+        ctx.args = (temperature, div, beta, ignore_index, compute_hard)
+        # Every reduction is a weighted sum of the rows with these weights (what _combine computes).
+        per_row = torch.mv(rows, torch.tensor(weights, dtype=rows.dtype))
+        return per_row.reshape(lead_shape) if reduction == "none" else per_row.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None  # drop our reference so autograd can take the buffer over
+        none = (None,) * 12
+        if not ctx.needs_input_grad[0]:
+            return (None,) + none
+        per_row = ctx.reduction == "none"
+        scale = grad_out.reshape(-1, 1).float() if per_row else float(grad_out)
+        if grad is not None:
+            if not per_row and scale == 1.0:
+                return (grad,) + none
+            if grad.dtype == torch.float32:  # low-precision gradients are recomputed: one rounding, not two
+                return (grad.mul_(scale),) + none
+        student, teacher, labels, stats = ctx.saved_tensors
+        w = torch.tensor(ctx.weights, dtype=torch.float32)
+        grad_rows = (scale * w).expand(student.shape[0], 2).contiguous()
+        grad = backends.run("kd_loss_bwd", student, teacher, labels, stats, grad_rows, *ctx.args, backend="cpu")
+        return (grad,) + none
+
+
+def _fused_cpu_ok(s, t):
+    return (torch.is_grad_enabled() and s.requires_grad and not torch.compiler.is_compiling()
+            and backends.choose("kd_loss", s, t) == "cpu" and hasattr(torch.ops.kdfast_C, "kd_loss_fwd_grad"))
+
+
 def kd_rows(student, teacher, labels, *, temperature, divergence, beta, ignore_index, compute_hard):
     """Per-row (soft, hard) terms [N, 2] float32 through the fastest backend, with autograd."""
     args = (float(temperature), _DIV_CODE[divergence], float(beta), int(ignore_index), bool(compute_hard))
@@ -404,6 +467,11 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, div
     t = teacher_logits.reshape(-1, V)
     lab = validate_labels(labels, s.shape[0], V, ignore_index)
     divergence, beta = _canonical_divergence(divergence, beta)
+    compute_hard = hard_weight != 0 and lab is not None
+    if _fused_cpu_ok(s, t):
+        return _KDLossFusedCPU.apply(_rows_2d(s), _rows_2d(t), lab, float(temperature), _DIV_CODE[divergence],
+                                     float(beta), int(ignore_index), compute_hard, float(soft_weight),
+                                     float(hard_weight), reduction, scale_by_t2, student_logits.shape[:-1])
     rows = kd_rows(s, t, lab, temperature=temperature, divergence=divergence, beta=beta,
                    ignore_index=ignore_index, compute_hard=hard_weight != 0 and lab is not None)
     return _combine(rows, lab, V, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_t2,

@@ -9,7 +9,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops.kd_loss import _kd_fwd, _masked_log_softmax, kd_loss_reference
+from kdfast.ops.kd_loss import _masked_log_softmax, kd_loss_reference, kd_rows
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -58,6 +58,54 @@ def qa_kd_loss_reference(student_start, student_end, teacher_start, teacher_end,
         return loss
 
     return 0.5 * (term(student_start, teacher_start, start_positions) + term(student_end, teacher_end, end_positions))
+
+
+def _stack(start, end, keep2):
+    """[2B, L] rows of start then end logits, masked tokens set to -inf."""
+    x = torch.cat([start, end], 0)
+    return x if keep2 is None else x.masked_fill(~keep2, float("-inf"))
+
+
+class _QAKDFusedCPU(torch.autograd.Function):
+    """qa_kd_loss on the CPU kernel that computes the gradient in the forward
+    (see kd_loss._KDLossFusedCPU): the start and end rows are one [2B, L]
+    problem with a (soft, hard) weight pair per row; the backward scales the
+    gradient and hands back its two halves (the -inf fill and the stacking
+    happen inside, so autograd records one node)."""
+
+    @staticmethod
+    def forward(ctx, student_start, student_end, teacher_start, teacher_end, keep2, labels, weights, T,
+                with_hard):
+        s = _stack(student_start, student_end, keep2)
+        t = _stack(teacher_start, teacher_end, keep2)
+        rows, stats, grad = torch.ops.kdfast_C.kd_loss_fwd_grad(s, t, labels, T, 0, 0.5, -100, with_hard, 0.0,
+                                                               0.0, weights)
+        ctx.save_for_backward(s, t, labels, stats, weights)
+        ctx.grad, ctx.T, ctx.with_hard, ctx.B = grad, T, with_hard, student_start.shape[0]
+        return (rows * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None  # drop our reference: autograd may take the buffer over
+        c = float(grad_out)
+        if grad is None or (c != 1.0 and grad.dtype != torch.float32):
+            s, t, labels, stats, weights = ctx.saved_tensors  # recompute: one rounding for low precision
+            grad = backends.run("kd_loss_bwd", s, t, labels, stats, (weights * c).contiguous(), ctx.T, 0, 0.5,
+                                -100, ctx.with_hard, backend="cpu")
+        elif c != 1.0:
+            grad.mul_(c)
+        B = ctx.B
+        return (grad[:B], grad[B:]) + (None,) * 7
+
+
+def _row_weights(B, T, soft_weight, hard_weight, counted, with_hard):
+    """d loss / d (soft, hard) of each of the 2B rows (start rows, then end rows)."""
+    w = torch.zeros(2 * B, 2, dtype=torch.float32, device=counted.device if counted is not None else "cpu")
+    w[:, 0] = 0.5 * soft_weight * T * T / max(B, 1)
+    if with_hard:
+        c = counted.reshape(2, B).to(torch.float32)
+        w[:, 1] = (0.5 * hard_weight * c / c.sum(1, keepdim=True).clamp(min=1)).reshape(-1)
+    return w
 
 
 def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_positions=None, end_positions=None,
@@ -116,13 +164,7 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
                              f"got {tuple(attention_mask.shape)}")
         keep = attention_mask != 0
 
-    s = torch.cat([student_start, student_end], 0)
-    t = torch.cat([teacher_start, teacher_end], 0)
-    keep2 = None
-    if keep is not None:
-        keep2 = keep.repeat(2, 1)
-        s = s.masked_fill(~keep2, float("-inf"))
-        t = t.masked_fill(~keep2, float("-inf"))
+    keep2 = None if keep is None else keep.repeat(2, 1)
 
     labels = counted = None
     with_hard = start_positions is not None and hard_weight != 0
@@ -141,10 +183,18 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
             stand_in = torch.where(dead, -100, keep2.to(torch.uint8).argmax(1))
         labels = torch.where(counted, pos, stand_in)
 
-    # Like kd_loss.kd_rows, but the backend is chosen inside the op under
-    # torch.compile (the dispatcher's contextvar cannot be traced by dynamo).
-    backend = "" if torch.compiler.is_compiling() else backends.explain("kd_loss", s, t).backend
-    rows, _ = _kd_fwd(s, t, labels, T, 0, 0.5, -100, with_hard, backend)
+    if (torch.is_grad_enabled() and (student_start.requires_grad or student_end.requires_grad)
+            and student_start.dtype == student_end.dtype and not torch.compiler.is_compiling()
+            and backends.choose("kd_loss", student_start, teacher_start) == "cpu"):
+        weights = _row_weights(B, T, soft_weight, hard_weight, counted, with_hard)
+        return _QAKDFusedCPU.apply(student_start, student_end, teacher_start, teacher_end, keep2, labels, weights,
+                                   T, with_hard)
+    s = _stack(student_start, student_end, keep2)
+    t = _stack(teacher_start, teacher_end, keep2)
+    # Eager: one backend for forward and backward without the custom-op dispatch
+    # layers; under torch.compile the op chooses at run time.
+    rows = kd_rows(s, t, labels, temperature=T, divergence="kl", beta=0.5, ignore_index=-100,
+                   compute_hard=with_hard)
     soft = rows[:, 0].reshape(2, B)
     loss = soft_weight * T * T * soft.sum(1) / max(B, 1)
     if with_hard:

@@ -188,6 +188,48 @@ def test_dropout_runs_reference_with_grad():
     assert not torch.allclose(out, attention(q, k, v))
 
 
+def test_dropout_is_sdpa_dropout_with_gates():
+    # With dropout the op is SDPA (same RNG stream, so the same dropout mask) times the head gates.
+    q, k, v = make_qkv(3, 4, 29, 16, seed=5)
+    m = pad_mask(3, 29, [29, 11, 5])
+    gates = torch.tensor([1.0, 0.3, 0.0, 0.8])
+    torch.manual_seed(1)
+    got = attention(q, k, v, mask=m, head_gates=gates, dropout_p=0.25)
+    torch.manual_seed(1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :], dropout_p=0.25)
+    assert torch.allclose(got, want * gates[None, :, None, None], rtol=1e-5, atol=1e-5)
+    # zero_padded_queries: the padded query rows are 0, the others unchanged
+    torch.manual_seed(1)
+    zq = attention(q, k, v, mask=m, head_gates=gates, dropout_p=0.25, zero_padded_queries=True)
+    assert torch.equal(zq[~m[:, None, :].expand(3, 4, 29)], torch.zeros_like(zq[~m[:, None, :].expand(3, 4, 29)]))
+    assert torch.allclose(zq[m[:, None, :].expand(3, 4, 29)], got[m[:, None, :].expand(3, 4, 29)])
+
+
+def test_dropout_keyless_rows_inactive_heads_and_grads():
+    q, k, v = [x.detach().requires_grad_() for x in make_qkv(2, 3, 13, 8, seed=6)]
+    m = pad_mask(2, 13, [13, 0])  # the second example has no key at all
+    gates = torch.tensor([[1.0, 0.5, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    torch.manual_seed(2)
+    out = attention(q, k, v, mask=m, head_gates=gates, active_heads=torch.tensor([0, 2]), dropout_p=0.1)
+    assert out.shape == (2, 3, 13, 8)
+    assert (out[1] == 0).all() and (out[:, 1] == 0).all()  # key-less example, inactive head
+    (out * torch.randn_like(out)).sum().backward()
+    for x in (q, k, v, gates):
+        assert torch.isfinite(x.grad).all()
+    assert (q.grad[1] == 0).all() and (q.grad[:, 1] == 0).all() and (gates.grad[:, 1] == 0).all()
+    assert q.grad[0, 0].abs().sum() > 0 and gates.grad[0, 2] != 0
+
+
+def test_dropout_averages_to_the_no_dropout_output():
+    # Inverted dropout is unbiased: the mean over many draws approaches the plain output.
+    q, k, v = make_qkv(1, 2, 8, 4, seed=7)
+    m = pad_mask(1, 8, [6])
+    plain = attention(q, k, v, mask=m)
+    torch.manual_seed(3)
+    mean = torch.stack([attention(q, k, v, mask=m, dropout_p=0.3) for _ in range(4000)]).mean(0)
+    assert torch.allclose(mean, plain, atol=0.06 * plain.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_opcheck(backend):
     q, k, v = [x.contiguous() for x in make_qkv(2, 2, 19, 8, seed=2)]

@@ -160,8 +160,9 @@ def test_never_allocates_full_logits():
     full = N * V * 4
     ours = _max_alloc_bytes(lambda: fused_linear_kd_loss(sh, sw, d["th"], d["tw"], d["labels"], hard_weight=0.5,
                                                          chunk_size=64).backward())
-    # Largest single buffer: one [64, V] chunk of logits (8x below the full [N, V] logits).
-    assert ours <= 64 * V * 4 < full
+    # Largest op allocation: one [64, V] chunk of logit gradients plus the chunk's per-row
+    # (soft, hard) terms and 4 statistics (8x below the full [N, V] logits).
+    assert ours <= 64 * V * 4 + 64 * 6 * 4 < full
     # The measurement can fail: the materialising reference allocates the full logits.
     ref = _max_alloc_bytes(lambda: fused_linear_kd_loss_reference(sh, sw, d["th"], d["tw"], d["labels"],
                                                                   hard_weight=0.5).backward())

@@ -285,3 +285,66 @@ def test_bad_input_errors(call, match):
     s, t, _ = make_inputs(n=4, v=20, masked=False, labels=False)
     with pytest.raises((ValueError, TypeError), match=match):
         call(s, t)
+
+
+# --------------------------------------------------------------------------
+# The fused CPU path: forward computes the gradient, backward scales it.
+# --------------------------------------------------------------------------
+def _grads_both_paths(monkeypatch, s, t, lab, gout, retain=False, **opts):
+    import importlib
+    mod = importlib.import_module("kdfast.ops.kd_loss")
+    out = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(mod, "_fused_cpu_ok", lambda *a: False)
+        x = s.detach().clone().requires_grad_(True)
+        with kdfast.use_backend("cpu"):
+            loss = kd_loss(x, t, lab, **opts)
+        name = type(loss.grad_fn).__name__
+        assert ("_KDLossFusedCPU" in name) == fused, name
+        g = gout.reshape(loss.shape) if torch.is_tensor(gout) else torch.full(loss.shape, float(gout))
+        loss.backward(g, retain_graph=retain)
+        first = x.grad.clone()
+        if retain:  # a second backward through the same graph recomputes the same gradient
+            x.grad = None
+            loss.backward(g)
+            tol = 1e-6 * first.nan_to_num().abs().max()
+            assert torch.allclose(x.grad, first, rtol=1e-5, atol=tol, equal_nan=True)
+        out.append((loss.detach(), first))
+    return out
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("gout", [1.0, -0.3])
+def test_fused_cpu_path_equals_two_kernel_path(monkeypatch, divergence, reduction, gout):
+    s, t, lab = make_inputs(n=21, v=777, seed=29)
+    s[5, 3] = float("nan")  # NaN row: NaN loss and gradient on both paths
+    opts = dict(temperature=2.0, divergence=divergence, reduction=reduction, hard_weight=0.3, soft_weight=0.8)
+    (l1, g1), (l2, g2) = _grads_both_paths(monkeypatch, s.float(), t.float(), lab, gout, retain=True, **opts)
+    assert torch.equal(l1.isnan(), l2.isnan()) and torch.equal(g1.isnan(), g2.isnan())
+    assert torch.allclose(l1.nan_to_num(), l2.nan_to_num(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g1.nan_to_num(), g2.nan_to_num(), rtol=1e-4, atol=1e-7 * g2.nan_to_num().abs().max())
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_path_against_oracle_unit_grad_output(temperature, dtype):
+    # grad_output = 1 returns the forward's gradient as is: check it against float64.
+    s, t, lab = make_inputs(n=19, v=1031, dtype=dtype, seed=31)
+    check("cpu", s, t, lab, dtype=dtype, gout=1.0, temperature=temperature, hard_weight=0.5)
+
+
+@pytest.mark.cpu
+def test_fused_cpu_path_per_row_grad_output_and_no_grad_forward(monkeypatch):
+    s, t, lab = make_inputs(n=12, v=300, seed=37)
+    gout = torch.linspace(-2, 2, 12)
+    (l1, g1), (l2, g2) = _grads_both_paths(monkeypatch, s.float(), t.float(), lab, gout, reduction="none",
+                                           temperature=2.0)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-8)
+    with torch.no_grad():  # no gradient wanted: the plain forward, no gradient buffer
+        out = kd_loss(s.float().requires_grad_(), t.float(), lab, temperature=2.0)
+    assert out.grad_fn is None
+    assert torch.allclose(out, l2.sum() / (lab != -100).sum(), rtol=1e-5)

@@ -206,3 +206,26 @@ def test_bad_inputs():
         qa_kd_loss(ss, se, ts.to("meta"), te)
     with pytest.raises(ValueError, match="temperature"):
         QAKDLoss(temperature=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_path_unit_grad_and_second_backward(dtype):
+    # The CPU path computes the gradient in the forward: grad_output = 1 returns it as is, a
+    # second backward through the graph (retain_graph) recomputes it.
+    B, L = 6, 53
+    logits, sp, ep = make(B, L, seed=41)
+    sp[1] = L
+    kw = dict(temperature=2.0, soft_weight=0.7, hard_weight=0.3, attention_mask=padded_mask(B, L, seed=3))
+    ss, se = (x.detach().to(dtype).requires_grad_() for x in logits[:2])
+    ts, te = (x.to(dtype) for x in logits[2:])
+    with kdfast.use_backend("cpu"):
+        out = qa_kd_loss(ss, se, ts, te, sp, ep, **kw)
+    assert "_QAKDFusedCPU" in type(out.grad_fn).__name__
+    g1 = torch.autograd.grad(out, (ss, se), retain_graph=True)
+    g2 = torch.autograd.grad(out, (ss, se), torch.tensor(0.5))
+    oracle, *og = run(qa_kd_loss_reference, logits, sp, ep, torch.float64, 1.0, **kw)
+    tref, *tg = run(qa_kd_loss_reference, logits, sp, ep, dtype, 1.0, **kw)
+    for a, b, c, half in zip(g1, og, tg, g2):
+        assert_close_to_oracle(a, b, c, dtype, what="grad")
+        assert torch.allclose(half.double() * 2, a.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                              atol=1e-6)

@@ -31,7 +31,7 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
                 IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,7 +105,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, D
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     # q, do share strides (sq*); k, v, dk, dv share strides (sk*) (the launcher makes them contiguous).
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,7 +167,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
                    IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

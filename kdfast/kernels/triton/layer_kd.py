@@ -50,7 +50,7 @@ def _kl_fwd_kernel(QS, KS, QT, KT, MASK, ROWS, LSE, H, L: tl.constexpr, DS, DT, 
                    qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qt0, qt1, qt2, qt3, kt0, kt1, kt2, kt3,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,7 +107,7 @@ def _kl_dq_kernel(QS, KS, QT, KT, MASK, LSE, DQ, H, L: tl.constexpr, DS, DT, sca
                   qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qt0, qt1, qt2, qt3, kt0, kt1, kt2, kt3,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +134,7 @@ def _kl_dk_kernel(QS, KS, QT, KT, MASK, LSE, DK, H, L: tl.constexpr, DS, DT, sca
                   qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qt0, qt1, qt2, qt3, kt0, kt1, kt2, kt3,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,7 +196,7 @@ def attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, b
 @triton.jit
 def _gram_kernel(X, MASK, G, H, L: tl.constexpr, E: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     """G[bh, a-block, c-block] = sum over kept rows l of X[bh, l, a] X[bh, l, c] (X contiguous [BH, L, E])."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     ia = tl.program_id(1)
     ic = tl.program_id(2)
     b = bh // H
@@ -219,7 +219,7 @@ def _rows_times_kernel(X, G, MASK, OUT, H, L: tl.constexpr, E: tl.constexpr, DOU
                        BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[bh, rows, d-block] = scale * X[bh, rows, :] @ G[bh, :, d-block] on kept rows, else 0."""
     pid_l = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     pid_d = tl.program_id(2)
     b = bh // H
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
