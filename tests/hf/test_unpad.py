@@ -311,3 +311,44 @@ def test_linears_see_only_valid_tokens():
     for h in hooks:
         h.remove()
     assert rows == [int(am.sum())] * 4  # 79 valid tokens of 4 x 41
+
+
+def test_hidden_gate_and_hidden_compaction():
+    # CoFi hidden-dimension gate: hooks on the residual writers and gated LayerNorms act on packed tokens too.
+    ids, am = _batch()
+    keep = am.bool()
+    models = []
+    for _ in range(2):
+        m = _model("kdfast", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        gates = kc.add_gates(m, heads=True, ffn=True, hidden=True)
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            for hg in gates.head:
+                hg.log_alpha.copy_(torch.randn(H, generator=g) * 3)
+            gates.hidden.log_alpha.copy_(torch.randn(H * DH, generator=g) * 3)
+        models.append(m.eval())
+    stock, fast = models
+    kdfast.hf.unpad_encoder(fast)
+    with torch.no_grad():
+        a = stock(input_ids=ids, attention_mask=am).start_logits
+        b = fast(input_ids=ids, attention_mask=am).start_logits
+    _close(b[keep], a[keep])
+    stock.train(), fast.train()
+    torch.manual_seed(12)
+    _valid_loss(stock(input_ids=ids, attention_mask=am), am).backward()
+    torch.manual_seed(12)
+    _valid_loss(fast(input_ids=ids, attention_mask=am), am).backward()
+    ga, gb = _grads(stock), _grads(fast)
+    assert any("hidden" in n for n in ga) and ga.keys() == gb.keys()
+    for n in ga:
+        _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
+    # compaction removes the pruned hidden dims (hidden_size < 96): the unpadded encoder follows
+    for m in (stock, fast):
+        m.eval()
+        kc.compact(m)
+    assert fast.config.hidden_size < H * DH
+    with torch.no_grad():
+        c = stock(input_ids=ids, attention_mask=am).start_logits
+        d = fast(input_ids=ids, attention_mask=am).start_logits
+    _close(d[keep], c[keep])
+    _close(c[keep], a[keep])
