@@ -33,8 +33,10 @@ What the outputs contain:
   only looks at context tokens).
 
 What keeps working, because the modules themselves are called:
-head gates and FFN gates of :func:`kdfast.compress.add_gates` (the FFN gate
-is a forward hook on ``intermediate``), compacted layers of
+head gates, FFN gates and the hidden-dimension gate of
+:func:`kdfast.compress.add_gates` (the FFN gate is a forward hook on
+``intermediate``; the hidden gate hooks the residual writers and swaps in
+gated LayerNorms, which act on the last dim of packed tokens alike), compacted layers of
 :func:`kdfast.compress.compact` (uneven heads per layer, attention or FFN
 removed entirely: ``_NoAttention`` / zero-width linears leave the output
 bias, residual and LayerNorm), observers of the kdfast attention such as
