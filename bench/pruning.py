@@ -1,5 +1,5 @@
-"""Pruning benchmarks: BERT QA forward (dense sdpa / kdfast attention / compacted)
-and the attention op alone vs SDPA with padding and block sparsity.
+"""Pruning benchmarks: BERT QA forward (dense sdpa / kdfast attention / compacted,
+each also with the unpadded encoder of kdfast.hf.unpad_encoder) and the attention op alone vs SDPA with padding and block sparsity.
 
     python bench/pruning.py            # default: 4 layers, 3 rounds, 1 thread (< 3 min here)
     python bench/pruning.py --full     # 12 layers (BERT-base), 5 rounds
@@ -116,6 +116,12 @@ def bench_model(b: Bench, layers, reps, summary):
     compacted = bert_base(layers, "kdfast")
     heads, ffn = pruning_masks(layers)
     kc.compact(compacted, heads=heads, ffn=ffn)
+    # Unpadded encoders (padding removed once per forward, every layer on valid tokens only).
+    fast_unpadded = bert_base(layers, "kdfast")
+    kdfast.hf.unpad_encoder(fast_unpadded)
+    compacted_unpadded = bert_base(layers, "kdfast")
+    kc.compact(compacted_unpadded, heads=heads, ffn=ffn)
+    kdfast.hf.unpad_encoder(compacted_unpadded)
     for B in (1, 8):
         ids, am, lengths = padded_batch(B, 384, seed=B)
         cfg = f"L=384 layers={layers} valid={sum(lengths) / (B * 384):.0%}"
@@ -138,13 +144,19 @@ def bench_model(b: Bench, layers, reps, summary):
 
         res = interleaved(b, "bert_qa_forward", {"sdpa": fwd(dense), "kdfast": fwd(fast),
                                                  "kdfast-zero-pad-q": fwd_zpq(fast),
-                                                 "compacted-kdfast": fwd(compacted)},
+                                                 "kdfast-unpadded": fwd(fast_unpadded),
+                                                 "compacted-kdfast": fwd(compacted),
+                                                 "compacted-unpadded": fwd(compacted_unpadded)},
                           rounds=reps, x_name="B", x_value=B, config=cfg)
         summary.append(f"BERT QA fwd B={B} ({cfg}): sdpa {res['sdpa'] * 1e3:.0f} ms, kdfast attention "
                        f"{res['kdfast'] * 1e3:.0f} ms ({res['sdpa'] / res['kdfast']:.2f}x), +zero padded queries "
                        f"{res['kdfast-zero-pad-q'] * 1e3:.0f} ms ({res['sdpa'] / res['kdfast-zero-pad-q']:.2f}x), "
+                       f"unpadded encoder + kdfast attention {res['kdfast-unpadded'] * 1e3:.0f} ms "
+                       f"({res['sdpa'] / res['kdfast-unpadded']:.2f}x; target >= 1.2x), "
                        f"compacted {res['compacted-kdfast'] * 1e3:.0f} ms "
-                       f"({res['sdpa'] / res['compacted-kdfast']:.2f}x; target >= 1.8x at B=8)")
+                       f"({res['sdpa'] / res['compacted-kdfast']:.2f}x; target >= 1.8x at B=8), "
+                       f"compacted unpadded {res['compacted-unpadded'] * 1e3:.0f} ms "
+                       f"({res['sdpa'] / res['compacted-unpadded']:.2f}x)")
 
 
 def block_mask(H, nb, keep_frac, seed=0):

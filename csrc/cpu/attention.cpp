@@ -55,7 +55,31 @@ struct AttnTile {
   float* lse;
   float gate;
   const bool* qvalid;  // nullptr or per-row validity (zero_padded_queries)
+  // The next tile's query rows (nullptr: none), prefetched while this tile computes, so
+  // that reading Q (and writing the output) does not stall the next tile: these
+  // per-tile memory costs do not shrink with block sparsity, the compute does.
+  const float* qn;
+  int64_t nqn;
 };
+
+// Prefetch part `part` of `nparts` of the next tile's query rows into L2 and of this
+// tile's output rows for writing.
+KDFAST_INLINE void prefetch_part(const AttnTile& t, int64_t part, int64_t nparts) {
+  const int64_t row_bytes = t.D * static_cast<int64_t>(sizeof(float));
+  if (t.qn) {
+    const int64_t r0 = part * t.nqn / nparts, r1 = (part + 1) * t.nqn / nparts;
+    for (int64_t r = r0; r < r1; ++r) {
+      const char* p = reinterpret_cast<const char*>(t.qn + r * t.sq);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+    }
+  }
+  const int64_t nq = t.i1 - t.i0;
+  const int64_t r0 = part * nq / nparts, r1 = (part + 1) * nq / nparts;
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = reinterpret_cast<const char*>(t.out + (t.i0 + r) * t.so);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 1, 2);
+  }
+}
 
 // 16 floats as one value: GCC keeps these in registers and lowers them to
 // zmm (AVX-512), ymm pairs (AVX2) or xmm quads (baseline) per function target.
@@ -167,8 +191,11 @@ KDFAST_INLINE void tile_kernel(const AttnTile& t, Scratch& w) {
   const bool direct_v = D % 16 == 0;  // V rows can be read in place (no padding needed)
   const float* kr[kKT + 4];
   const float* vr[kKT];
+  int64_t nchunks = 0, chunk = 0;
+  for (int64_t sg = 0; sg < t.nseg; ++sg) nchunks += (t.seg_end[sg] - t.seg_begin[sg] + kKT - 1) / kKT;
   for (int64_t sg = 0; sg < t.nseg; ++sg) {
     for (int64_t c0 = t.seg_begin[sg]; c0 < t.seg_end[sg]; c0 += kKT) {
+      prefetch_part(t, chunk++, nchunks);
       const int64_t n = std::min<int64_t>(kKT, t.seg_end[sg] - c0);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t key = t.keys[c0 + j];
@@ -377,26 +404,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
       const bool* qv = qvalid_all ? qvalid_all + b * Lk : nullptr;
       bool any_q = !qv;
       for (int64_t i = i0; i < i1 && !any_q; ++i) any_q = qv[i];
-      if ((ap && !ap[h]) || !any_q) {  // inactive head or all-padded rows: zeros, nothing computed
+      int64_t nseg = 0;
+      const int64_t* ptr = kb_ptr.data() + b * (nkb + 1);
+      if (!(ap && !ap[h]) && any_q) {
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          if (bmp && !bmp[b * bm_sb + h * bm_sh + qb * nkb + kb]) continue;
+          if (ptr[kb + 1] == ptr[kb]) continue;
+          if (nseg > 0 && se[nseg - 1] == ptr[kb]) {  // merge adjacent kept blocks into one segment
+            se[nseg - 1] = ptr[kb + 1];
+          } else {
+            sb[nseg] = ptr[kb];
+            se[nseg] = ptr[kb + 1];
+            ++nseg;
+          }
+        }
+      }
+      if (nseg == 0) {  // inactive head, all-padded rows or no key block kept: zeros, nothing computed
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t d = 0; d < D; ++d) orow[i * so + d] = 0.f;
           if (urow) for (int64_t d = 0; d < D; ++d) urow[i * so + d] = 0.f;
           lrow[i] = kNegInf;
         }
         continue;
-      }
-      int64_t nseg = 0;
-      const int64_t* ptr = kb_ptr.data() + b * (nkb + 1);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        if (bmp && !bmp[b * bm_sb + h * bm_sh + qb * nkb + kb]) continue;
-        if (ptr[kb + 1] == ptr[kb]) continue;
-        if (nseg > 0 && se[nseg - 1] == ptr[kb]) {  // merge adjacent kept blocks into one segment
-          se[nseg - 1] = ptr[kb + 1];
-        } else {
-          sb[nseg] = ptr[kb];
-          se[nseg] = ptr[kb + 1];
-          ++nseg;
-        }
       }
       AttnTile t;
       t.q = qp + b * q.stride(0) + h * q.stride(1);
@@ -419,6 +448,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
       t.lse = lrow;
       t.gate = gp ? gp[b * g_sb + h] : 1.f;
       t.qvalid = qv;
+      t.qn = nullptr;
+      t.nqn = 0;
+      if (task + 1 < t1) {  // the next task's query rows (same tiling arithmetic)
+        const int64_t tile2 = (task + 1) % ntiles, bh2 = (task + 1) / ntiles;
+        const int64_t qb2 = tile2 / tiles_per_block;
+        const int64_t j0 = qb2 * qbs + (tile2 % tiles_per_block) * kQT;
+        const int64_t j1 = std::min({j0 + kQT, (qb2 + 1) * qbs, Lq});
+        if (j0 < j1) {
+          t.qn = qp + (bh2 / H) * q.stride(0) + (bh2 % H) * q.stride(1) + j0 * q.stride(2);
+          t.nqn = j1 - j0;
+        }
+      }
       fn(t, w);
     }
   });

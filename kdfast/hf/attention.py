@@ -105,8 +105,12 @@ def _module_gates(module):
 
 
 def kdfast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             is_causal=None, **kwargs):
-    """transformers attention function: ``[B, H, L, D]`` q/k/v -> (``[B, L, H, D]`` output, None)."""
+                             is_causal=None, zero_padded_queries=None, **kwargs):
+    """transformers attention function: ``[B, H, L, D]`` q/k/v -> (``[B, L, H, D]`` output, None).
+
+    ``zero_padded_queries`` (not passed by transformers) overrides the option of
+    :func:`set_options` for this call (:mod:`kdfast.hf.unpad` passes True)."""
+    zpq = _options["zero_padded_queries"] if zero_padded_queries is None else bool(zero_padded_queries)
     if _observers:
         for fn in tuple(_observers):
             fn(module, query, key, value, attention_mask)
@@ -121,7 +125,7 @@ def kdfast_attention_forward(module, query, key, value, attention_mask, dropout=
             and key.shape[1] == query.shape[1]:
         out = attention(query, key, value, mask=attention_mask, head_gates=gates, active_heads=active,
                         scale=scaling, dropout_p=dropout,
-                        zero_padded_queries=_options["zero_padded_queries"] and attention_mask is not None
+                        zero_padded_queries=zpq and attention_mask is not None
                         and query.shape[2] == key.shape[2])
         return out.transpose(1, 2), None
     # Fallback: patterns the op does not express (causal, 4-D custom masks, GQA).
