@@ -100,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the eager losses")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (providers interleaved in each round)")
     ap.add_argument("--only-l", type=int, default=None, help="run only the size with this L")
     ap.add_argument("--scaling", action="store_true",
                     help="kdfast only, B=1, L = 512..4096: how time and peak memory grow with L")
