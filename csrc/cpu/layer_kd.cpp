@@ -125,6 +125,23 @@ std::vector<int64_t> task_order(const std::vector<Example>& ex, int64_t H) {
   return order;
 }
 
+// MKL's C API for the calling thread's BLAS thread count (mkl_service.h: mkl_set_num_threads_local
+// is a macro for this name; the lowercase symbol is the Fortran, by-reference entry). Weak: null
+// when torch's BLAS is not MKL. Inside the parallel region every product is single-threaded
+// anyway, but MKL picks its kernels from the thread count it believes it has: told 1, it runs
+// its small-matrix kernels without packing copies.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct BlasSingleThread {
+  int previous = 0;
+  BlasSingleThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~BlasSingleThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
 // Worker threads for ntasks tasks.
 int64_t task_threads(int64_t ntasks) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
@@ -137,6 +154,7 @@ void for_each_task(const std::vector<int64_t>& order, int64_t nthreads, Body bod
   const int64_t ntasks = static_cast<int64_t>(order.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    BlasSingleThread blas1;
     for (int64_t slot = t0; slot < t1; ++slot)
       for (int64_t i = next.fetch_add(1); i < ntasks; i = next.fetch_add(1)) body(order[i], slot);
   });
