@@ -85,29 +85,19 @@ def _malloc_for_measuring(on: bool):
     libc.malloc_trim(0)
 
 
-def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0):
-    """Run fn() warmup times, then reps times; returns times (s) p20/p50/p80 and peak extra memory (bytes)."""
+def _quantiles(times):
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"p20": q[1], "p50": statistics.median(times), "p80": q[7]}
+
+
+def peak_memory(fn, *, device="cpu", setup=None):
+    """Peak extra memory (bytes) of one fn() call over the memory in use just before it.
+
+    setup(), if given, runs first and outside the measurement (e.g. freeing the previous call's gradients, so
+    that the baseline does not include them)."""
     cuda = device.startswith("cuda")
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - t_start < min_time:
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        if len(times) >= 1000:
-            break
+    if setup is not None:
+        setup()
     gc.collect()
     # kdfast keeps a freed large CPU gradient for reuse (kdfast.buffer_cache); empty it so the
     # memory run counts that buffer as a new allocation, not as part of the baseline.
@@ -120,19 +110,67 @@ def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0):
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        # glibc keeps freed heap memory, so RSS would miss what a call allocates. For the
-        # memory run only, large blocks are mmap'd (returned to the OS on free).
-        _malloc_for_measuring(True)
-        try:
-            with _RssSampler() as s:
-                fn()
-        finally:
-            _malloc_for_measuring(False)
-        peak = max(0, s.peak - s.base)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return {"p20": q[1], "p50": statistics.median(times), "p80": q[7], "peak_bytes": peak}
+        return torch.cuda.max_memory_allocated() - base
+    # glibc keeps freed heap memory, so RSS would miss what a call allocates. For the
+    # memory run only, large blocks are mmap'd (returned to the OS on free).
+    _malloc_for_measuring(True)
+    try:
+        with _RssSampler() as s:
+            fn()
+    finally:
+        _malloc_for_measuring(False)
+    return max(0, s.peak - s.base)
+
+
+def _timed(fn, cuda):
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(fn, *, device="cpu", warmup=2, reps=7, min_time=0.0, setup=None):
+    """Run fn() warmup times, then reps times; returns times (s) p20/p50/p80 and peak extra memory (bytes).
+
+    setup(), if given, runs before every fn() call, outside the timing and the memory measurement."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - t_start < min_time:
+        if setup is not None:
+            setup()
+        times.append(_timed(fn, cuda))
+        if len(times) >= 1000:
+            break
+    return dict(_quantiles(times), peak_bytes=peak_memory(fn, device=device, setup=setup))
+
+
+def measure_interleaved(fns, *, device="cpu", warmup=1, reps=3, setup=None):
+    """Time several functions rep by rep in turn (a, b, a, b, ...), so that a slow phase of a shared machine
+    hits all of them alike; returns {name: measure()-style dict} (peak memory measured per function)."""
+    cuda = device.startswith("cuda")
+    times = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            t = _timed(fn, cuda)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: dict(_quantiles(times[name]), peak_bytes=peak_memory(fn, device=device, setup=setup))
+            for name, fn in fns.items()}
 
 
 class Bench:
@@ -144,23 +182,50 @@ class Bench:
         self.rows: list[dict] = []
         os.makedirs(out_dir, exist_ok=True)
 
-    def run(self, kernel, provider, fn, *, mode="fwd+bwd", x_name="", x_value="", config="", warmup=2, reps=7):
+    def run(self, kernel, provider, fn, *, mode="fwd+bwd", x_name="", x_value="", config="", warmup=2, reps=7,
+            setup=None):
         try:
-            m = measure(fn, device=self.device, warmup=warmup, reps=reps)
+            m = measure(fn, device=self.device, warmup=warmup, reps=reps, setup=setup)
         except Exception as e:  # a baseline that cannot run (OOM, missing package) is reported, not fatal
             print(f"  {kernel}/{provider} {config}: failed: {type(e).__name__}: {e}", file=sys.stderr)
             return None
+        self._record(kernel, provider, m, mode=mode, x_name=x_name, x_value=x_value, config=config)
+        return m
+
+    def run_interleaved(self, kernel, fns, *, mode="fwd+bwd", x_name="", x_value="", config="", warmup=1, reps=3,
+                        setup=None):
+        """Like run() for several providers {provider: fn}, timed rep by rep in turn (measure_interleaved)."""
+        try:
+            ms = measure_interleaved(fns, device=self.device, warmup=warmup, reps=reps, setup=setup)
+        except Exception as e:
+            print(f"  {kernel}/{'+'.join(fns)} {config}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+        for provider, m in ms.items():
+            self._record(kernel, provider, m, mode=mode, x_name=x_name, x_value=x_value, config=config)
+        return ms
+
+    def _common(self, kernel, provider, mode, x_name, x_value, config):
         import kdfast
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        common = dict(kernel=kernel, provider=provider, mode=mode, x_name=x_name, x_value=x_value, config=config,
-                      device=self.dev_name, timestamp=stamp, version=kdfast.__version__)
+        return dict(kernel=kernel, provider=provider, mode=mode, x_name=x_name, x_value=x_value, config=config,
+                    device=self.dev_name, timestamp=stamp, version=kdfast.__version__)
+
+    def _record(self, kernel, provider, m, *, mode, x_name, x_value, config):
+        common = self._common(kernel, provider, mode, x_name, x_value, config)
         time_row = dict(common, metric="time", unit="ms", p20=m["p20"] * 1e3, p50=m["p50"] * 1e3,
                         p80=m["p80"] * 1e3)
         mem = m["peak_bytes"] / 2**20
         mem_row = dict(common, metric="peak_memory", unit="MiB", p20=mem, p50=mem, p80=mem)
         self.rows += [time_row, mem_row]
         self._append([time_row, mem_row])
-        return m
+
+    def add_metric(self, kernel, provider, metric, unit, value, *, mode="fwd+bwd", x_name="", x_value="",
+                   config=""):
+        """Record one extra measured number (e.g. a second memory figure) as its own row."""
+        row = dict(self._common(kernel, provider, mode, x_name, x_value, config), metric=metric, unit=unit,
+                   p20=value, p50=value, p80=value)
+        self.rows.append(row)
+        self._append([row])
 
     def _append(self, rows):
         new = not os.path.exists(self.path)

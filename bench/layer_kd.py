@@ -5,14 +5,25 @@ loss and hidden_mse against the PyTorch code a user would write (materialise
 both [B, H, L, L] maps, mask, reduce; autograd), in the same process, with
 peak extra memory (RSS on CPU, allocator peak on GPU).
 
+The attention losses are timed interleaved (kdfast, eager, kdfast, eager, ...)
+so that a slow phase of a shared machine hits both alike. Two memory numbers:
+
+  peak_memory     honest peak extra memory of one step over what was in use
+                  before it (inputs, and no gradients: they are freed first),
+                  INCLUDING the returned gradient tensors (.grad of q_s, k_s).
+  working_memory  the same peak minus the bytes of the returned gradients: what
+                  the loss itself costs beyond its inputs and outputs (same
+                  definition for kdfast and eager).
+
 Default run (< 3 min on a 2-core CPU): B=4 at L=384 and B=1 at L=2048, H=12,
 D=64 (reduced batch: the eager baseline is slow and large on 2 cores).
 ``--mmap-malloc``: exact RSS peaks (see _reexec_with_mmap_malloc); times
 from the default mode. ``--full``: the issue's sizes, B=32 at L=384 and B=32 at L=2048 (the eager
 baseline at L=2048 needs ~6 GiB per map; it is reported as failed if it
-cannot run). ``--compile`` adds torch.compile of the eager losses.
+cannot run); ``--full --only-l 384`` runs only the issue's B=32, L=384 cases
+(~1.5 min on 2 cores). ``--compile`` adds torch.compile of the eager losses.
 
-    python bench/layer_kd.py [--full] [--compile] [--device cuda]
+    python bench/layer_kd.py [--full [--only-l 384]] [--compile] [--device cuda]
 """
 from __future__ import annotations
 
@@ -51,12 +62,23 @@ def inputs(B, H, L, D, device, dtype):
     return q_s, k_s, q_t, k_t, mask
 
 
-def step(fn, args, grads):
+def step(fn, args):
+    def run():
+        fn(*args).backward()
+    return run
+
+
+def clear(grads):
+    """setup() for the harness: free the previous step's gradients before each step (not timed, and not in the
+    memory baseline), so every step allocates its gradients afresh as a training step with zero_grad(None)."""
     def run():
         for x in grads:
             x.grad = None
-        fn(*args).backward()
     return run
+
+
+def grad_bytes(grads):
+    return sum(x.grad.numel() * x.grad.element_size() for x in grads if x.grad is not None)
 
 
 def _reexec_with_mmap_malloc():
@@ -78,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the eager losses")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (providers interleaved in each round)")
     ap.add_argument("--only-l", type=int, default=None, help="run only the size with this L")
     ap.add_argument("--scaling", action="store_true",
                     help="kdfast only, B=1, L = 512..4096: how time and peak memory grow with L")
@@ -95,6 +117,7 @@ def main(argv=None):
     if a.quick:
         sizes, a.reps = [(2, 384)], 2
     bench = Bench("layer_kd", device=a.device)
+    working = []
     # Config tag: dtype, and "mm" when RSS peaks are exact (--mmap-malloc).
     tag = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype] + (" mm" if a.mmap_malloc else "")
     if a.scaling:
@@ -102,8 +125,8 @@ def main(argv=None):
             q_s, k_s, q_t, k_t, mask = inputs(1, H, L, D, a.device, dtype)
             cfg = f"B=1 H{H} D{D} {tag}"
             for name, ours in (("attention_score_mse", attention_score_mse), ("attention_kl", attention_kl)):
-                bench.run(name, "kdfast", step(ours, (q_s, k_s, q_t, k_t, mask), (q_s, k_s)), mode="fwd+bwd",
-                          x_name="L", x_value=L, config=cfg, warmup=1, reps=1)
+                bench.run(name, "kdfast", step(ours, (q_s, k_s, q_t, k_t, mask)), mode="fwd+bwd",
+                          x_name="L", x_value=L, config=cfg, warmup=1, reps=1, setup=clear((q_s, k_s)))
         bench.table()
         return
     for B, L in sizes:
@@ -123,12 +146,21 @@ def main(argv=None):
              lambda v, _, vt, __, m: eager_kl(v, v, vt, vt, m), (q_s, k_s, q_t, k_t, mask)),
         ]
         for name, ours, eager, args in cases:
-            kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=cfg, warmup=1, reps=a.reps)
-            bench.run(name, "kdfast", step(ours, args, (q_s, k_s)), **kw)
+            kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=cfg, warmup=1, reps=a.reps,
+                      setup=clear((q_s, k_s)))
+            fns = {"kdfast": step(ours, args)}
             if run_eager:
-                bench.run(name, "torch-eager", step(eager, args, (q_s, k_s)), **kw)
+                fns["torch-eager"] = step(eager, args)
             if a.compile and run_eager:
-                bench.run(name, "torch-compile", step(torch.compile(eager), args, (q_s, k_s)), **kw)
+                fns["torch-compile"] = step(torch.compile(eager), args)
+            ms = bench.run_interleaved(name, fns, **kw)
+            # Both providers return the same gradients (q_s, k_s; only q_s for the value relation).
+            gb = grad_bytes((q_s, k_s))
+            for provider, m in (ms or {}).items():
+                work = max(0, m["peak_bytes"] - gb) / 2**20
+                bench.add_metric(name, provider, "working_memory", "MiB", work, mode="fwd+bwd", x_name="L",
+                                 x_value=L, config=cfg)
+                working.append((name, cfg, L, provider, m["peak_bytes"] / 2**20, gb / 2**20, work))
         # hidden_mse with a projection (768 -> 768 style, on [B, L, H * D]).
         Dm = H * D
         hs = (torch.randn(B, L, Dm) * 2).to(a.device, dtype).requires_grad_()
@@ -136,11 +168,21 @@ def main(argv=None):
         W = (torch.randn(Dm, Dm) / Dm ** 0.5).to(a.device, dtype).requires_grad_()
         bias = torch.zeros(Dm).to(a.device, dtype).requires_grad_()
         kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=f"B={B} D{Dm} {tag}", warmup=1, reps=a.reps)
-        bench.run("hidden_mse", "kdfast", step(hidden_mse, (hs, ht, W, bias, mask), (hs, W, bias)), **kw)
-        bench.run("hidden_mse", "torch-eager",
-                  step(lambda *x: hidden_loss_reference(*x), (hs, ht, W, bias, mask), (hs, W, bias)), **kw)
+        kw["setup"] = clear((hs, W, bias))
+        bench.run("hidden_mse", "kdfast", step(hidden_mse, (hs, ht, W, bias, mask)), **kw)
+        bench.run("hidden_mse", "torch-eager", step(lambda *x: hidden_loss_reference(*x), (hs, ht, W, bias, mask)),
+                  **kw)
         print(f"done B={B} L={L}: backends {kdfast.explain('attention_kl', q_s, k_s, q_t, k_t)}", file=sys.stderr)
     bench.table()
+    if working:
+        print("\nworking memory = peak extra memory minus the returned gradient tensors (MiB; the plain peak above "
+              "includes them)")
+        print(f"{'kernel':22s} {'config':28s} {'provider':14s} {'peak':>8s} {'grads':>8s} {'working':>8s} {'x':>7s}")
+        ours = {(n, c, L): w for n, c, L, p, _, _, w in working if p == "kdfast"}
+        for n, c, L, p, peak, g, w in working:
+            mine = ours.get((n, c, L))
+            x = f"{w / mine:.1f}x" if p != "kdfast" and mine else ""
+            print(f"{n:22s} {(c + ' L=' + str(L))[:28]:28s} {p:14s} {peak:8.1f} {g:8.1f} {w:8.1f} {x:>7s}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 //
 //   attention_score_mse  sum over valid (i, j) of (S_s - S_t)^2 with
 //                        S = q k^T * scale, computed exactly from D x D Gram
-//                        matrices: with Q = [q_s*scale_s | q_t*scale_t] and
-//                        K = [k_s | -k_t] (rows of padded tokens dropped),
-//                        S_s - S_t = Q K^T and ||Q K^T||_F^2 = <Q^T Q, K^T K>.
-//                        Cost O(L (Ds+Dt)^2) per head instead of O(L^2 D).
+//                        matrices: with A_xy = q_x^T q_y and C_xy = k_x^T k_y
+//                        over the valid rows,
+//                        ||S_s - S_t||_F^2 = s_s^2 <A_ss, C_ss>
+//                          - 2 s_s s_t <A_st, C_st> + s_t^2 <A_tt, C_tt>.
+//                        Cost O(L (Ds^2 + Ds Dt + Dt^2)) per head instead of
+//                        O(L^2 D).
 //   attention_kl         sum over valid query rows of
 //                        KL(softmax(S_t) || softmax(S_s)) over valid keys,
-//                        in query-row tiles of kRowTile x L (memory per
-//                        thread grows with L, never L^2): one pass gives both
-//                        log-sum-exps, the KL and the score gradient.
+//                        in query-row tiles of up to kRowTileMax x n (memory
+//                        per thread grows with L, never L^2): one pass over a
+//                        tile gives both log-sum-exps, the KL and the score
+//                        gradient.
 //   hidden_loss          sum over valid rows of ||h_s W^T + b - h_t||^2
 //                        (kind 0) or 1 - cos(h_s W^T + b, h_t) (kind 1), in
 //                        row blocks, projection fused.
@@ -21,16 +24,29 @@
 // losses are sums, so d(loss)/d(input) is known in the forward pass and
 // nothing is recomputed (4 matmuls for attention_kl instead of 6).
 //
-// Heads run in parallel (at::parallel_for over B*H); matrix products inside a
-// task use at::mm on thread-local buffers (single-threaded inside the
-// parallel region). Padded tokens are dropped by gathering the valid rows, so
-// any mask pattern works and padding costs nothing.
+// Heads run in parallel: one task per (b, h), handed out longest first from
+// a shared counter (examples have different lengths). Matrix products inside
+// a task go to BLAS (at::addmm_ on views, single-threaded inside the
+// parallel region). Padded tokens are skipped exactly: when the valid tokens
+// of an example form one run [first, first + n) (right or left padding) and
+// an input is float32 with unit stride in D, the kernel reads the input rows
+// in place and writes gradient rows straight into the output; other masks
+// and dtypes gather the valid rows into float32 thread-local buffers. Scores
+// are never scaled in memory: the scales enter the softmax pass.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <numeric>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
@@ -39,59 +55,181 @@ namespace kdfast {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kRowTile = 64;    // query rows per attention_kl tile
-constexpr int64_t kHiddenRows = 128;  // rows per hidden_loss block
+constexpr int64_t kRowTileMin = 64;      // query rows per attention_kl tile: at least
+constexpr int64_t kRowTileMax = 512;     // ... and at most
+constexpr int64_t kTileFloats = 160000;  // target floats per score tile (2 tiles: <= 1.3 MB, in L2)
+constexpr int64_t kHiddenRows = 128;    // rows per hidden_loss block
 
 at::Tensor mat(float* p, int64_t r, int64_t c) { return at::from_blob(p, {r, c}, at::kFloat); }
-at::Tensor mat(float* p, int64_t r, int64_t c, int64_t ld) {
-  return at::from_blob(p, {r, c}, {ld, 1}, at::kFloat);
+at::Tensor mat(const float* p, int64_t r, int64_t c, int64_t ld) {
+  return at::from_blob(const_cast<float*>(p), {r, c}, {ld, 1}, at::kFloat);
 }
 
-// Positions l of example b with mask[b, l] != 0.
-std::vector<int64_t> valid_positions(const at::Tensor& mask, int64_t b) {
-  const int64_t L = mask.size(1);
-  const float* m = mask.data_ptr<float>() + b * L;
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C, op(X) = X^T when the flag is set
+// (A is [M, K] or, transposed, [K, M]; B is [K, N] or [N, K]). beta = 0 ignores C's contents.
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  at::Tensor a = ta ? mat(A, K, M, lda).t() : mat(A, M, K, lda);
+  at::Tensor b = tb ? mat(B, N, K, ldb).t() : mat(B, K, N, ldb);
+  at::Tensor c = mat(C, M, N, ldc);
+  c.addmm_(a, b, beta, alpha);
+}
+
+// Float32 output of size `sizes` for gradients. Every element is written by the kernel (no
+// zero fill). Large buffers get a transparent-huge-page hint: the first touch of a fresh
+// 38 MB buffer otherwise costs ~9500 page faults, as much time as a kernel pass.
+at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  at::Tensor t = at::empty(sizes, opt.dtype(at::kFloat));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * sizeof(float);
+  const uintptr_t a = (p + huge - 1) & ~(huge - 1), e = (p + bytes) & ~(huge - 1);
+  if (bytes >= 4 * huge && e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // a hint only
+#endif
+  return t;
+}
+
+// Valid positions of one example (mask[b, l] != 0), and whether they form one run.
+struct Example {
   std::vector<int64_t> pos;
-  pos.reserve(L);
-  for (int64_t l = 0; l < L; ++l)
-    if (m[l] != 0.f) pos.push_back(l);
-  return pos;
+  int64_t first = 0;
+  bool run = false;
+  int64_t n() const { return static_cast<int64_t>(pos.size()); }
+};
+
+std::vector<Example> examples(const at::Tensor& mask) {
+  const int64_t B = mask.size(0), L = mask.size(1);
+  std::vector<Example> ex(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* m = mask.data_ptr<float>() + b * L;
+    auto& e = ex[b];
+    e.pos.reserve(L);
+    for (int64_t l = 0; l < L; ++l)
+      if (m[l] != 0.f) e.pos.push_back(l);
+    if (!e.pos.empty()) {
+      e.first = e.pos.front();
+      e.run = e.pos.back() - e.first + 1 == e.n();
+    }
+  }
+  return ex;
+}
+
+// (b, h) tasks, longest example first (the shared counter then balances threads).
+std::vector<int64_t> task_order(const std::vector<Example>& ex, int64_t H) {
+  const int64_t B = static_cast<int64_t>(ex.size());
+  std::vector<int64_t> order(B * H);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t c) { return ex[a / H].n() > ex[c / H].n(); });
+  return order;
+}
+
+// MKL's C API for the calling thread's BLAS thread count (mkl_service.h: mkl_set_num_threads_local
+// is a macro for this name; the lowercase symbol is the Fortran, by-reference entry). Weak: null
+// when torch's BLAS is not MKL. Inside the parallel region every product is single-threaded
+// anyway, but MKL picks its kernels from the thread count it believes it has: told 1, it runs
+// its small-matrix kernels without packing copies.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct BlasSingleThread {
+  int previous = 0;
+  BlasSingleThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~BlasSingleThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// Worker threads for ntasks tasks.
+int64_t task_threads(int64_t ntasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+}
+
+// Runs body(bh, slot) for every task in order, each of `nthreads` workers (slot in
+// [0, nthreads): the index of its thread-local buffers) pulling the next task from a counter.
+template <typename Body>
+void for_each_task(const std::vector<int64_t>& order, int64_t nthreads, Body body) {
+  const int64_t ntasks = static_cast<int64_t>(order.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    BlasSingleThread blas1;
+    for (int64_t slot = t0; slot < t1; ++slot)
+      for (int64_t i = next.fetch_add(1); i < ntasks; i = next.fetch_add(1)) body(order[i], slot);
+  });
 }
 
 template <typename T>
-void gather_t(const at::Tensor& x, int64_t b, int64_t h, const std::vector<int64_t>& pos, float scale, float* out,
-              int64_t ld) {
+void gather_t(const at::Tensor& x, int64_t b, int64_t h, const std::vector<int64_t>& pos, float* out, int64_t ld) {
   const int64_t D = x.size(3);
   const T* base = x.data_ptr<T>() + b * x.stride(0) + h * x.stride(1);
   const int64_t sl = x.stride(2), sd = x.stride(3);
   for (size_t r = 0; r < pos.size(); ++r) {
     const T* src = base + pos[r] * sl;
     float* dst = out + r * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * sd]) * scale;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * sd]);
   }
 }
 
-// out[r, :D] = x[b, h, pos[r], :] * scale (float32, row stride ld).
-void gather(const at::Tensor& x, int64_t b, int64_t h, const std::vector<int64_t>& pos, float scale, float* out,
-            int64_t ld) {
+// Rows of one head, float32, row stride ld.
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+
+// The valid rows of x[b, h]: in place for float32 inputs with unit stride in D when the
+// example's valid tokens form one run, else gathered into buf.
+Rows rows_of(const at::Tensor& x, int64_t b, int64_t h, const Example& e, std::vector<float>& buf) {
+  const int64_t D = x.size(3);
+  if (e.run && x.scalar_type() == at::kFloat && x.stride(3) == 1 && x.stride(2) >= D)
+    return {x.data_ptr<float>() + b * x.stride(0) + h * x.stride(1) + e.first * x.stride(2), x.stride(2)};
+  buf.resize(e.n() * D);
   switch (x.scalar_type()) {
-    case at::kFloat: gather_t<float>(x, b, h, pos, scale, out, ld); break;
-    case at::kBFloat16: gather_t<at::BFloat16>(x, b, h, pos, scale, out, ld); break;
-    case at::kHalf: gather_t<at::Half>(x, b, h, pos, scale, out, ld); break;
+    case at::kFloat: gather_t<float>(x, b, h, e.pos, buf.data(), D); break;
+    case at::kBFloat16: gather_t<at::BFloat16>(x, b, h, e.pos, buf.data(), D); break;
+    case at::kHalf: gather_t<at::Half>(x, b, h, e.pos, buf.data(), D); break;
     default: TORCH_CHECK(false, "layer_kd kernel: unsupported dtype ", x.scalar_type());
   }
+  return {buf.data(), D};
 }
 
-// g[b, h, pos[r], :] = src[r, :D] * scale for a contiguous float32 [B, H, L, D] g (other rows stay 0).
-void scatter(at::Tensor& g, int64_t b, int64_t h, const std::vector<int64_t>& pos, const float* src, int64_t ld,
-             float scale) {
-  const int64_t L = g.size(2), D = g.size(3);
-  float* base = g.data_ptr<float>() + ((b * g.size(1) + h) * L) * D;
-  for (size_t r = 0; r < pos.size(); ++r) {
-    float* dst = base + pos[r] * D;
-    const float* s = src + r * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d] = s[d] * scale;
+// Gradient rows of head (b, h) of a contiguous float32 [B, H, L, D] output: where the kernel
+// writes them (in place for a run of valid tokens, else buf), then finish() zeroes the padded
+// rows and scatters buf.
+struct GradRows {
+  float* head = nullptr;  // g[b, h]
+  float* p = nullptr;
+  int64_t ld = 0, L = 0, D = 0;
+  const Example* e = nullptr;
+
+  GradRows() = default;  // no gradient wanted
+  GradRows(at::Tensor& g, int64_t b, int64_t h, const Example& ex, std::vector<float>& buf) : e(&ex) {
+    L = g.size(2);
+    D = g.size(3);
+    head = g.data_ptr<float>() + (b * g.size(1) + h) * L * D;
+    ld = D;
+    if (ex.run) {
+      p = head + ex.first * D;
+    } else {
+      buf.resize(ex.n() * D);
+      p = buf.data();
+    }
   }
+  void finish() {
+    if (e->run) {
+      std::fill(head, head + e->first * D, 0.f);
+      std::fill(head + (e->first + e->n()) * D, head + L * D, 0.f);
+      return;
+    }
+    std::fill(head, head + L * D, 0.f);
+    for (int64_t r = 0; r < e->n(); ++r) std::copy(p + r * D, p + (r + 1) * D, head + e->pos[r] * D);
+  }
+};
+
+void zero_head(at::Tensor& g, int64_t bh) {
+  const int64_t n = g.size(2) * g.size(3);
+  std::fill(g.data_ptr<float>() + bh * n, g.data_ptr<float>() + (bh + 1) * n, 0.f);
 }
 
 void check_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt,
@@ -112,10 +250,34 @@ void check_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, 
 }
 
 // ---------------------------------------------------------------------------
-// attention_kl: one tile of m query rows x n keys. s and t hold the scores on
-// entry; with grad they hold d(sum_rows KL)/dS_s = p_s - p_t on exit.
+// attention_kl: one tile of m query rows x n keys. s and t hold the unscaled
+// scores q k^T on entry; with grad, s holds d(sum_rows KL)/d(q_s k_s^T) =
+// scale_s (p_s - p_t) on exit.
 // ---------------------------------------------------------------------------
-KDFAST_INLINE double kl_tile(float* s_tile, float* t_tile, int64_t m, int64_t n, bool grad) {
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for x <= 0 (softmax terms centred on the row maximum, in log2 units); 0 below -126.
+KDFAST_INLINE float exp2_nonpos(float x) {
+  const float xc = x < -126.f ? -126.f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: round to nearest integer
+  const float n = (xc + shifter) - shifter;
+  const float f = xc - n;  // [-0.5, 0.5]
+  // 2^f = e^(f ln2): Taylor coefficients ln2^k / k!, relative error < 2e-7 on [-0.5, 0.5].
+  float p = 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  const float y = p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return x < -126.f ? 0.0f : y;
+}
+
+KDFAST_INLINE double kl_tile(float* s_tile, float* t_tile, int64_t m, int64_t n, float scale_s, float scale_t,
+                             bool grad) {
+  const float cs = scale_s * kLog2e, ct = scale_t * kLog2e;
   double total = 0;
   for (int64_t r = 0; r < m; ++r) {
     float* s = s_tile + r * n;
@@ -130,17 +292,19 @@ KDFAST_INLINE double kl_tile(float* s_tile, float* t_tile, int64_t m, int64_t n,
     // n <= a few thousand keys: float sums stay accurate (relative ~1e-6).
 #pragma omp simd reduction(+ : zs, zt, acc)
     for (int64_t j = 0; j < n; ++j) {
-      float es = fast_exp(s[j] - ms), et = fast_exp(t[j] - mt);
+      // Scaled scores minus the row maxima, in log2 units (scales > 0: the maxima commute).
+      const float xs = (s[j] - ms) * cs, xt = (t[j] - mt) * ct;
+      const float es = exp2_nonpos(xs), et = exp2_nonpos(xt);
       zs += es;
       zt += et;
-      acc += et * ((t[j] - mt) - (s[j] - ms));
+      acc += et * (xt - xs);
       s[j] = es;
       t[j] = et;
     }
     // KL = E_pt[S_t - S_s] - lse_t + lse_s, every term centred on the row maxima (exact 0 for one key).
-    total += static_cast<double>(acc) / zt - std::log(static_cast<double>(zt)) + std::log(static_cast<double>(zs));
+    total += kLn2 * static_cast<double>(acc) / zt + std::log(static_cast<double>(zs) / zt);
     if (grad) {
-      const float is = 1.f / zs, it = 1.f / zt;
+      const float is = scale_s / zs, it = scale_s / zt;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) s[j] = s[j] * is - t[j] * it;
     }
@@ -148,14 +312,16 @@ KDFAST_INLINE double kl_tile(float* s_tile, float* t_tile, int64_t m, int64_t n,
   return total;
 }
 
-using KlTileFn = double (*)(float*, float*, int64_t, int64_t, bool);
-double kl_tile_baseline(float* s, float* t, int64_t m, int64_t n, bool g) { return kl_tile(s, t, m, n, g); }
-#if KDFAST_HAVE_X86_PATHS
-KDFAST_TARGET_AVX2 double kl_tile_avx2(float* s, float* t, int64_t m, int64_t n, bool g) {
-  return kl_tile(s, t, m, n, g);
+using KlTileFn = double (*)(float*, float*, int64_t, int64_t, float, float, bool);
+double kl_tile_baseline(float* s, float* t, int64_t m, int64_t n, float a, float c, bool g) {
+  return kl_tile(s, t, m, n, a, c, g);
 }
-KDFAST_TARGET_AVX512 double kl_tile_avx512(float* s, float* t, int64_t m, int64_t n, bool g) {
-  return kl_tile(s, t, m, n, g);
+#if KDFAST_HAVE_X86_PATHS
+KDFAST_TARGET_AVX2 double kl_tile_avx2(float* s, float* t, int64_t m, int64_t n, float a, float c, bool g) {
+  return kl_tile(s, t, m, n, a, c, g);
+}
+KDFAST_TARGET_AVX512 double kl_tile_avx512(float* s, float* t, int64_t m, int64_t n, float a, float c, bool g) {
+  return kl_tile(s, t, m, n, a, c, g);
 }
 #endif
 
@@ -171,6 +337,12 @@ KlTileFn pick_kl_tile() {
   return kl_tile_baseline;
 }
 
+// Query rows per tile for n keys: two m x n tiles stay in L2, and BLAS gets >= 64 rows.
+int64_t kl_rows(int64_t n) {
+  const int64_t rows = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(n, 1) / 16 * 16, kRowTileMin, kRowTileMax);
+  return std::min(rows, n);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor& qs, const at::Tensor& ks,
                                                                const at::Tensor& qt, const at::Tensor& kt,
                                                                const at::Tensor& mask, double scale_s,
@@ -178,54 +350,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
   check_qk(qs, ks, qt, kt, mask, "attention_kl");
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
   auto f32 = qs.options().dtype(at::kFloat);
-  at::Tensor loss = at::zeros({B, H}, f32);
-  at::Tensor dq = compute_grad ? at::zeros({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad ? at::zeros({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  if (B * H == 0 || L == 0) return {loss, dq, dk};
-  std::vector<std::vector<int64_t>> pos(B);
-  for (int64_t b = 0; b < B; ++b) pos[b] = valid_positions(mask, b);
+  at::Tensor loss = at::empty({B, H}, f32);
+  at::Tensor dq = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
+  const std::vector<Example> ex = examples(mask);
   const KlTileFn tile_fn = pick_kl_tile();
+  const float ss = static_cast<float>(scale_s), st = static_cast<float>(scale_t);
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Qs, Ks, Qt, Kt, S, T, dQ, dK;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const auto& p = pos[b];
-      const int64_t n = static_cast<int64_t>(p.size());
-      if (n == 0) continue;
-      Qs.resize(n * Ds); Ks.resize(n * Ds); Qt.resize(n * Dt); Kt.resize(n * Dt);
-      // Scales folded into q: S_s = (q_s * scale_s) k_s^T.
-      gather(qs, b, h, p, static_cast<float>(scale_s), Qs.data(), Ds);
-      gather(ks, b, h, p, 1.f, Ks.data(), Ds);
-      gather(qt, b, h, p, static_cast<float>(scale_t), Qt.data(), Dt);
-      gather(kt, b, h, p, 1.f, Kt.data(), Dt);
-      const int64_t tile = std::min(kRowTile, n);
-      S.resize(tile * n); T.resize(tile * n);
+  const std::vector<int64_t> order = task_order(ex, H);
+  // Thread-local buffers, reused across tasks (one set per worker thread).
+  struct Buffers {
+    std::vector<float> qs, ks, qt, kt, s, t, dq, dk;
+  };
+  const int64_t nthreads = task_threads(static_cast<int64_t>(order.size()));
+  std::vector<Buffers> bufs(nthreads);
+  for_each_task(order, nthreads, [&](int64_t bh, int64_t slot) {
+    const int64_t b = bh / H, h = bh % H;
+    const Example& e = ex[b];
+    const int64_t n = e.n();
+    if (n == 0) {
+      out[bh] = 0.f;
       if (compute_grad) {
-        dQ.assign(n * Ds, 0.f);
-        dK.assign(n * Ds, 0.f);
+        zero_head(dq, bh);
+        zero_head(dk, bh);
       }
-      at::Tensor Ksm = mat(Ks.data(), n, Ds), Ktm = mat(Kt.data(), n, Dt);
-      double total = 0;
-      for (int64_t i0 = 0; i0 < n; i0 += tile) {
-        const int64_t m = std::min(tile, n - i0);
-        at::Tensor Sm = mat(S.data(), m, n), Tm = mat(T.data(), m, n);
-        at::Tensor Qsm = mat(Qs.data() + i0 * Ds, m, Ds);
-        at::mm_out(Sm, Qsm, Ksm.t());
-        at::mm_out(Tm, mat(Qt.data() + i0 * Dt, m, Dt), Ktm.t());
-        total += tile_fn(S.data(), T.data(), m, n, compute_grad);
-        if (compute_grad) {
-          at::Tensor dQm = mat(dQ.data() + i0 * Ds, m, Ds);
-          at::mm_out(dQm, Sm, Ksm);                  // dS k_s
-          at::Tensor dKm = mat(dK.data(), n, Ds);
-          dKm.addmm_(Sm.t(), Qsm);                   // dS^T (q_s * scale_s)
-        }
+      return;
+    }
+    Buffers& w = bufs[slot];
+    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = rows_of(ks, b, h, e, w.ks);
+    const Rows Qt = rows_of(qt, b, h, e, w.qt), Kt = rows_of(kt, b, h, e, w.kt);
+    const int64_t tile = kl_rows(n);
+    w.s.resize(tile * n);
+    w.t.resize(tile * n);
+    float* S = w.s.data();
+    float* T = w.t.data();
+    GradRows gq, gk;
+    if (compute_grad) {
+      gq = GradRows(dq, b, h, e, w.dq);
+      gk = GradRows(dk, b, h, e, w.dk);
+    }
+    double total = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += tile) {
+      const int64_t m = std::min(tile, n - i0);
+      const float* qs_i = Qs.p + i0 * Qs.ld;
+      gemm(false, true, m, n, Ds, 1.f, qs_i, Qs.ld, Ks.p, Ks.ld, 0.f, S, n);              // q_s k_s^T
+      gemm(false, true, m, n, Dt, 1.f, Qt.p + i0 * Qt.ld, Qt.ld, Kt.p, Kt.ld, 0.f, T, n);  // q_t k_t^T
+      total += tile_fn(S, T, m, n, ss, st, compute_grad);
+      if (compute_grad) {  // S = d/d(q_s k_s^T): dq_s = S k_s, dk_s = S^T q_s
+        gemm(false, false, m, Ds, n, 1.f, S, n, Ks.p, Ks.ld, 0.f, gq.p + i0 * gq.ld, gq.ld);
+        gemm(true, false, n, Ds, m, 1.f, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gk.p, gk.ld);
       }
-      out[bh] = static_cast<float>(total);
-      if (compute_grad) {
-        scatter(dq, b, h, p, dQ.data(), Ds, static_cast<float>(scale_s));
-        scatter(dk, b, h, p, dK.data(), Ds, 1.f);
-      }
+    }
+    out[bh] = static_cast<float>(total);
+    if (compute_grad) {
+      gq.finish();
+      gk.finish();
     }
   });
   return {loss, dq, dk};
@@ -234,56 +414,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
 // ---------------------------------------------------------------------------
 // attention_score_mse via Gram matrices.
 // ---------------------------------------------------------------------------
+KDFAST_INLINE double frob_dot(const float* a, const float* c, int64_t rows, int64_t cols) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < cols; ++j) acc += a[r * cols + j] * c[r * cols + j];
+    total += acc;
+  }
+  return total;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at::Tensor& qs, const at::Tensor& ks,
                                                                       const at::Tensor& qt, const at::Tensor& kt,
                                                                       const at::Tensor& mask, double scale_s,
                                                                       double scale_t, bool compute_grad) {
   check_qk(qs, ks, qt, kt, mask, "attention_score_mse");
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
-  const int64_t E = Ds + Dt;
   auto f32 = qs.options().dtype(at::kFloat);
-  at::Tensor loss = at::zeros({B, H}, f32);
-  at::Tensor dq = compute_grad ? at::zeros({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad ? at::zeros({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  if (B * H == 0 || L == 0) return {loss, dq, dk};
-  std::vector<std::vector<int64_t>> pos(B);
-  for (int64_t b = 0; b < B; ++b) pos[b] = valid_positions(mask, b);
+  at::Tensor loss = at::empty({B, H}, f32);
+  at::Tensor dq = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
+  const std::vector<Example> ex = examples(mask);
+  const float ss = static_cast<float>(scale_s), st = static_cast<float>(scale_t);
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Q, K, GQ(E * E), GK(E * E), dQ, dK;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const auto& p = pos[b];
-      const int64_t n = static_cast<int64_t>(p.size());
-      if (n == 0) continue;
-      Q.resize(n * E); K.resize(n * E);
-      gather(qs, b, h, p, static_cast<float>(scale_s), Q.data(), E);
-      gather(qt, b, h, p, static_cast<float>(scale_t), Q.data() + Ds, E);
-      gather(ks, b, h, p, 1.f, K.data(), E);
-      gather(kt, b, h, p, -1.f, K.data() + Ds, E);
-      at::Tensor Qm = mat(Q.data(), n, E), Km = mat(K.data(), n, E);
-      at::Tensor GQm = mat(GQ.data(), E, E), GKm = mat(GK.data(), E, E);
-      at::mm_out(GQm, Qm.t(), Qm);
-      at::mm_out(GKm, Km.t(), Km);
-      double total = 0;
-      for (int64_t e0 = 0; e0 < E; ++e0) {
-        float acc = 0;
-        const float* a = GQ.data() + e0 * E;
-        const float* c = GK.data() + e0 * E;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t e1 = 0; e1 < E; ++e1) acc += a[e1] * c[e1];
-        total += acc;
-      }
-      out[bh] = static_cast<float>(total);
+  const std::vector<int64_t> order = task_order(ex, H);
+  struct Buffers {
+    std::vector<float> qs, ks, qt, kt, dq, dk;
+    std::vector<float> a_ss, a_st, a_tt, c_ss, c_st, c_tt;
+  };
+  const int64_t nthreads = task_threads(static_cast<int64_t>(order.size()));
+  std::vector<Buffers> bufs(nthreads);
+  for_each_task(order, nthreads, [&](int64_t bh, int64_t slot) {
+    const int64_t b = bh / H, h = bh % H;
+    const Example& e = ex[b];
+    const int64_t n = e.n();
+    if (n == 0) {
+      out[bh] = 0.f;
       if (compute_grad) {
-        // d/dQ <Q^T Q, G_K> = 2 Q G_K; the q_s block of Q is q_s * scale_s.
-        dQ.resize(n * Ds); dK.resize(n * Ds);
-        at::Tensor dQm = mat(dQ.data(), n, Ds), dKm = mat(dK.data(), n, Ds);
-        at::mm_out(dQm, Qm, GKm.narrow(1, 0, Ds));
-        at::mm_out(dKm, Km, GQm.narrow(1, 0, Ds));
-        scatter(dq, b, h, p, dQ.data(), Ds, static_cast<float>(2.0 * scale_s));
-        scatter(dk, b, h, p, dK.data(), Ds, 2.f);
+        zero_head(dq, bh);
+        zero_head(dk, bh);
       }
+      return;
+    }
+    Buffers& w = bufs[slot];
+    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = rows_of(ks, b, h, e, w.ks);
+    const Rows Qt = rows_of(qt, b, h, e, w.qt), Kt = rows_of(kt, b, h, e, w.kt);
+    w.a_ss.resize(Ds * Ds); w.a_st.resize(Ds * Dt); w.a_tt.resize(Dt * Dt);
+    w.c_ss.resize(Ds * Ds); w.c_st.resize(Ds * Dt); w.c_tt.resize(Dt * Dt);
+    // A_xy = q_x^T q_y, C_xy = k_x^T k_y over the n valid rows.
+    gemm(true, false, Ds, Ds, n, 1.f, Qs.p, Qs.ld, Qs.p, Qs.ld, 0.f, w.a_ss.data(), Ds);
+    gemm(true, false, Ds, Dt, n, 1.f, Qs.p, Qs.ld, Qt.p, Qt.ld, 0.f, w.a_st.data(), Dt);
+    gemm(true, false, Dt, Dt, n, 1.f, Qt.p, Qt.ld, Qt.p, Qt.ld, 0.f, w.a_tt.data(), Dt);
+    gemm(true, false, Ds, Ds, n, 1.f, Ks.p, Ks.ld, Ks.p, Ks.ld, 0.f, w.c_ss.data(), Ds);
+    gemm(true, false, Ds, Dt, n, 1.f, Ks.p, Ks.ld, Kt.p, Kt.ld, 0.f, w.c_st.data(), Dt);
+    gemm(true, false, Dt, Dt, n, 1.f, Kt.p, Kt.ld, Kt.p, Kt.ld, 0.f, w.c_tt.data(), Dt);
+    const double s2 = double(ss) * ss, t2 = double(st) * st, x2 = 2.0 * ss * st;
+    out[bh] = static_cast<float>(s2 * frob_dot(w.a_ss.data(), w.c_ss.data(), Ds, Ds) -
+                                 x2 * frob_dot(w.a_st.data(), w.c_st.data(), Ds, Dt) +
+                                 t2 * frob_dot(w.a_tt.data(), w.c_tt.data(), Dt, Dt));
+    if (compute_grad) {
+      // d/dq_s = 2 s_s^2 q_s C_ss - 2 s_s s_t q_t C_st^T; d/dk_s = 2 s_s^2 k_s A_ss - 2 s_s s_t k_t A_st^T.
+      GradRows gq(dq, b, h, e, w.dq), gk(dk, b, h, e, w.dk);
+      const float a = static_cast<float>(2.0 * s2), c = static_cast<float>(-x2);
+      gemm(false, false, n, Ds, Ds, a, Qs.p, Qs.ld, w.c_ss.data(), Ds, 0.f, gq.p, gq.ld);
+      gemm(false, true, n, Ds, Dt, c, Qt.p, Qt.ld, w.c_st.data(), Dt, 1.f, gq.p, gq.ld);
+      gemm(false, false, n, Ds, Ds, a, Ks.p, Ks.ld, w.a_ss.data(), Ds, 0.f, gk.p, gk.ld);
+      gemm(false, true, n, Ds, Dt, c, Kt.p, Kt.ld, w.a_st.data(), Dt, 1.f, gk.p, gk.ld);
+      gq.finish();
+      gk.finish();
     }
   });
   return {loss, dq, dk};

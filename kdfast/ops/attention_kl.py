@@ -13,7 +13,8 @@ How the kernels avoid the maps: KL_i = E_{p_t}[S_t - S_s] - lse_t + lse_s,
 and E_{p_t}[S_t - S_s] accumulates with the same running-max rescaling as the
 teacher's softmax denominator, so one streaming pass over key blocks gives the
 two log-sum-exps and the KL of each query row (Triton: key blocks of 32-64;
-CPU: tiles of 64 query rows x all valid keys, O(L) memory per thread). The
+CPU: tiles of 64-512 query rows x all valid keys, at most ~1.3 MB per thread,
+the products on BLAS, padded tokens skipped). The
 gradient of the summed loss w.r.t. S_s is p_s - p_t, so the kernels produce
 d/dq_s = scale_s (p_s - p_t) k_s and d/dk_s = scale_s (p_s - p_t)^T q_s in the
 same run (a second streaming pass on Triton); autograd only scales them.

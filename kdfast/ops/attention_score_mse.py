@@ -17,7 +17,9 @@ K = [k_s | -k_t] (padded rows dropped or zeroed), S_s - S_t = Q K^T and
 ||Q K^T||_F^2 = <Q^T Q, K^T K>, two (Ds+Dt) x (Ds+Dt) Gram matrices per head:
 O(L (Ds+Dt)^2) time, O((Ds+Dt)^2) extra memory, exact in exact arithmetic.
 The gradient is 2 Q (K^T K) for Q and 2 K (Q^T Q) for K, of which the
-student blocks are kept. Caveat: the Gram form computes ||S_s||^2 + ||S_t||^2
+student blocks are kept. (The CPU kernel computes only the three distinct
+blocks of each Gram matrix, q_s^T q_s, q_s^T q_t, q_t^T q_t and the same for
+k, and reads the valid rows in place when it can.) Caveat: the Gram form computes ||S_s||^2 + ||S_t||^2
 - 2 <S_s, S_t> in float32, so when the student matches the teacher to
 relative error e the loss has relative error ~1e-7 / e^2 (fine for training
 signals; use the reference backend to measure tiny losses exactly).

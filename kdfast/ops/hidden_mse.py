@@ -111,6 +111,8 @@ def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend):
 def _setup_context(ctx, inputs, output):
     h_s, _, weight, bias = inputs[:4]
     ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the non-differentiable outputs (autograd's default would allocate them).
+    ctx.set_materialize_grads(False)
     # Attributes, not saved tensors: scaled in place in the backward (one buffer per gradient).
     ctx.units = list(output[1:])
     ctx.dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -124,7 +126,7 @@ def _backward(ctx, grad, *_):
     dh, dw, db = ctx.units
     ctx.units = None
     out = [None] * 9
-    if ctx.compute_grad:
+    if ctx.compute_grad and grad is not None:
         g = grad.float()
         for i, unit, dt in ((0, dh, ctx.dtypes[0]), (2, dw, ctx.dtypes[1]), (3, db, ctx.dtypes[2])):
             if ctx.needs_input_grad[i]:

@@ -129,3 +129,19 @@ def test_second_backward_is_a_clear_error():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.backward()
+
+
+@pytest.mark.parametrize("op", ["attention_kl", "attention_score_mse"])
+def test_backward_allocates_no_zero_gradients(op):
+    # The unit gradients come out of the forward; the backward must not get zero-filled [B, H, L, D]
+    # gradients for the op's two non-differentiable outputs (autograd's default) nor allocate new ones.
+    import kdfast.ops as ops
+    q_s, k_s, q_t, k_t, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 33, 8, 8))
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    loss = getattr(ops, op)(q_s, k_s, q_t, k_t, mask)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    names = {e.key for e in prof.key_averages()}
+    assert not names & {"aten::zeros", "aten::zeros_like", "aten::zero_"}, sorted(names)
+    assert not names & {"aten::clone", "aten::add"}, sorted(names)
