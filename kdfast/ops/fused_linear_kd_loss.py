@@ -185,6 +185,8 @@ def _setup_context(ctx, inputs, output):
     (sh, sw, sb, th, tw, tb, labels, temperature, div, beta, soft_weight, hard_weight, ignore_index, reduction,
      scale_by_t2, compute_hard, chunk_size, need_grad, backend) = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the gradient outputs (autograd would allocate e.g. a [V, H] zero tensor).
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.need_grad = need_grad
     if reduction == _NONE:
@@ -196,6 +198,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gh, _gw, _gb):
+    if grad_loss is None:
+        return (None,) * 19
     if ctx.reduction == _NONE:
         sh, sw, sb, th, tw, tb, labels = ctx.saved_tensors
         gh, gw, gb = _bwd(sh, sw, sb, th, tw, tb, labels, grad_loss.contiguous(), *ctx.args)
