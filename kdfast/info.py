@@ -5,6 +5,7 @@ Touches the GPU only when run (never at import of kdfast).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -36,6 +37,8 @@ def collect() -> dict:
         from kdfast import cpu_isa
         info["cpu_isa"] = {"hardware": cpu_isa.hardware_isa(), "in use": cpu_isa.current_isa(),
                            "compiled": info["build"].get("cpu_isa_paths")}
+        info["cpu_buffer_cache"] = "off (KDFAST_CPU_BUFFER_CACHE=0)" if os.environ.get(
+            "KDFAST_CPU_BUFFER_CACHE") == "0" else "on (one block >= 16 MiB kept for reuse; kdfast.buffer_cache)"
     if torch.cuda.is_available():
         info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     usable = {}
@@ -65,6 +68,8 @@ def main(argv=None):
     if info["cpu_isa"]:
         c = info["cpu_isa"]
         print(f"cpu ISA: hardware {c['hardware']}, in use {c['in use']}, compiled paths {', '.join(c['compiled'])}")
+    if info.get("cpu_buffer_cache"):
+        print(f"cpu buffer cache: {info['cpu_buffer_cache']}")
     print(f"triton: {info['triton']}")
     print(f"gpu: {', '.join(info['gpu']) if info['gpu'] else 'none'}")
     print("backends:")
