@@ -117,10 +117,58 @@ def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
+# Float activations at large M: decode the 2-bit weights into dense rows of
+# ``code * scale[n]`` in x's dtype (torch.ops.kdfast_C.ternary_decode, one
+# pass) and let torch's BLAS / oneDNN GEMM do the matmul; bf16/fp16 x then
+# uses the CPU's low-precision matrix units with fp32 accumulation. The
+# result is exactly torch's F.linear(x, dequantized weight, bias) in x's
+# dtype (code * scale is exact in fp32; in bf16/fp16 it is scale rounded once,
+# as torch's own dequantized weight is). Smaller M keeps the register-unpack
+# kernel, which never materialises the weights.
+# Thresholds measured with bench/ternary.py --crossover (2-core Xeon,
+# AVX-512 VNNI + AMX, 1 thread, best of reps, ms; "kern" = register-unpack
+# kernel, "dense" = decode + GEMM):
+#   fp32 768x3072:   M=16 kern 0.76 / dense 1.5, M=64 2.36 / 2.1 (noisy), M=384 24.1 / 10.6
+#   fp32 3072x768:   M=64 6.9 / 3.6, M=384 15.6 / ~11
+#   fp32 4096x11008: M=16 19.9 / 28.4, M=64 62.9 / ~60, M=384 401 / 222
+#   bf16 768x768:    M=4 0.070 / 0.125, M=16 0.175 / 0.128, M=64 0.61 / 0.19
+#   bf16 768x3072:   M=4 0.25 / 0.62, M=16 0.78 / 0.65, M=64 2.5 / 0.85
+#   bf16 4096x11008: M=4 8.5 / -, M=16 17.6 / 11.3, M=384 412 / 38
+#   fp16 is within noise of bf16 on this CPU.
+DENSE_MIN_ROWS = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 16}
+# Weights are decoded in slices of at most this many elements (16 MiB of
+# fp32), so the dense copy stays small and in cache-friendly pieces instead of
+# a fresh full-size matrix per call (4096x11008, bf16, M=16, 1 thread: one
+# slice 37 ms, 4M-element slices 11 ms: the big block was page faults).
+DENSE_CHUNK = 1 << 22
+
+
+def _cpu_dense(x, packed, sw, bias):
+    """``x @ (codes * sw)^T + bias`` through a decoded weight and torch's GEMM, in x's dtype."""
+    M, K = x.shape
+    N = packed.shape[0]
+    dt = x.dtype
+    b = None if bias is None else bias.to(dt)
+    rows = max(16, DENSE_CHUNK // K)
+    if rows >= N:
+        return torch.nn.functional.linear(x, torch.ops.kdfast_C.ternary_decode(packed, sw, K, dt), b)
+    y = x.new_empty((M, N))
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = torch.ops.kdfast_C.ternary_decode(packed[n0:n1], sw[n0:n1], K, dt)
+        if b is None:
+            torch.mm(x, w.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(b[n0:n1], x, w.t(), out=y[:, n0:n1])
+    return y
+
+
 @backends.register("ternary_linear", "cpu", check=_kernel_check, kernel="ternary_linear_f32")
 def _cpu(x, packed, scale, bias, act_bits):
     K, N = x.shape[1], packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
+    if act_bits == 0 and x.shape[0] >= DENSE_MIN_ROWS[x.dtype]:
+        return _cpu_dense(x, packed.contiguous(), sw, bias)
     xf = x.float().contiguous()
     if act_bits == 8:
         y = torch.ops.kdfast_C.ternary_linear_w2a8(xf, packed.contiguous(), sw, _f32(bias), K)

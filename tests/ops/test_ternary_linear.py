@@ -175,3 +175,80 @@ def test_matches_f_linear():
     x, p, scale, bias, codes = make(9, 12, 300)
     w = codes.float() * scale[:, None]
     torch.testing.assert_close(ternary_linear(x, p, scale, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+
+
+# ---- float activations at large M: decode once + torch GEMM ---------------------------------------------
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("K", [1, 7, 63, 64, 65, 769, 3072])
+def test_cpu_decode_matches_unpack(isa, K):
+    from kdfast.ops.ternary_quant import unpack_ternary
+    g = torch.Generator().manual_seed(K)
+    N = 11
+    # every byte value, including the unused field 3 (decodes to 2 like unpack_ternary)
+    p = torch.randint(0, 256, (N, 16 * ((K + 63) // 64)), generator=g, dtype=torch.uint8)
+    scale = torch.randn(N, generator=g) * 3
+    codes = unpack_ternary(p, K)
+    with cpu_isa.use_cpu_isa(isa):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            d = torch.ops.kdfast_C.ternary_decode(p, None, K, dt)
+            assert d.dtype == dt and d.shape == (N, K)
+            assert torch.equal(d, codes.to(dt))
+            ds = torch.ops.kdfast_C.ternary_decode(p, scale, K, dt)
+            assert torch.equal(ds, codes.to(dt) * scale.to(dt)[:, None])
+            # a row slice of the packed weight (what the chunked path passes)
+            assert torch.equal(torch.ops.kdfast_C.ternary_decode(p[3:7], scale[3:7], K, dt), ds[3:7])
+
+
+@pytest.mark.cpu
+def test_cpu_decode_errors():
+    p = torch.zeros(4, 32, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.kdfast_C.ternary_decode(p, None, 200, torch.float32)
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.kdfast_C.ternary_decode(p.float(), None, 100, torch.float32)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.kdfast_C.ternary_decode(p, torch.ones(3), 100, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.kdfast_C.ternary_decode(p, None, 100, torch.float64)
+    assert torch.ops.kdfast_C.ternary_decode(p[:0], None, 100, torch.float32).shape == (0, 100)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 4000])
+def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
+    """M below the threshold runs the register-unpack kernel, M at or above it the decode + GEMM path
+    (with chunk: the weight decoded in slices of rows); both within the numerics rule, with and without
+    bias, for non-contiguous x."""
+    import importlib
+    tl = importlib.import_module("kdfast.ops.ternary_linear")
+    if chunk:
+        monkeypatch.setattr(tl, "DENSE_CHUNK", chunk)
+    calls = []
+    dense = tl._cpu_dense
+    monkeypatch.setattr(tl, "_cpu_dense", lambda *a: calls.append(1) or dense(*a))
+    thr = tl.DENSE_MIN_ROWS[dtype]
+    for M, N, K in [(thr - 1, 37, 769), (thr, 40, 130), (thr + 1, 33, 3072), (2 * thr + 3, 70, 65)]:
+        x, p, scale, bias, _ = make(M, N, K, seed=M + K, dtype=dtype)
+        xt = (torch.randn(K, M, generator=torch.Generator().manual_seed(M)) * 10).to(dtype).T
+        for xin, b in ((x, bias), (xt, None), (xt, bias)):
+            calls.clear()
+            y = ternary_linear(xin, p, scale, b)
+            assert len(calls) == (M >= thr)
+            assert y.dtype == dtype and y.shape == (M, N)
+            oracle = ternary_linear_reference(xin.double(), p, scale, b)
+            assert_close_to_oracle(y, oracle, ternary_linear_reference(xin, p, scale, b), dtype)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+def test_cpu_dense_path_every_isa(isa):
+    from kdfast.ops.ternary_linear import DENSE_MIN_ROWS
+    for dtype in (torch.float32, torch.bfloat16):
+        M = DENSE_MIN_ROWS[dtype]
+        x, p, scale, bias, _ = make(M, 21, 200, seed=3, dtype=dtype)
+        with cpu_isa.use_cpu_isa(isa):
+            y = ternary_linear(x, p, scale, bias)
+        oracle = ternary_linear_reference(x.double(), p, scale, bias)
+        assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
