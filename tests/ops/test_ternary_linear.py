@@ -49,7 +49,9 @@ def test_cpu_int8_exact(isa, M, N, K):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64)])
+# (400, 1376, 70) and (390, 1370, 65): float output > 2 MiB, written with streaming stores where rows are aligned
+@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64), (400, 1376, 70),
+                                   (390, 1370, 65)])
 def test_cpu_int8_amx_and_vnni_gemm(monkeypatch, amx, M, N, K):
     """M >= 64 takes the AMX tile path where the CPU has AMX (KDFAST_TERNARY_AMX=0 forces VNNI)."""
     if amx == "1" and not torch.ops.kdfast_C.ternary_amx_available():
