@@ -95,7 +95,7 @@ def crossover(threads_note: str):
         packed = pack_ternary(codes)
         sw = scale.float().contiguous()
         bias = torch.randn(N, generator=g)
-        for M in (1, 4, 16, 64, 384):
+        for M in (1, 4, 16, 64, 128, 384):
             x = torch.randn(M, K, generator=g)
             reps = 3 if K * N * M > 2e9 else (5 if K * N * M > 2e8 else 15)
             cells = []

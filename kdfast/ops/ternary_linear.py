@@ -125,22 +125,29 @@ def _f32(t):
 # dtype (code * scale is exact in fp32; in bf16/fp16 it is scale rounded once,
 # as torch's own dequantized weight is). Smaller M keeps the register-unpack
 # kernel, which never materialises the weights.
-# Thresholds measured with bench/ternary.py --crossover (2-core Xeon,
-# AVX-512 VNNI + AMX, 1 thread, best of reps, ms; "kern" = register-unpack
-# kernel, "dense" = decode + GEMM):
-#   fp32 768x3072:   M=16 kern 0.76 / dense 1.5, M=64 2.36 / 2.1 (noisy), M=384 24.1 / 10.6
-#   fp32 3072x768:   M=64 6.9 / 3.6, M=384 15.6 / ~11
-#   fp32 4096x11008: M=16 19.9 / 28.4, M=64 62.9 / ~60, M=384 401 / 222
-#   bf16 768x768:    M=4 0.070 / 0.125, M=16 0.175 / 0.128, M=64 0.61 / 0.19
-#   bf16 768x3072:   M=4 0.25 / 0.62, M=16 0.78 / 0.65, M=64 2.5 / 0.85
-#   bf16 4096x11008: M=4 8.5 / -, M=16 17.6 / 11.3, M=384 412 / 38
-#   fp16 is within noise of bf16 on this CPU.
-DENSE_MIN_ROWS = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 16}
-# Weights are decoded in slices of at most this many elements (16 MiB of
-# fp32), so the dense copy stays small and in cache-friendly pieces instead of
-# a fresh full-size matrix per call (4096x11008, bf16, M=16, 1 thread: one
-# slice 37 ms, 4M-element slices 11 ms: the big block was page faults).
-DENSE_CHUNK = 1 << 22
+# Thresholds measured with `bench/ternary.py --crossover --threads 1` (2-core
+# Xeon with AVX-512 VNNI + AMX, load ~1.7, best of 3-15 runs, ms; "kern" =
+# register-unpack kernel, "dense" = decode + GEMM, "torch" = F.linear on the
+# dequantized weight in the same dtype):
+#                      M=16              M=64              M=128             M=384
+#   fp32 768x768    kern .154 dense .305  .553 / .630       1.18 / 1.04       3.50 / 2.67 (torch 2.47)
+#   fp32 768x3072        .847 / 1.53      3.20 / 2.80       4.44 / 4.68       17.2 / 11.5 (torch 9.9)
+#   fp32 3072x768        .836 / 1.64      2.31 / 3.06       7.44 / 5.35       15.4 / 12.7 (torch 10.0)
+#   fp32 4096x11008      17.5 / 29.1      43.6 / 54.5       97.2 / 87.2       291 / 226   (torch 196)
+#                      M=4               M=16              M=64              M=384
+#   bf16 768x768    kern .067 dense .121  .163 / .127       .740 / .173       3.69 / .485 (torch .370)
+#   bf16 768x3072        .248 / .686      .659 / .708       2.36 / .898       17.9 / 2.00 (torch 1.48)
+#   bf16 3072x768        .237 / .641      .716 / .692       2.38 / .894       15.9 / 2.23 (torch 1.73)
+#   bf16 4096x11008      4.42 / 11.5      17.5 / 12.4       44.5 / 16.2       298 / 38.1  (torch 36.8)
+# fp32: the kernel wins at M=64 on 3 of 4 shapes, the GEMM at M=128 on 3 of 4.
+# bf16/fp16 (this CPU has AMX-BF16 and AVX-512 FP16 for the GEMM): about even at M=16, clearly
+# the GEMM from M=64; fp16 timed like bf16 in an earlier run.
+DENSE_MIN_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.float16: 16}
+# Weights are decoded in slices of at most this many bytes, so the dense copy
+# stays small and cache-resident instead of a fresh full-size matrix per call
+# (4096x11008, bf16, M=16, 1 thread: one 90 MB slice 37 ms, 8 MiB slices 11 ms:
+# the big block was page faults).
+DENSE_CHUNK = 4 << 20
 
 
 def _cpu_dense(x, packed, sw, bias):
@@ -149,7 +156,7 @@ def _cpu_dense(x, packed, sw, bias):
     N = packed.shape[0]
     dt = x.dtype
     b = None if bias is None else bias.to(dt)
-    rows = max(16, DENSE_CHUNK // K)
+    rows = max(16, DENSE_CHUNK // (K * x.element_size()))
     if rows >= N:
         return torch.nn.functional.linear(x, torch.ops.kdfast_C.ternary_decode(packed, sw, K, dt), b)
     y = x.new_empty((M, N))

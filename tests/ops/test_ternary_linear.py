@@ -218,7 +218,7 @@ def test_cpu_decode_errors():
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunk", [None, 4000])
+@pytest.mark.parametrize("chunk", [None, 16000])
 def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
     """M below the threshold runs the register-unpack kernel, M at or above it the decode + GEMM path
     (with chunk: the weight decoded in slices of rows); both within the numerics rule, with and without
