@@ -143,11 +143,14 @@ def _f32(t):
 # bf16/fp16 (this CPU has AMX-BF16 and AVX-512 FP16 for the GEMM): about even at M=16, clearly
 # the GEMM from M=64; fp16 timed like bf16 in an earlier run.
 DENSE_MIN_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.float16: 16}
-# Weights are decoded in slices of at most this many bytes, so the dense copy
-# stays small and cache-resident instead of a fresh full-size matrix per call
-# (4096x11008, bf16, M=16, 1 thread: one 90 MB slice 37 ms, 8 MiB slices 11 ms:
-# the big block was page faults).
-DENSE_CHUNK = 4 << 20
+# A decoded weight larger than DENSE_SLICE_ABOVE bytes is decoded and
+# multiplied in equal row slices of about DENSE_SLICE bytes: a fresh block that
+# large is mapped anew by malloc on every call and page-faults (4096x11008,
+# bf16, M=16, 1 thread: one 90 MB block 37 ms, 8 MiB slices 11 ms). Smaller
+# weights (every BERT-base layer) are one block and one GEMM: slicing them
+# costs GEMM efficiency.
+DENSE_SLICE_ABOVE = 32 << 20
+DENSE_SLICE = 8 << 20
 
 
 def _cpu_dense(x, packed, sw, bias):
@@ -156,9 +159,11 @@ def _cpu_dense(x, packed, sw, bias):
     N = packed.shape[0]
     dt = x.dtype
     b = None if bias is None else bias.to(dt)
-    rows = max(16, DENSE_CHUNK // (K * x.element_size()))
-    if rows >= N:
+    nbytes = N * K * x.element_size()
+    if nbytes <= DENSE_SLICE_ABOVE:
         return torch.nn.functional.linear(x, torch.ops.kdfast_C.ternary_decode(packed, sw, K, dt), b)
+    nslices = -(-nbytes // DENSE_SLICE)
+    rows = max(16, -(-N // nslices))
     y = x.new_empty((M, N))
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)

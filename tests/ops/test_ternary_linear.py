@@ -226,7 +226,8 @@ def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
     import importlib
     tl = importlib.import_module("kdfast.ops.ternary_linear")
     if chunk:
-        monkeypatch.setattr(tl, "DENSE_CHUNK", chunk)
+        monkeypatch.setattr(tl, "DENSE_SLICE_ABOVE", chunk)
+        monkeypatch.setattr(tl, "DENSE_SLICE", chunk)
     calls = []
     dense = tl._cpu_dense
     monkeypatch.setattr(tl, "_cpu_dense", lambda *a: calls.append(1) or dense(*a))
