@@ -3,7 +3,11 @@
 Two activation modes:
 
 * ``act_bits=None``: activations stay float (fp32 / bf16 / fp16); kernels
-  unpack the 2-bit weights in registers and accumulate in float32.
+  unpack the 2-bit weights in registers and accumulate in float32. On CPU, at
+  ``M >= DENSE_MIN_ROWS[x.dtype]`` rows (fp32 128, bf16/fp16 16) the weight is
+  instead decoded once per call (``torch.ops.kdfast_C.ternary_decode``) and
+  multiplied by torch's GEMM in x's dtype: the result is then exactly
+  ``F.linear(x, dequantized weight in x.dtype, bias)``.
 * ``act_bits=8`` (W2A8): each token (row of x) is quantized to int8
   (absmax / 127, round half to even, clamp +/-127, see
   :func:`kdfast.ops.ternary_quant.quantize_activations`), dot products are
