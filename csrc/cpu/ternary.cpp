@@ -238,11 +238,12 @@ void parallel_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
 }
 
 // Row passes over the activations (quantization, AMX operand) run on one
-// thread below this many elements: each parallel region is a barrier, and on
-// a loaded machine a barrier waits for a descheduled thread for a whole
-// scheduler tick (2 threads with a compiler on the other core, 768x768
-// M=384: ~20 ms instead of 0.35 ms), while the pass itself costs ~0.1 ms on one core.
-constexpr int64_t kSerialPrepElems = int64_t{1} << 19;
+// thread up to this many elements (every BERT-base layer at M=384): each
+// parallel region is a barrier, and on a loaded machine a barrier waits for a
+// descheduled thread for a whole scheduler tick (2 threads with a compiler on
+// the other core, 768x768 M=384: ~20 ms instead of 0.35 ms), while the pass
+// itself costs ~0.1 ms per million elements on one core.
+constexpr int64_t kSerialPrepElems = int64_t{1} << 21;
 
 int64_t prep_grain(int64_t M, int64_t K, int64_t grain) {
   return M * K <= kSerialPrepElems ? std::max<int64_t>(M, 1) : grain;

@@ -255,3 +255,29 @@ def test_cpu_dense_path_every_isa(isa):
             y = ternary_linear(x, p, scale, bias)
         oracle = ternary_linear_reference(x.double(), p, scale, bias)
         assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+def test_cpu_quantize_ties_match_reference(isa):
+    """x / s at (and one ulp around) half-integers: round(x * (1 / s)) differs from round(x / s) for
+    dozens of these values (checked below), so the kernels' fast reciprocal path must fall back to the
+    exact division there and q stays bitwise the reference's (round half to even)."""
+    K = 254
+    rows = []
+    for sc in (0.3, 0.7, 1.3, 0.0123, 7.77):
+        base = ((torch.arange(K, dtype=torch.float64) - 127 + 0.5).clamp(-126.5, 126.5) * sc).float()
+        for r in (base, base.nextafter(torch.full_like(base, 1e9)), base.nextafter(torch.full_like(base, -1e9))):
+            r = r.clone()
+            r[0] = sc * 127
+            rows.append(r)
+    x = torch.stack(rows + [torch.randn(K) * 10 for _ in range(3)])
+    q_ref, s_ref = quantize_activations(x)
+    naive = torch.round(x * (1 / s_ref[:, None])).clamp(-127, 127).to(torch.int8)
+    assert (naive != q_ref).sum() > 50  # the data does exercise the fallback
+    with cpu_isa.use_cpu_isa(isa):
+        q, s = torch.ops.kdfast_C.quantize_act_i8(x)
+        y = torch.ops.kdfast_C.ternary_linear_w2a8(x, *make(1, 5, K)[1:3], None, K)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+    _, p, scale, _, _ = make(1, 5, K)
+    assert torch.equal(y, ternary_linear_reference(x, p, scale, None, act_bits=8))
