@@ -223,22 +223,9 @@ KDFAST_INLINE int32_t quant_row(const float* x, int64_t K, int64_t Kp, int8_t* q
   k = 0;
 #if TERNARY_ISA >= 2
   const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-  // round(x / s) through x * (1 / s): vdivps costs ~10 cycles per vector,
-  // most of this pass. The product is within a few ulps of the quotient, so
-  // its rounding equals round(x / s) unless x / s lies within 2^-10 of a
-  // half-integer; such vectors (and any with |x / s| > 2^20) take the exact
-  // division, so q stays bitwise the reference's.
-  const __m512 inv = _mm512_set1_ps(1.f / s), half = _mm512_set1_ps(0.5f - 0.0009765625f);
-  const __m512 big = _mm512_set1_ps(1048576.f);
   __m512i isum = _mm512_setzero_si512();
   for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    const __m512 y = _mm512_mul_ps(xv, inv);
-    __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(y, r));
-    if (_mm512_cmp_ps_mask(d, half, _CMP_GE_OQ) | _mm512_cmp_ps_mask(_mm512_abs_ps(y), big, _CMP_GE_OQ) |
-        _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q))
-      r = _mm512_roundscale_ps(_mm512_div_ps(xv, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
     isum = _mm512_add_epi32(isum, i);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(i));

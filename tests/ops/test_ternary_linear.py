@@ -261,8 +261,8 @@ def test_cpu_dense_path_every_isa(isa):
 @pytest.mark.parametrize("isa", _isas())
 def test_cpu_quantize_ties_match_reference(isa):
     """x / s at (and one ulp around) half-integers: round(x * (1 / s)) differs from round(x / s) for
-    dozens of these values (checked below), so the kernels' fast reciprocal path must fall back to the
-    exact division there and q stays bitwise the reference's (round half to even)."""
+    dozens of these values (checked below), so a kernel that quantizes with a reciprocal instead of the
+    division fails here; q must stay bitwise the reference's (round half to even)."""
     K = 254
     rows = []
     for sc in (0.3, 0.7, 1.3, 0.0123, 7.77):
