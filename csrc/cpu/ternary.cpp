@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -255,12 +256,13 @@ void run_int(IntArgs& a, const Paths& p, const uint8_t* xu_ready = nullptr) {
   if (a.M >= kAmxMinRows && amx_enabled()) {
     const int64_t Kp = a.KB * 64, Mp = (a.M + amx::kTileM - 1) / amx::kTileM * amx::kTileM;
     const int64_t K = a.K;
-    std::vector<uint8_t> xu;
+    at::Tensor xu;  // 64-byte aligned: AMX tile rows are whole cache lines
     if (!xu_ready) {
-      xu.assign(Mp * Kp, 0);
+      xu = at::zeros({Mp * Kp}, at::TensorOptions().dtype(at::kByte));
+      uint8_t* xd = xu.data_ptr<uint8_t>();
       at::parallel_for(0, a.M, prep_grain(a.M, Kp, 16),
-                       [&](int64_t m0, int64_t m1) { amx::make_xu(a.x, m0, m1, Kp, K, xu.data()); });
-      xu_ready = xu.data();
+                       [&](int64_t m0, int64_t m1) { amx::make_xu(a.x, m0, m1, Kp, K, xd); });
+      xu_ready = xd;
     }
     amx::AmxArgs t{xu_ready, Mp, K};
     const int64_t nblocks = (a.N + amx::kTileN - 1) / amx::kTileN;
@@ -341,24 +343,31 @@ at::Tensor ternary_linear_w2a8(const at::Tensor& x_in, const at::Tensor& packed,
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const Paths p = pick();
-  std::vector<int8_t> xp(M * Kp);
   std::vector<int32_t> rs(M);
   std::vector<float> sx(M);
   const float* xs = x.data_ptr<float>();
-  // On the AMX path the tile operand is built in the same pass (one parallel region, not two).
-  std::vector<uint8_t> xu;
+  // On the AMX path the rows are quantized straight into the tile operand
+  // buffer and turned into u = q + 128 in place, in the same pass: no second
+  // activation buffer and one parallel region instead of two.
+  bool use_amx = false;
+  int64_t Mp = M;
 #if KDFAST_HAVE_X86_PATHS
-  if (M >= kAmxMinRows && amx_enabled()) xu.assign((M + amx::kTileM - 1) / amx::kTileM * amx::kTileM * Kp, 0);
+  use_amx = M >= kAmxMinRows && amx_enabled();
+  if (use_amx) Mp = (M + amx::kTileM - 1) / amx::kTileM * amx::kTileM;
 #endif
+  // 64-byte aligned (torch's CPU allocator): AMX tile rows are whole cache lines.
+  at::Tensor xq = at::empty({Mp * Kp}, x.options().dtype(at::kChar));
+  int8_t* q = xq.data_ptr<int8_t>();
+  if (Mp > M) std::memset(q + M * Kp, 0, (Mp - M) * Kp);
   at::parallel_for(0, M, prep_grain(M, K, 8), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) rs[m] = p.quant_row(xs + m * K, K, Kp, xp.data() + m * Kp, &sx[m]);
+    for (int64_t m = b; m < e; ++m) rs[m] = p.quant_row(xs + m * K, K, Kp, q + m * Kp, &sx[m]);
 #if KDFAST_HAVE_X86_PATHS
-    if (!xu.empty()) amx::make_xu(xp.data(), b, e, Kp, K, xu.data());
+    if (use_amx) amx::make_xu(q, b, e, Kp, K, reinterpret_cast<uint8_t*>(q));
 #endif
   });
-  IntArgs a{xp.data(), rs.data(), M, KB, N, w.data_ptr<uint8_t>(), nullptr, out.data_ptr<float>(), sx.data(),
+  IntArgs a{q, rs.data(), M, KB, N, w.data_ptr<uint8_t>(), nullptr, out.data_ptr<float>(), sx.data(),
             sw.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr, K};
-  run_int(a, p, xu.empty() ? nullptr : xu.data());
+  run_int(a, p, use_amx ? reinterpret_cast<const uint8_t*>(q) : nullptr);
   return out;
 }
 

@@ -14,6 +14,10 @@
 // Tiles: C0..C3 (tmm0-3) = 32 rows x 32 features, int32, rows m / columns n,
 // so the epilogue writes 16 contiguous outputs per vector.
 #include <cpuid.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -133,13 +137,20 @@ void int_range(const IntArgs& a, const AmxArgs& t, int64_t n0, int64_t n1) {
   // full aligned lines are written with streaming stores (no read for
   // ownership of lines that are entirely overwritten).
   const bool stream = !a.acc && a.M * a.N * 4 >= kStreamBytes;
-  std::vector<int32_t> wv(G * kTileN);  // weights in VNNI layout [k / 4][n][k % 4]
+  // weights in VNNI layout [k / 4][n][k % 4], 64-byte aligned so that each B tile row is one cache line
+  std::unique_ptr<int32_t, decltype(&std::free)> wv_buf(
+      static_cast<int32_t*>(std::aligned_alloc(64, G * kTileN * sizeof(int32_t))), &std::free);
+  int32_t* const wv = wv_buf.get();
+  if (!wv) {  // inside an OpenMP region: no exception can leave it
+    std::fprintf(stderr, "kdfast ternary AMX: out of memory for the weight tile buffer\n");
+    std::abort();
+  }
   alignas(64) int32_t cbuf[4][16 * 16];
   alignas(64) int32_t corr[kTileN];
   for (int64_t nb = n0; nb < n1; nb += kTileN) {
     const int64_t nn = std::min<int64_t>(kTileN, n1 - nb);
-    build_weights(a, t.K, nb, nn, wv.data(), corr);
-    const int8_t* B = reinterpret_cast<const int8_t*>(wv.data());
+    build_weights(a, t.K, nb, nn, wv, corr);
+    const int8_t* B = reinterpret_cast<const int8_t*>(wv);
     for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
       _tile_zero(0);
       _tile_zero(1);
