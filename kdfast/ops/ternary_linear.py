@@ -22,6 +22,8 @@ Gradients flow to ``x`` (straight through the activation quantizer) and to
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kdfast import backends
@@ -157,8 +159,29 @@ DENSE_SLICE_ABOVE = 32 << 20
 DENSE_SLICE = 8 << 20
 
 
+@functools.lru_cache(maxsize=None)
+def _fast_low_precision_gemm(dt) -> bool:
+    """Whether torch's CPU GEMM in bf16 / fp16 runs on native units (oneDNN with AVX-512 BF16 / FP16 or AMX)."""
+    try:
+        if dt == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _dense_min_rows(dt) -> int:
+    """Rows from which the CPU float path decodes the weight; without native bf16 / fp16 GEMM units
+    a low-precision x takes the fp32 GEMM (x cast up, result cast back) and the fp32 threshold."""
+    if dt != torch.float32 and not _fast_low_precision_gemm(dt):
+        return DENSE_MIN_ROWS[torch.float32]
+    return DENSE_MIN_ROWS[dt]
+
+
 def _cpu_dense(x, packed, sw, bias):
     """``x @ (codes * sw)^T + bias`` through a decoded weight and torch's GEMM, in x's dtype."""
+    if x.dtype != torch.float32 and not _fast_low_precision_gemm(x.dtype):
+        return _cpu_dense(x.float(), packed, sw, bias).to(x.dtype)
     M, K = x.shape
     N = packed.shape[0]
     dt = x.dtype
@@ -183,7 +206,7 @@ def _cpu_dense(x, packed, sw, bias):
 def _cpu(x, packed, scale, bias, act_bits):
     K, N = x.shape[1], packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
-    if act_bits == 0 and x.shape[0] >= DENSE_MIN_ROWS[x.dtype]:
+    if act_bits == 0 and x.shape[0] >= _dense_min_rows(x.dtype):
         return _cpu_dense(x, packed.contiguous(), sw, bias)
     xf = x.float().contiguous()
     if act_bits == 8:

@@ -231,7 +231,7 @@ def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
     calls = []
     dense = tl._cpu_dense
     monkeypatch.setattr(tl, "_cpu_dense", lambda *a: calls.append(1) or dense(*a))
-    thr = tl.DENSE_MIN_ROWS[dtype]
+    thr = tl._dense_min_rows(dtype)
     for M, N, K in [(thr - 1, 37, 769), (thr, 40, 130), (thr + 1, 33, 3072), (2 * thr + 3, 70, 65)]:
         x, p, scale, bias, _ = make(M, N, K, seed=M + K, dtype=dtype)
         xt = (torch.randn(K, M, generator=torch.Generator().manual_seed(M)) * 10).to(dtype).T
@@ -247,9 +247,9 @@ def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
 @pytest.mark.cpu
 @pytest.mark.parametrize("isa", _isas())
 def test_cpu_dense_path_every_isa(isa):
-    from kdfast.ops.ternary_linear import DENSE_MIN_ROWS
+    from kdfast.ops.ternary_linear import _dense_min_rows
     for dtype in (torch.float32, torch.bfloat16):
-        M = DENSE_MIN_ROWS[dtype]
+        M = _dense_min_rows(dtype)
         x, p, scale, bias, _ = make(M, 21, 200, seed=3, dtype=dtype)
         with cpu_isa.use_cpu_isa(isa):
             y = ternary_linear(x, p, scale, bias)
@@ -281,3 +281,19 @@ def test_cpu_quantize_ties_match_reference(isa):
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
     _, p, scale, _, _ = make(1, 5, K)
     assert torch.equal(y, ternary_linear_reference(x, p, scale, None, act_bits=8))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_dense_path_without_low_precision_gemm(monkeypatch, dtype):
+    """A CPU without native bf16 / fp16 GEMM: the fp32 threshold, and the GEMM in fp32."""
+    import importlib
+    tl = importlib.import_module("kdfast.ops.ternary_linear")
+    monkeypatch.setattr(tl, "_fast_low_precision_gemm", lambda dt: False)
+    assert tl._dense_min_rows(dtype) == tl.DENSE_MIN_ROWS[torch.float32]
+    M = tl.DENSE_MIN_ROWS[torch.float32]
+    x, p, scale, bias, _ = make(M, 19, 300, seed=5, dtype=dtype)
+    y = ternary_linear(x, p, scale, bias)
+    assert y.dtype == dtype
+    oracle = ternary_linear_reference(x.double(), p, scale, bias)
+    assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
