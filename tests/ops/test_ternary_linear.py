@@ -297,3 +297,11 @@ def test_cpu_dense_path_without_low_precision_gemm(monkeypatch, dtype):
     assert y.dtype == dtype
     oracle = ternary_linear_reference(x.double(), p, scale, bias)
     assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
+
+
+@pytest.mark.cpu
+def test_torch_compile_fullgraph_dense_path():
+    from kdfast.ops.ternary_linear import DENSE_MIN_ROWS
+    x, p, scale, bias, _ = make(DENSE_MIN_ROWS[torch.float32], 9, 100)
+    f = torch.compile(lambda x: ternary_linear(x, p, scale, bias), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), ternary_linear(x, p, scale, bias))
