@@ -3,6 +3,8 @@
     python bench/ternary.py            # subset, < 3 min on a 2-core CPU
     python bench/ternary.py --full     # all shapes x M in {1, 16, 384}
     python bench/ternary.py --threads 2
+    python bench/ternary.py --bert384  # BERT shapes at M=384 only (the W2A8 vs int8 target)
+    python bench/ternary.py --crossover  # float path: register-unpack kernel vs decode + GEMM, per M
 
 Shapes are "in x out" of a Linear: BERT (768x768, 768x3072, 3072x768) and LLM
 (4096x4096, 4096x11008). Also measures the saved size of a BERT-base-shaped
@@ -63,6 +65,49 @@ def bench_shape(b: Bench, K: int, N: int, M: int, reps: int):
         b.run("linear", "torch-int8-dynamic", lambda: ref(x), **common)
         b.run("linear", OURS, lambda: ternary_linear(x, packed, scale, bias, act_bits=8), **common)
         b.run("linear", "kdfast-w2-fp32", lambda: ternary_linear(x, packed, scale, bias), **common)
+        b.run("linear", "kdfast-w2-bf16", lambda: ternary_linear(xb, packed, scale, bb), **common)
+
+
+def crossover(threads_note: str):
+    """Float-activation path: the register-unpack kernel vs decode + torch GEMM, per M (not recorded).
+
+    Prints the best of several timings (ms); DENSE_MIN_ROWS in kdfast/ops/ternary_linear.py was
+    chosen from this table.
+    """
+    import time
+
+    from kdfast.ops.ternary_linear import DENSE_MIN_ROWS, _cpu_dense
+
+    def best(fn, reps):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts) * 1e3
+
+    print(f"crossover ({threads_note}); thresholds now: "
+          + ", ".join(f"{str(k)[6:]} M >= {v}" for k, v in DENSE_MIN_ROWS.items()))
+    for K, N in [(768, 768), (768, 3072), (3072, 768), (4096, 11008)]:
+        g = torch.Generator().manual_seed(0)
+        codes, scale = ternarize(torch.randn(N, K, generator=g) * 0.05)
+        packed = pack_ternary(codes)
+        sw = scale.float().contiguous()
+        bias = torch.randn(N, generator=g)
+        for M in (1, 4, 16, 64, 128, 384):
+            x = torch.randn(M, K, generator=g)
+            reps = 3 if K * N * M > 2e9 else (5 if K * N * M > 2e8 else 15)
+            cells = []
+            for dt in (torch.float32, torch.bfloat16):
+                xd, bd = x.to(dt), bias.to(dt)
+                w = (codes.to(dt) * sw.to(dt)[:, None]).contiguous()
+                kern = best(lambda: torch.ops.kdfast_C.ternary_linear_f32(
+                    xd.float().contiguous(), packed, sw, bias, K).to(dt), reps)
+                dense = best(lambda: _cpu_dense(xd, packed, sw, bd), reps)
+                ref = best(lambda: F.linear(xd, w, bd), reps)
+                cells.append(f"{str(dt)[6:]} kern {kern:.3f} dense {dense:.3f} torch {ref:.3f}")
+            print(f"  {K}x{N} M={M}: " + " | ".join(cells), flush=True)
 
 
 def encoder_sizes():
@@ -89,6 +134,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per provider (3 for the largest shapes)")
     ap.add_argument("--quick", action="store_true", help="768x3072 M=384 and 4096x11008 M=1 only (make demo)")
+    ap.add_argument("--bert384", action="store_true", help="BERT shapes at M=384 only")
+    ap.add_argument("--crossover", action="store_true",
+                    help="float path: register-unpack kernel vs decode + GEMM per M (prints, records nothing)")
     ap.add_argument("--device", default="cpu", help="only cpu is measured by this script so far")
     args = ap.parse_args(argv)
     if args.device != "cpu":
@@ -104,7 +152,12 @@ def main(argv=None):
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("  note: the machine is oversubscribed; multi-threaded timings will be dominated by scheduler "
               "ticks. --threads 1 gives comparable numbers.", flush=True)
-    if args.quick:
+    if args.crossover:
+        crossover(f"{torch.get_num_threads()} threads, load average {load:.1f}")
+        return
+    if args.bert384:
+        plan = [(K, N, 384) for (K, N) in BERT]
+    elif args.quick:
         plan = [(768, 3072, 384), (4096, 11008, 1)]
     elif args.full:
         plan = [(K, N, M) for (K, N) in BERT + LLM for M in (1, 16, 384)]
@@ -116,17 +169,18 @@ def main(argv=None):
         bench_shape(b, K, N, M, reps)
     b.table(ours=OURS)
 
-    fp32, tern = encoder_sizes()
-    print(f"\nBERT-base encoder linear layers, saved state_dict: fp32 {fp32 / 2**20:.1f} MiB, "
-          f"ternary {tern / 2**20:.2f} MiB -> {fp32 / tern:.1f}x smaller")
+    if not args.bert384:
+        fp32, tern = encoder_sizes()
+        print(f"\nBERT-base encoder linear layers, saved state_dict: fp32 {fp32 / 2**20:.1f} MiB, "
+              f"ternary {tern / 2**20:.2f} MiB -> {fp32 / tern:.1f}x smaller")
 
     times = {}
     for r in b.rows:
         if r["metric"] == "time":
             times[(r["config"], r["x_value"], r["provider"])] = r["p50"]
 
-    def ratio(cfg, M, base):
-        a, o = times.get((cfg, M, base)), times.get((cfg, M, OURS))
+    def ratio(cfg, M, base, ours=OURS):
+        a, o = times.get((cfg, M, base)), times.get((cfg, M, ours))
         return None if a is None or o is None else a / o
 
     print("\nTargets (CPU):")
@@ -139,8 +193,14 @@ def main(argv=None):
             print(f"  {name}: not measured")
         else:
             print(f"  {name}: {r:.2f}x (target >= {target}x) {'PASS' if r >= target else 'MISS'}")
-    sr = fp32 / tern
-    print(f"  saved encoder size vs fp32: {sr:.1f}x (target >= 12x) {'PASS' if sr >= 12 else 'MISS'}")
+    if not args.bert384:
+        sr = fp32 / tern
+        print(f"  saved encoder size vs fp32: {sr:.1f}x (target >= 12x) {'PASS' if sr >= 12 else 'MISS'}")
+    print("Float activations vs dense torch in the same dtype (speed-up; >= ~0.8x is 'not much slower'):")
+    for (cfg, M, prov) in sorted(k for k in times if k[2] in ("kdfast-w2-fp32", "kdfast-w2-bf16")):
+        r = ratio(cfg, M, "torch-fp32" if prov.endswith("fp32") else "torch-bf16", ours=prov)
+        if r is not None:
+            print(f"  {cfg} M={M} {prov}: {r:.2f}x")
 
 
 if __name__ == "__main__":

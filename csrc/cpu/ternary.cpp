@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -237,14 +238,33 @@ void parallel_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
   for (int64_t c = 0; c < nchunks; ++c) f(c * chunk, std::min(nblocks, (c + 1) * chunk));
 }
 
-void run_int(IntArgs& a, const Paths& p) {
+// Row passes over the activations (quantization, AMX operand) run on one
+// thread up to this many elements (every BERT-base layer at M=384): each
+// parallel region is a barrier, and on a loaded machine a barrier waits for a
+// descheduled thread for a whole scheduler tick (2 threads with a compiler on
+// the other core, 768x768 M=384: ~20 ms instead of 0.35 ms), while the pass
+// itself costs ~0.1 ms per million elements on one core.
+constexpr int64_t kSerialPrepElems = int64_t{1} << 21;
+
+int64_t prep_grain(int64_t M, int64_t K, int64_t grain) {
+  return M * K <= kSerialPrepElems ? std::max<int64_t>(M, 1) : grain;
+}
+
+// xu_ready: the AMX operand (q + 128, [Mp][Kp]) when the caller already built it.
+void run_int(IntArgs& a, const Paths& p, const uint8_t* xu_ready = nullptr) {
 #if KDFAST_HAVE_X86_PATHS
   if (a.M >= kAmxMinRows && amx_enabled()) {
     const int64_t Kp = a.KB * 64, Mp = (a.M + amx::kTileM - 1) / amx::kTileM * amx::kTileM;
-    std::vector<uint8_t> xu(Mp * Kp, 0);
     const int64_t K = a.K;
-    at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) { amx::make_xu(a.x, m0, m1, Kp, K, xu.data()); });
-    amx::AmxArgs t{xu.data(), Mp, K};
+    at::Tensor xu;  // 64-byte aligned: AMX tile rows are whole cache lines
+    if (!xu_ready) {
+      xu = at::zeros({Mp * Kp}, at::TensorOptions().dtype(at::kByte));
+      uint8_t* xd = xu.data_ptr<uint8_t>();
+      at::parallel_for(0, a.M, prep_grain(a.M, Kp, 16),
+                       [&](int64_t m0, int64_t m1) { amx::make_xu(a.x, m0, m1, Kp, K, xd); });
+      xu_ready = xd;
+    }
+    amx::AmxArgs t{xu_ready, Mp, K};
     const int64_t nblocks = (a.N + amx::kTileN - 1) / amx::kTileN;
     parallel_blocks(nblocks, amx::kTileN * Kp * a.M, [&](int64_t b, int64_t e) {
       amx::int_range(a, t, b * amx::kTileN, std::min(a.N, e * amx::kTileN));
@@ -270,7 +290,7 @@ at::Tensor int_common(const at::Tensor& q_in, const at::Tensor* sx, const at::Te
   std::vector<int8_t> xp(M * Kp, 0);
   std::vector<int32_t> rs(M, 0);
   const int8_t* qs = q.data_ptr<int8_t>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, prep_grain(M, K, 16), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       int32_t s = 0;
       for (int64_t k = 0; k < K; ++k) s += qs[m * K + k];
@@ -323,16 +343,31 @@ at::Tensor ternary_linear_w2a8(const at::Tensor& x_in, const at::Tensor& packed,
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const Paths p = pick();
-  std::vector<int8_t> xp(M * Kp);
   std::vector<int32_t> rs(M);
   std::vector<float> sx(M);
   const float* xs = x.data_ptr<float>();
-  at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) rs[m] = p.quant_row(xs + m * K, K, Kp, xp.data() + m * Kp, &sx[m]);
+  // On the AMX path the rows are quantized straight into the tile operand
+  // buffer and turned into u = q + 128 in place, in the same pass: no second
+  // activation buffer and one parallel region instead of two.
+  bool use_amx = false;
+  int64_t Mp = M;
+#if KDFAST_HAVE_X86_PATHS
+  use_amx = M >= kAmxMinRows && amx_enabled();
+  if (use_amx) Mp = (M + amx::kTileM - 1) / amx::kTileM * amx::kTileM;
+#endif
+  // 64-byte aligned (torch's CPU allocator): AMX tile rows are whole cache lines.
+  at::Tensor xq = at::empty({Mp * Kp}, x.options().dtype(at::kChar));
+  int8_t* q = xq.data_ptr<int8_t>();
+  if (Mp > M) std::memset(q + M * Kp, 0, (Mp - M) * Kp);
+  at::parallel_for(0, M, prep_grain(M, K, 8), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) rs[m] = p.quant_row(xs + m * K, K, Kp, q + m * Kp, &sx[m]);
+#if KDFAST_HAVE_X86_PATHS
+    if (use_amx) amx::make_xu(q, b, e, Kp, K, reinterpret_cast<uint8_t*>(q));
+#endif
   });
-  IntArgs a{xp.data(), rs.data(), M, KB, N, w.data_ptr<uint8_t>(), nullptr, out.data_ptr<float>(), sx.data(),
+  IntArgs a{q, rs.data(), M, KB, N, w.data_ptr<uint8_t>(), nullptr, out.data_ptr<float>(), sx.data(),
             sw.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr, K};
-  run_int(a, p);
+  run_int(a, p, use_amx ? reinterpret_cast<const uint8_t*>(q) : nullptr);
   return out;
 }
 

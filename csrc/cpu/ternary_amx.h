@@ -14,6 +14,10 @@
 // Tiles: C0..C3 (tmm0-3) = 32 rows x 32 features, int32, rows m / columns n,
 // so the epilogue writes 16 contiguous outputs per vector.
 #include <cpuid.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -21,6 +25,7 @@ namespace amx {
 
 constexpr int kTileN = 32;
 constexpr int kTileM = 32;
+constexpr int64_t kStreamBytes = int64_t{2} << 20;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -50,7 +55,7 @@ struct AmxArgs {
 
 // Output rows m of a 16 x 16 int32 tile (rows m, columns n), vectorised over n.
 KDFAST_INLINE void store_rows(const IntArgs& a, const int32_t* tile, const int32_t* corr, int64_t mbase,
-                              int64_t nbase, int64_t ncount) {
+                              int64_t nbase, int64_t ncount, bool stream) {
   const __mmask16 mask = static_cast<__mmask16>((1u << ncount) - 1);
   const __m512i cv = _mm512_maskz_loadu_epi32(mask, corr);
   const __m512 sw = a.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, a.sw + nbase);
@@ -65,7 +70,9 @@ KDFAST_INLINE void store_rows(const IntArgs& a, const int32_t* tile, const int32
     __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.sx[m])), sw);
     asm("" : "+v"(f));  // no FMA contraction: bitwise ((acc * sx) * sw) + bias like the reference
     if (a.bias) f = _mm512_add_ps(f, bv);
-    _mm512_mask_storeu_ps(a.y + m * a.N + nbase, mask, f);
+    float* dst = a.y + m * a.N + nbase;
+    if (stream && ncount == 16 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) _mm512_stream_ps(dst, f);
+    else _mm512_mask_storeu_ps(dst, mask, f);
   }
 }
 
@@ -125,13 +132,25 @@ void int_range(const IntArgs& a, const AmxArgs& t, int64_t n0, int64_t n1) {
     cfg.colsb[i] = 64;
   }
   _tile_loadconfig(&cfg);
-  std::vector<int32_t> wv(G * kTileN);  // weights in VNNI layout [k / 4][n][k % 4]
+  // Each (32 features x 32 rows) step writes 32 rows of 128 bytes, a stride
+  // the prefetchers do not follow: when the float output is larger than L2,
+  // full aligned lines are written with streaming stores (no read for
+  // ownership of lines that are entirely overwritten).
+  const bool stream = !a.acc && a.M * a.N * 4 >= kStreamBytes;
+  // weights in VNNI layout [k / 4][n][k % 4], 64-byte aligned so that each B tile row is one cache line
+  std::unique_ptr<int32_t, decltype(&std::free)> wv_buf(
+      static_cast<int32_t*>(std::aligned_alloc(64, G * kTileN * sizeof(int32_t))), &std::free);
+  int32_t* const wv = wv_buf.get();
+  if (!wv) {  // inside an OpenMP region: no exception can leave it
+    std::fprintf(stderr, "kdfast ternary AMX: out of memory for the weight tile buffer\n");
+    std::abort();
+  }
   alignas(64) int32_t cbuf[4][16 * 16];
   alignas(64) int32_t corr[kTileN];
   for (int64_t nb = n0; nb < n1; nb += kTileN) {
     const int64_t nn = std::min<int64_t>(kTileN, n1 - nb);
-    build_weights(a, t.K, nb, nn, wv.data(), corr);
-    const int8_t* B = reinterpret_cast<const int8_t*>(wv.data());
+    build_weights(a, t.K, nb, nn, wv, corr);
+    const int8_t* B = reinterpret_cast<const int8_t*>(wv);
     for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
       _tile_zero(0);
       _tile_zero(1);
@@ -155,11 +174,12 @@ void int_range(const IntArgs& a, const AmxArgs& t, int64_t n0, int64_t n1) {
       _tile_stored(3, cbuf[3], 64);
       for (int c = 0; c < 4; ++c) {
         const int64_t nofs = (c & 1) * 16, ncount = std::min<int64_t>(16, nn - nofs);
-        if (ncount > 0) store_rows(a, cbuf[c], corr + nofs, m0 + (c >> 1) * 16, nb + nofs, ncount);
+        if (ncount > 0) store_rows(a, cbuf[c], corr + nofs, m0 + (c >> 1) * 16, nb + nofs, ncount, stream);
       }
     }
   }
   _tile_release();
+  if (stream) _mm_sfence();
 }
 
 }  // namespace amx

@@ -3,7 +3,11 @@
 Two activation modes:
 
 * ``act_bits=None``: activations stay float (fp32 / bf16 / fp16); kernels
-  unpack the 2-bit weights in registers and accumulate in float32.
+  unpack the 2-bit weights in registers and accumulate in float32. On CPU, at
+  ``M >= DENSE_MIN_ROWS[x.dtype]`` rows (fp32 128, bf16/fp16 16) the weight is
+  instead decoded once per call (``torch.ops.kdfast_C.ternary_decode``) and
+  multiplied by torch's GEMM in x's dtype: the result is then exactly
+  ``F.linear(x, dequantized weight in x.dtype, bias)``.
 * ``act_bits=8`` (W2A8): each token (row of x) is quantized to int8
   (absmax / 127, round half to even, clamp +/-127, see
   :func:`kdfast.ops.ternary_quant.quantize_activations`), dot products are
@@ -17,6 +21,8 @@ Gradients flow to ``x`` (straight through the activation quantizer) and to
 :class:`kdfast.nn.TernaryLinear` in QAT mode).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -117,10 +123,91 @@ def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
+# Float activations at large M: decode the 2-bit weights into dense rows of
+# ``code * scale[n]`` in x's dtype (torch.ops.kdfast_C.ternary_decode, one
+# pass) and let torch's BLAS / oneDNN GEMM do the matmul; bf16/fp16 x then
+# uses the CPU's low-precision matrix units with fp32 accumulation. The
+# result is exactly torch's F.linear(x, dequantized weight, bias) in x's
+# dtype (code * scale is exact in fp32; in bf16/fp16 it is scale rounded once,
+# as torch's own dequantized weight is). Smaller M keeps the register-unpack
+# kernel, which never materialises the weights.
+# Thresholds measured with `bench/ternary.py --crossover --threads 1` (2-core
+# Xeon with AVX-512 VNNI + AMX, load ~1.7, best of 3-15 runs, ms; "kern" =
+# register-unpack kernel, "dense" = decode + GEMM, "torch" = F.linear on the
+# dequantized weight in the same dtype):
+#                      M=16              M=64              M=128             M=384
+#   fp32 768x768    kern .154 dense .305  .553 / .630       1.18 / 1.04       3.50 / 2.67 (torch 2.47)
+#   fp32 768x3072        .847 / 1.53      3.20 / 2.80       4.44 / 4.68       17.2 / 11.5 (torch 9.9)
+#   fp32 3072x768        .836 / 1.64      2.31 / 3.06       7.44 / 5.35       15.4 / 12.7 (torch 10.0)
+#   fp32 4096x11008      17.5 / 29.1      43.6 / 54.5       97.2 / 87.2       291 / 226   (torch 196)
+#                      M=4               M=16              M=64              M=384
+#   bf16 768x768    kern .067 dense .121  .163 / .127       .740 / .173       3.69 / .485 (torch .370)
+#   bf16 768x3072        .248 / .686      .659 / .708       2.36 / .898       17.9 / 2.00 (torch 1.48)
+#   bf16 3072x768        .237 / .641      .716 / .692       2.38 / .894       15.9 / 2.23 (torch 1.73)
+#   bf16 4096x11008      4.42 / 11.5      17.5 / 12.4       44.5 / 16.2       298 / 38.1  (torch 36.8)
+# fp32: the kernel wins at M=64 on 3 of 4 shapes, the GEMM at M=128 on 3 of 4.
+# bf16/fp16 (this CPU has AMX-BF16 and AVX-512 FP16 for the GEMM): about even at M=16, clearly
+# the GEMM from M=64; fp16 timed like bf16 in an earlier run.
+DENSE_MIN_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.float16: 16}
+# A decoded weight larger than DENSE_SLICE_ABOVE bytes is decoded and
+# multiplied in equal row slices of about DENSE_SLICE bytes: a fresh block that
+# large is mapped anew by malloc on every call and page-faults (4096x11008,
+# bf16, M=16, 1 thread: one 90 MB block 37 ms, 8 MiB slices 11 ms). Smaller
+# weights (every BERT-base layer) are one block and one GEMM: slicing them
+# costs GEMM efficiency.
+DENSE_SLICE_ABOVE = 32 << 20
+DENSE_SLICE = 8 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_low_precision_gemm(dt) -> bool:
+    """Whether torch's CPU GEMM in bf16 / fp16 runs on native units (oneDNN with AVX-512 BF16 / FP16 or AMX)."""
+    try:
+        if dt == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _dense_min_rows(dt) -> int:
+    """Rows from which the CPU float path decodes the weight; without native bf16 / fp16 GEMM units
+    a low-precision x takes the fp32 GEMM (x cast up, result cast back) and the fp32 threshold."""
+    if dt != torch.float32 and not _fast_low_precision_gemm(dt):
+        return DENSE_MIN_ROWS[torch.float32]
+    return DENSE_MIN_ROWS[dt]
+
+
+def _cpu_dense(x, packed, sw, bias):
+    """``x @ (codes * sw)^T + bias`` through a decoded weight and torch's GEMM, in x's dtype."""
+    if x.dtype != torch.float32 and not _fast_low_precision_gemm(x.dtype):
+        return _cpu_dense(x.float(), packed, sw, bias).to(x.dtype)
+    M, K = x.shape
+    N = packed.shape[0]
+    dt = x.dtype
+    b = None if bias is None else bias.to(dt)
+    nbytes = N * K * x.element_size()
+    if nbytes <= DENSE_SLICE_ABOVE:
+        return torch.nn.functional.linear(x, torch.ops.kdfast_C.ternary_decode(packed, sw, K, dt), b)
+    nslices = -(-nbytes // DENSE_SLICE)
+    rows = max(16, -(-N // nslices))
+    y = x.new_empty((M, N))
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = torch.ops.kdfast_C.ternary_decode(packed[n0:n1], sw[n0:n1], K, dt)
+        if b is None:
+            torch.mm(x, w.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(b[n0:n1], x, w.t(), out=y[:, n0:n1])
+    return y
+
+
 @backends.register("ternary_linear", "cpu", check=_kernel_check, kernel="ternary_linear_f32")
 def _cpu(x, packed, scale, bias, act_bits):
     K, N = x.shape[1], packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
+    if act_bits == 0 and x.shape[0] >= _dense_min_rows(x.dtype):
+        return _cpu_dense(x, packed.contiguous(), sw, bias)
     xf = x.float().contiguous()
     if act_bits == 8:
         y = torch.ops.kdfast_C.ternary_linear_w2a8(xf, packed.contiguous(), sw, _f32(bias), K)

@@ -49,7 +49,9 @@ def test_cpu_int8_exact(isa, M, N, K):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64)])
+# (400, 1376, 70) and (390, 1370, 65): float output > 2 MiB, written with streaming stores where rows are aligned
+@pytest.mark.parametrize("M,N,K", [(64, 33, 769), (100, 70, 3072), (130, 1, 1), (65, 40, 64), (400, 1376, 70),
+                                   (390, 1370, 65)])
 def test_cpu_int8_amx_and_vnni_gemm(monkeypatch, amx, M, N, K):
     """M >= 64 takes the AMX tile path where the CPU has AMX (KDFAST_TERNARY_AMX=0 forces VNNI)."""
     if amx == "1" and not torch.ops.kdfast_C.ternary_amx_available():
@@ -175,3 +177,131 @@ def test_matches_f_linear():
     x, p, scale, bias, codes = make(9, 12, 300)
     w = codes.float() * scale[:, None]
     torch.testing.assert_close(ternary_linear(x, p, scale, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+
+
+# ---- float activations at large M: decode once + torch GEMM ---------------------------------------------
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("K", [1, 7, 63, 64, 65, 769, 3072])
+def test_cpu_decode_matches_unpack(isa, K):
+    from kdfast.ops.ternary_quant import unpack_ternary
+    g = torch.Generator().manual_seed(K)
+    N = 11
+    # every byte value, including the unused field 3 (decodes to 2 like unpack_ternary)
+    p = torch.randint(0, 256, (N, 16 * ((K + 63) // 64)), generator=g, dtype=torch.uint8)
+    scale = torch.randn(N, generator=g) * 3
+    codes = unpack_ternary(p, K)
+    with cpu_isa.use_cpu_isa(isa):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            d = torch.ops.kdfast_C.ternary_decode(p, None, K, dt)
+            assert d.dtype == dt and d.shape == (N, K)
+            assert torch.equal(d, codes.to(dt))
+            ds = torch.ops.kdfast_C.ternary_decode(p, scale, K, dt)
+            assert torch.equal(ds, codes.to(dt) * scale.to(dt)[:, None])
+            # a row slice of the packed weight (what the chunked path passes)
+            assert torch.equal(torch.ops.kdfast_C.ternary_decode(p[3:7], scale[3:7], K, dt), ds[3:7])
+
+
+@pytest.mark.cpu
+def test_cpu_decode_errors():
+    p = torch.zeros(4, 32, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.kdfast_C.ternary_decode(p, None, 200, torch.float32)
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.kdfast_C.ternary_decode(p.float(), None, 100, torch.float32)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.kdfast_C.ternary_decode(p, torch.ones(3), 100, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.kdfast_C.ternary_decode(p, None, 100, torch.float64)
+    assert torch.ops.kdfast_C.ternary_decode(p[:0], None, 100, torch.float32).shape == (0, 100)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 16000])
+def test_cpu_dense_path_around_threshold(monkeypatch, dtype, chunk):
+    """M below the threshold runs the register-unpack kernel, M at or above it the decode + GEMM path
+    (with chunk: the weight decoded in slices of rows); both within the numerics rule, with and without
+    bias, for non-contiguous x."""
+    import importlib
+    tl = importlib.import_module("kdfast.ops.ternary_linear")
+    if chunk:
+        monkeypatch.setattr(tl, "DENSE_SLICE_ABOVE", chunk)
+        monkeypatch.setattr(tl, "DENSE_SLICE", chunk)
+    calls = []
+    dense = tl._cpu_dense
+    monkeypatch.setattr(tl, "_cpu_dense", lambda *a: calls.append(1) or dense(*a))
+    thr = tl._dense_min_rows(dtype)
+    for M, N, K in [(thr - 1, 37, 769), (thr, 40, 130), (thr + 1, 33, 3072), (2 * thr + 3, 70, 65)]:
+        x, p, scale, bias, _ = make(M, N, K, seed=M + K, dtype=dtype)
+        xt = (torch.randn(K, M, generator=torch.Generator().manual_seed(M)) * 10).to(dtype).T
+        for xin, b in ((x, bias), (xt, None), (xt, bias)):
+            calls.clear()
+            y = ternary_linear(xin, p, scale, b)
+            assert len(calls) == (M >= thr)
+            assert y.dtype == dtype and y.shape == (M, N)
+            oracle = ternary_linear_reference(xin.double(), p, scale, b)
+            assert_close_to_oracle(y, oracle, ternary_linear_reference(xin, p, scale, b), dtype)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+def test_cpu_dense_path_every_isa(isa):
+    from kdfast.ops.ternary_linear import _dense_min_rows
+    for dtype in (torch.float32, torch.bfloat16):
+        M = _dense_min_rows(dtype)
+        x, p, scale, bias, _ = make(M, 21, 200, seed=3, dtype=dtype)
+        with cpu_isa.use_cpu_isa(isa):
+            y = ternary_linear(x, p, scale, bias)
+        oracle = ternary_linear_reference(x.double(), p, scale, bias)
+        assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", _isas())
+def test_cpu_quantize_ties_match_reference(isa):
+    """x / s at (and one ulp around) half-integers: round(x * (1 / s)) differs from round(x / s) for
+    dozens of these values (checked below), so a kernel that quantizes with a reciprocal instead of the
+    division fails here; q must stay bitwise the reference's (round half to even)."""
+    K = 254
+    rows = []
+    for sc in (0.3, 0.7, 1.3, 0.0123, 7.77):
+        base = ((torch.arange(K, dtype=torch.float64) - 127 + 0.5).clamp(-126.5, 126.5) * sc).float()
+        for r in (base, base.nextafter(torch.full_like(base, 1e9)), base.nextafter(torch.full_like(base, -1e9))):
+            r = r.clone()
+            r[0] = sc * 127
+            rows.append(r)
+    x = torch.stack(rows + [torch.randn(K) * 10 for _ in range(3)])
+    q_ref, s_ref = quantize_activations(x)
+    naive = torch.round(x * (1 / s_ref[:, None])).clamp(-127, 127).to(torch.int8)
+    assert (naive != q_ref).sum() > 50  # the data does exercise the fallback
+    with cpu_isa.use_cpu_isa(isa):
+        q, s = torch.ops.kdfast_C.quantize_act_i8(x)
+        y = torch.ops.kdfast_C.ternary_linear_w2a8(x, *make(1, 5, K)[1:3], None, K)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+    _, p, scale, _, _ = make(1, 5, K)
+    assert torch.equal(y, ternary_linear_reference(x, p, scale, None, act_bits=8))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_dense_path_without_low_precision_gemm(monkeypatch, dtype):
+    """A CPU without native bf16 / fp16 GEMM: the fp32 threshold, and the GEMM in fp32."""
+    import importlib
+    tl = importlib.import_module("kdfast.ops.ternary_linear")
+    monkeypatch.setattr(tl, "_fast_low_precision_gemm", lambda dt: False)
+    assert tl._dense_min_rows(dtype) == tl.DENSE_MIN_ROWS[torch.float32]
+    M = tl.DENSE_MIN_ROWS[torch.float32]
+    x, p, scale, bias, _ = make(M, 19, 300, seed=5, dtype=dtype)
+    y = ternary_linear(x, p, scale, bias)
+    assert y.dtype == dtype
+    oracle = ternary_linear_reference(x.double(), p, scale, bias)
+    assert_close_to_oracle(y, oracle, ternary_linear_reference(x, p, scale, bias), dtype)
+
+
+@pytest.mark.cpu
+def test_torch_compile_fullgraph_dense_path():
+    from kdfast.ops.ternary_linear import DENSE_MIN_ROWS
+    x, p, scale, bias, _ = make(DENSE_MIN_ROWS[torch.float32], 9, 100)
+    f = torch.compile(lambda x: ternary_linear(x, p, scale, bias), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), ternary_linear(x, p, scale, bias))
