@@ -30,17 +30,22 @@ def _expected(s, t, **opts):
     return x.grad
 
 
+def _close(g, want):
+    """float32 kernel gradient vs float64: relative error 1e-4, absolute 1e-6 of the largest entry."""
+    return torch.allclose(g.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
 def test_reused_block_gives_correct_gradients():
     buffer_cache.clear()
     s1, t1, g1 = _grad(1100, seed=1)
     ptr = g1.data_ptr()
-    assert torch.allclose(g1.double(), _expected(s1, t1), rtol=1e-4, atol=1e-9)
+    assert _close(g1, _expected(s1, t1))
     del g1, s1  # the gradient dies: its block goes to the cache
     assert buffer_cache.bytes_held() >= 1100 * BIG_V * 4
     s2, t2, g2 = _grad(1050, seed=2, reduction="sum")  # a little smaller: same block, stale data overwritten
     assert g2.data_ptr() == ptr
     assert buffer_cache.bytes_held() == 0
-    assert torch.allclose(g2.double(), _expected(s2, t2, reduction="sum"), rtol=1e-4, atol=1e-9)
+    assert _close(g2, _expected(s2, t2, reduction="sum"))
 
 
 def test_small_and_mismatched_sizes_are_not_served_from_the_cache():
@@ -53,7 +58,7 @@ def test_small_and_mismatched_sizes_are_not_served_from_the_cache():
     assert buffer_cache.bytes_held() == held
     s, t, g = _grad(1050, seed=5)  # under half the cached block: a new block
     assert buffer_cache.bytes_held() == 0
-    assert torch.allclose(g.double(), _expected(s, t), rtol=1e-4, atol=1e-9)
+    assert _close(g, _expected(s, t))
 
 
 def test_clear_and_disable():
