@@ -475,12 +475,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at:
       out[bh] = 0.f;
       if (compute_grad) {
         zero_head(dq, bh);
-        if (!shared) zero_head(dk, bh);
+        zero_head(dk, bh);
       }
       return;
     }
     Buffers& w = bufs[slot];
-    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = shared ? Qs : rows_of(ks, b, h, e, w.ks);
+    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = rows_of(ks, b, h, e, w.ks);
     const Rows Qt = rows_of(qt, b, h, e, w.qt), Kt = rows_of(kt, b, h, e, w.kt);
     w.a_ss.resize(Ds * Ds); w.a_st.resize(Ds * Dt); w.a_tt.resize(Dt * Dt);
     w.c_ss.resize(Ds * Ds); w.c_st.resize(Ds * Dt); w.c_tt.resize(Dt * Dt);
