@@ -231,7 +231,8 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
 def hidden_cosine(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *, eps=1e-8):
     """DistilBERT cosine hidden loss: mean over unmasked tokens of 1 - cos(h_s W^T + b, h_t).
 
-    Same arguments as :func:`hidden_mse`. Returns float32 0-d.
+    Same arguments as :func:`hidden_mse`. Returns float32 0-d. Gradients as in :func:`hidden_mse`
+    (a second backward through the same graph recomputes them).
 
     Equivalent PyTorch::
 
