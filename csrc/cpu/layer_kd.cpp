@@ -343,16 +343,19 @@ int64_t kl_rows(int64_t n) {
   return std::min(rows, n);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor& qs, const at::Tensor& ks,
-                                                               const at::Tensor& qt, const at::Tensor& kt,
-                                                               const at::Tensor& mask, double scale_s,
-                                                               double scale_t, bool compute_grad) {
+// shared: q_s and k_s are one tensor (MiniLM value relation). Both gradient contributions
+// then go into dq (dq_s + dk_s, the gradient of that tensor) and dk stays empty: one
+// gradient-sized buffer instead of two.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tensor& qs, const at::Tensor& ks,
+                                                                const at::Tensor& qt, const at::Tensor& kt,
+                                                                const at::Tensor& mask, double scale_s,
+                                                                double scale_t, bool compute_grad, bool shared) {
   check_qk(qs, ks, qt, kt, mask, "attention_kl");
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
   auto f32 = qs.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({B, H}, f32);
   at::Tensor dq = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad && !shared ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
   if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
   const std::vector<Example> ex = examples(mask);
   const KlTileFn tile_fn = pick_kl_tile();
@@ -373,12 +376,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
       out[bh] = 0.f;
       if (compute_grad) {
         zero_head(dq, bh);
-        zero_head(dk, bh);
+        if (!shared) zero_head(dk, bh);
       }
       return;
     }
     Buffers& w = bufs[slot];
-    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = rows_of(ks, b, h, e, w.ks);
+    const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = shared ? Qs : rows_of(ks, b, h, e, w.ks);
     const Rows Qt = rows_of(qt, b, h, e, w.qt), Kt = rows_of(kt, b, h, e, w.kt);
     const int64_t tile = kl_rows(n);
     w.s.resize(tile * n);
@@ -388,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
     GradRows gq, gk;
     if (compute_grad) {
       gq = GradRows(dq, b, h, e, w.dq);
-      gk = GradRows(dk, b, h, e, w.dk);
+      if (!shared) gk = GradRows(dk, b, h, e, w.dk);
     }
     double total = 0;
     for (int64_t i0 = 0; i0 < n; i0 += tile) {
@@ -397,7 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
       gemm(false, true, m, n, Ds, 1.f, qs_i, Qs.ld, Ks.p, Ks.ld, 0.f, S, n);              // q_s k_s^T
       gemm(false, true, m, n, Dt, 1.f, Qt.p + i0 * Qt.ld, Qt.ld, Kt.p, Kt.ld, 0.f, T, n);  // q_t k_t^T
       total += tile_fn(S, T, m, n, ss, st, compute_grad);
-      if (compute_grad) {  // S = d/d(q_s k_s^T): dq_s = S k_s, dk_s = S^T q_s
+      if (compute_grad && shared) {  // one buffer: dx = S x + S^T x (all n rows set by the first tile)
+        gemm(true, false, n, Ds, m, 1.f, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gq.p, gq.ld);
+        gemm(false, false, m, Ds, n, 1.f, S, n, Ks.p, Ks.ld, 1.f, gq.p + i0 * gq.ld, gq.ld);
+      } else if (compute_grad) {  // S = d/d(q_s k_s^T): dq_s = S k_s, dk_s = S^T q_s
         gemm(false, false, m, Ds, n, 1.f, S, n, Ks.p, Ks.ld, 0.f, gq.p + i0 * gq.ld, gq.ld);
         gemm(true, false, n, Ds, m, 1.f, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gk.p, gk.ld);
       }
@@ -405,10 +411,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor
     out[bh] = static_cast<float>(total);
     if (compute_grad) {
       gq.finish();
-      gk.finish();
+      if (!shared) gk.finish();
     }
   });
   return {loss, dq, dk};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor& qs, const at::Tensor& ks,
+                                                               const at::Tensor& qt, const at::Tensor& kt,
+                                                               const at::Tensor& mask, double scale_s,
+                                                               double scale_t, bool compute_grad) {
+  return attention_kl_impl(qs, ks, qt, kt, mask, scale_s, scale_t, compute_grad, false);
+}
+
+// Value relation: x_s serves as both q_s and k_s. Returns (loss [B, H], d(sum loss)/dx_s).
+std::tuple<at::Tensor, at::Tensor> attention_kl_shared_fwd(const at::Tensor& xs, const at::Tensor& qt,
+                                                           const at::Tensor& kt, const at::Tensor& mask,
+                                                           double scale_s, double scale_t, bool compute_grad) {
+  auto r = attention_kl_impl(xs, xs, qt, kt, mask, scale_s, scale_t, compute_grad, true);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 // ---------------------------------------------------------------------------
@@ -601,6 +622,9 @@ TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
   m.def("attention_kl_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, "
         "float scale_t, bool compute_grad) -> (Tensor, Tensor, Tensor)",
         &attention_kl_fwd);
+  m.def("attention_kl_shared_fwd(Tensor x_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, float scale_t, "
+        "bool compute_grad) -> (Tensor, Tensor)",
+        &attention_kl_shared_fwd);
   m.def("attention_score_mse_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, "
         "float scale_t, bool compute_grad) -> (Tensor, Tensor, Tensor)",
         &attention_score_mse_fwd);

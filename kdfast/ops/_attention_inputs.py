@@ -77,38 +77,58 @@ def fake_pair_loss(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, bac
     return loss, q_s.new_empty(g, dtype=torch.float32), q_s.new_empty(g, dtype=torch.float32)
 
 
-def register_unit_grad_autograd(op, name: str):
-    """Autograd of an op returning (loss [B, H], d(sum loss)/dq_s, d(sum loss)/dk_s).
+def save_inputs(ctx, inputs):
+    """Keep the op's inputs for a recompute in a later backward: tensors as saved tensors (inputs,
+    so no new memory; autograd also checks that they were not modified in place), the rest as is."""
+    tensors = [x if isinstance(x, torch.Tensor) else None for x in inputs]
+    ctx.save_for_backward(*tensors)
+    ctx.other_args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
 
-    The forward already wrote the "unit" gradients; the backward only scales
-    them by grad_output, in place for float32 inputs, so a step's peak holds one
-    gradient buffer per input instead of two. The teacher gets no gradient.
+
+def recompute_units(ctx, op, grad_flag: int, n_units: int):
+    """Unit gradients for a backward after the first: rerun the forward op with gradients on."""
+    args = [x if x is not None else a for x, a in zip(ctx.saved_tensors, ctx.other_args)]
+    args[grad_flag] = True
+    with torch.no_grad():
+        out = op(*args)
+    return list(out[1:1 + n_units])
+
+
+def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: int = 7):
+    """Autograd of an op returning (loss [B, H], d(sum loss)/d input 0, ..., d input n_grads-1).
+
+    The forward already wrote the "unit" gradients; the first backward only
+    scales them by grad_output, in place for float32 inputs, so a step's peak
+    holds one gradient buffer per input instead of two. A later backward through
+    the same graph (retain_graph=True) reruns the forward op with gradients on the
+    saved inputs and scales those. The teacher gets no gradient. ``grad_flag`` is
+    the index of the op's compute_grad argument.
     """
 
     def setup_context(ctx, inputs, output):
-        q_s, k_s = inputs[0], inputs[1]
-        ctx.mark_non_differentiable(output[1], output[2])
-        # Without this, autograd hands the backward zero-filled [B, H, L, D] gradients for the two
-        # non-differentiable outputs: 2 x 38 MB allocated and zeroed per step at B=32, L=384.
+        ctx.mark_non_differentiable(*output[1:])
+        # Without this, autograd hands the backward zero-filled [B, H, L, D] gradients for the
+        # non-differentiable outputs: 38 MB each, allocated and zeroed per step at B=32, L=384.
         ctx.set_materialize_grads(False)
-        # Attributes, not saved tensors: the backward consumes them in place.
-        ctx.units = [output[1], output[2]]
-        ctx.dtypes = (q_s.dtype, k_s.dtype)
-        ctx.compute_grad = inputs[7]
+        # Attributes, not saved tensors: the first backward consumes them in place.
+        ctx.units = list(output[1:1 + n_grads])
+        ctx.dtypes = tuple(x.dtype for x in inputs[:n_grads])
+        ctx.compute_grad = inputs[grad_flag]
+        save_inputs(ctx, inputs)
 
-    def backward(ctx, grad_bh, _g1, _g2):
-        if ctx.units is None:
-            raise RuntimeError(f"kdfast {name}: backward ran twice through the same loss (retain_graph=True); "
-                               "recompute the loss for a second backward")
-        dq_unit, dk_unit = ctx.units
-        ctx.units = None
-        dq = dk = None
-        if ctx.compute_grad and grad_bh is not None:
-            g = grad_bh.float()[:, :, None, None]
-            if ctx.needs_input_grad[0]:
-                dq = scaled_unit_grad(dq_unit, g, ctx.dtypes[0])
-            if ctx.needs_input_grad[1]:
-                dk = scaled_unit_grad(dk_unit, g, ctx.dtypes[1])
-        return dq, dk, None, None, None, None, None, None, None
+    def backward(ctx, grad_bh, *_):
+        grads = [None] * len(ctx.other_args)
+        if not (ctx.compute_grad and grad_bh is not None and any(ctx.needs_input_grad[:n_grads])):
+            ctx.units = None
+            return tuple(grads)
+        if ctx.units is None:  # a second backward (retain_graph=True): recompute
+            units = recompute_units(ctx, op, grad_flag, n_grads)
+        else:
+            units, ctx.units = ctx.units, None
+        g = grad_bh.float()[:, :, None, None]
+        for i in range(n_grads):
+            if ctx.needs_input_grad[i]:
+                grads[i] = scaled_unit_grad(units[i], g, ctx.dtypes[i])
+        return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -17,12 +17,15 @@ CPU: tiles of 64-512 query rows x all valid keys, at most ~1.3 MB per thread,
 the products on BLAS, padded tokens skipped). The
 gradient of the summed loss w.r.t. S_s is p_s - p_t, so the kernels produce
 d/dq_s = scale_s (p_s - p_t) k_s and d/dk_s = scale_s (p_s - p_t)^T q_s in the
-same run (a second streaming pass on Triton); autograd only scales them.
+same run (a second streaming pass on Triton); autograd only scales them. For
+the value relation (q_s and k_s one tensor) the CPU kernel writes their sum
+into one buffer.
 """
 from __future__ import annotations
 
 import torch
 
+from kdfast import _ext as kdfast_ext
 from kdfast import backends
 from kdfast.ops import _attention_inputs as _inputs
 
@@ -100,6 +103,44 @@ def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
 backends.set_gpu_order(OP, ("triton",))
 
 
+# --------------------------------------------------------------------------
+# Value relation: one student tensor x_s as both q_s and k_s. One gradient
+# buffer, d(sum loss)/dx_s = (dq_s + dk_s), instead of two that autograd adds.
+# The backend is chosen under the name "attention_kl" (same forcing, same
+# checks); the CPU kernel accumulates both terms into one buffer, the other
+# backends add dk_s into dq_s in place and drop dk_s.
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::attention_kl_shared_fwd", mutates_args=())
+def _fwd_shared(x_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scale_s: float,
+                scale_t: float, compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = backend or backends.choose(OP, x_s, x_s, q_t, k_t)
+    if backend == "cpu" and kdfast_ext.has_kernel("attention_kl_shared_fwd"):
+        return torch.ops.kdfast_C.attention_kl_shared_fwd(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+    loss, dq, dk = backends.run(OP, x_s, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend)
+    return loss, (dq.add_(dk) if compute_grad else dq)
+
+
+@_fwd_shared.register_fake
+def _(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
+    B, H, L, D = x_s.shape
+    return (x_s.new_empty((B, H), dtype=torch.float32),
+            x_s.new_empty((B, H, L, D) if compute_grad else (0,), dtype=torch.float32))
+
+
+_inputs.register_unit_grad_autograd(_fwd_shared, OP, n_grads=1, grad_flag=6)
+
+
+def _same_tensor(a, b):
+    """a and b are one tensor: the same object, or (eager only) the same memory, layout and autograd role."""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    # Two leaves that both want a gradient must each get their own, even over the same memory.
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.requires_grad == b.requires_grad and not (a.is_leaf and a.requires_grad))
+
+
 def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     """MiniLM attention transfer KL(teacher || student) from q and k, without L x L maps.
 
@@ -112,7 +153,13 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
             of both softmaxes, padded query rows out of the mean.
         scale_s, scale_t: score scales, default ``1 / sqrt(D)`` of each model.
 
-    Value relation (MiniLM): ``attention_kl(v_s, v_s, v_t, v_t, mask)``.
+    Value relation (MiniLM): ``attention_kl(v_s, v_s, v_t, v_t, mask)``. When q_s and k_s are
+    one tensor (the same object, or the same memory and strides, not two separate leaves) the
+    gradient of both roles is accumulated into one buffer (CPU kernel).
+
+    The gradient is computed in the forward; the first backward only scales it. A second
+    backward through the same graph (retain_graph=True) recomputes it from the saved inputs
+    (the loss keeps references to its inputs, teacher included, until the graph is freed).
 
     Returns a float32 0-d tensor: sum of row KLs / (H * number of valid tokens).
 
@@ -125,6 +172,9 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
     # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
-    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
+    if _same_tensor(q_s, k_s):  # value relation: one gradient buffer
+        loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s), backend)
+    else:
+        loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
     count = q_s.shape[1] * m.sum()
     return loss_bh.sum() / count.clamp(min=1)

@@ -110,6 +110,9 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     Returns a float32 0-d tensor: the mean over heads of the MSE over valid
     (query, key) pairs (sum of squared differences / (H * sum_b n_b^2)).
 
+    The gradient is computed in the forward; the first backward only scales it. A second
+    backward through the same graph (retain_graph=True) recomputes it from the saved inputs.
+
     Equivalent PyTorch (materialising)::
 
         s = q_s @ k_s.transpose(-1, -2) * scale_s

@@ -10,6 +10,8 @@ gradient for h_s, W and b while the block is in cache, so the projected
 Triton backend projects with the vendor GEMM and runs the loss and row
 gradient as one fused epilogue in place over the projection. The loss is a
 sum, so its gradient is produced in the same run; autograd only scales it.
+A second backward through the same graph (retain_graph=True) reruns the
+forward kernel on the saved inputs and scales that gradient.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops._attention_inputs import scaled_unit_grad
+from kdfast.ops._attention_inputs import recompute_units, save_inputs, scaled_unit_grad
 
 OP = "hidden_loss"
 KINDS = {"mse": 0, "cosine": 1}
@@ -113,24 +115,26 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     # No zero-filled gradients for the non-differentiable outputs (autograd's default would allocate them).
     ctx.set_materialize_grads(False)
-    # Attributes, not saved tensors: scaled in place in the backward (one buffer per gradient).
+    # Attributes, not saved tensors: scaled in place in the first backward (one buffer per gradient).
     ctx.units = list(output[1:])
     ctx.dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.compute_grad = inputs[7]
+    save_inputs(ctx, inputs)  # for a second backward, which recomputes
 
 
 def _backward(ctx, grad, *_):
-    if ctx.units is None:
-        raise RuntimeError("kdfast hidden_loss: backward ran twice through the same loss (retain_graph=True); "
-                           "recompute the loss for a second backward")
-    dh, dw, db = ctx.units
-    ctx.units = None
     out = [None] * 9
-    if ctx.compute_grad and grad is not None:
-        g = grad.float()
-        for i, unit, dt in ((0, dh, ctx.dtypes[0]), (2, dw, ctx.dtypes[1]), (3, db, ctx.dtypes[2])):
-            if ctx.needs_input_grad[i]:
-                out[i] = scaled_unit_grad(unit, g, dt)
+    if not (ctx.compute_grad and grad is not None and any(ctx.needs_input_grad[i] for i in (0, 2, 3))):
+        ctx.units = None
+        return tuple(out)
+    if ctx.units is None:  # a second backward (retain_graph=True): rerun the forward with gradients
+        units = recompute_units(ctx, _fwd, 7, 3)
+    else:
+        units, ctx.units = ctx.units, None
+    g = grad.float()
+    for i, unit, dt in ((0, units[0], ctx.dtypes[0]), (2, units[1], ctx.dtypes[1]), (3, units[2], ctx.dtypes[2])):
+        if ctx.needs_input_grad[i]:
+            out[i] = scaled_unit_grad(unit, g, dt)
     # The teacher is a constant: h_t gets no gradient.
     return tuple(out)
 
@@ -213,6 +217,9 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
 
     Returns float32 0-d: sum of squared errors over valid tokens / (n_valid * D_t); 0 if none.
 
+    The gradients are computed in the forward; the first backward only scales them. A second
+    backward through the same graph (retain_graph=True) recomputes them from the saved inputs.
+
     Equivalent PyTorch::
 
         y = F.linear(student_hidden, proj_weight, proj_bias)
@@ -224,7 +231,8 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
 def hidden_cosine(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *, eps=1e-8):
     """DistilBERT cosine hidden loss: mean over unmasked tokens of 1 - cos(h_s W^T + b, h_t).
 
-    Same arguments as :func:`hidden_mse`. Returns float32 0-d.
+    Same arguments as :func:`hidden_mse`. Returns float32 0-d. Gradients as in :func:`hidden_mse`
+    (a second backward through the same graph recomputes them).
 
     Equivalent PyTorch::
 

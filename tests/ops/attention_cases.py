@@ -68,3 +68,32 @@ def run_case(op, ref, backend, inputs, dtype, *, grad_scale=2.5, value=False):
 
 def isa_list():
     return cpu_isa.available_isas() if kdfast._ext.extension() is not None else []
+
+
+def run_double_backward(op, ref, backend, inputs, dtype, *, value=False, scales=(2.5, -0.7)):
+    """Two backwards through one loss (retain_graph=True), grad_output != 1 each time: the first
+    uses the gradients the forward wrote, the second recomputes them; both vs the float64 oracle."""
+    q_s, k_s, q_t, k_t, mask = inputs
+    if value:
+        k_s, k_t = q_s, q_t
+    cast = [x.to(dtype) for x in (q_s, k_s, q_t, k_t)]
+    n = 1 if value else 2
+
+    def grads(fn, conv):
+        leaf = [conv(x).detach().requires_grad_() for x in cast[:n]]
+        args = (leaf[0], leaf[0] if value else leaf[1], conv(cast[2]), conv(cast[3]), mask)
+        return leaf, fn(*args)
+
+    o_leaf, oracle = grads(ref, lambda x: x.double())
+    o_grads = torch.autograd.grad(oracle, o_leaf)
+    r_leaf, tref = grads(ref, lambda x: x)
+    r_grads = torch.autograd.grad(tref, r_leaf)
+    with kdfast.use_backend(backend):
+        leaf, out = grads(op, lambda x: x)
+        for k, s in enumerate(scales):
+            got = torch.autograd.grad(out, leaf, grad_outputs=torch.tensor(s), retain_graph=k + 1 < len(scales))
+            for i in range(n):
+                assert got[i].dtype == dtype
+                assert_close_to_oracle(got[i].float(), s * o_grads[i], s * r_grads[i].float(), dtype,
+                                       what=f"{backend} backward {k + 1} grad {'qk'[i]}_s")
+    return out

@@ -4,8 +4,8 @@ import torch
 import kdfast
 from kdfast import cpu_isa
 from kdfast.ops import attention_kl, attention_kl_reference
-from kdfast.ops.attention_kl import _fwd
-from tests.ops.attention_cases import BACKENDS, isa_list, make_inputs, run_case
+from kdfast.ops.attention_kl import _fwd, _fwd_shared
+from tests.ops.attention_cases import BACKENDS, isa_list, make_inputs, run_case, run_double_backward
 
 
 def _shape(backend):
@@ -109,6 +109,7 @@ def test_opcheck(backend):
     k_s.requires_grad_()
     for grad in (True, False):
         torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
+        torch.library.opcheck(_fwd_shared, (q_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -122,13 +123,32 @@ def test_torch_compile_fullgraph():
     assert q_s.grad is not None and torch.isfinite(q_s.grad).all()
 
 
-def test_second_backward_is_a_clear_error():
-    q_s, k_s, q_t, k_t, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 5, 4, 4))
-    q_s.requires_grad_()
-    out = attention_kl(q_s, k_s, q_t, k_t, mask)
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        out.backward()
+def test_torch_compile_value_relation():
+    v, _, v_t, _, mask = (x.float() for x in make_inputs(2, 2, 7, 4, 8))
+    v.requires_grad_()
+    fn = torch.compile(lambda a, c, m: attention_kl(a, a, c, c, m), fullgraph=True, backend="aot_eager")
+    out = fn(v, v_t, mask)
+    out.backward()
+    o = v.detach().double().requires_grad_()
+    ref = attention_kl_reference(o, o, v_t.double(), v_t.double(), mask)
+    ref.backward()
+    assert abs(out.item() - ref.item()) < 1e-4 * max(1, ref.item())
+    torch.testing.assert_close(v.grad.double(), o.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_second_backward_recomputes(backend, dtype):
+    small = backend == "triton"  # the interpreter is slow
+    inputs = make_inputs(3, 2, 13 if small else 45, 8, 16, seed=11)
+    run_double_backward(attention_kl, attention_kl_reference, backend, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_relation_second_backward(backend):
+    inputs = make_inputs(3, 2, 13 if backend == "triton" else 45, 8, 16, seed=12)
+    run_double_backward(attention_kl, attention_kl_reference, backend, inputs, torch.float32, value=True)
+
 
 
 @pytest.mark.parametrize("op", ["attention_kl", "attention_score_mse"])
@@ -145,3 +165,63 @@ def test_backward_allocates_no_zero_gradients(op):
     names = {e.key for e in prof.key_averages()}
     assert not names & {"aten::zeros", "aten::zeros_like", "aten::zero_"}, sorted(names)
     assert not names & {"aten::clone", "aten::add"}, sorted(names)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_value_relation_padded(backend, dtype):
+    # One tensor as q_s and k_s (one gradient buffer on the CPU kernel), padded masks with a hole,
+    # several query tiles on the CPU kernel.
+    L = 29 if backend == "triton" else 150
+    run_case(attention_kl, attention_kl_reference, backend, make_inputs(3, 2, L, 16, 8, seed=13), dtype, value=True)
+
+
+def _big_allocations(fn, nbytes):
+    """Number of ops that allocated at least nbytes themselves while fn ran (profiler memory)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
+
+
+@pytest.mark.cpu
+def test_value_relation_one_gradient_buffer():
+    # attention_kl(v, v, v_t, v_t) on the CPU kernel: one [B, H, L, D] float32 gradient buffer
+    # over forward + backward, not a dq and a dk that autograd adds.
+    B, H, L, D = 2, 3, 64, 16
+    v, _, v_t, _, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(B, H, L, D, D, seed=14))
+    v = v.contiguous().requires_grad_()
+    grad_bytes = B * H * L * D * 4
+    with kdfast.use_backend("cpu"):
+        assert _big_allocations(lambda: attention_kl(v, v, v_t, v_t, mask).backward(), grad_bytes) == 1
+        # The count can fail: two different student tensors get two buffers.
+        k = v.detach().clone().requires_grad_()
+        assert _big_allocations(lambda: attention_kl(v, k, v_t, v_t, mask).backward(), grad_bytes) == 2
+    v.grad = None
+    with kdfast.use_backend("cpu"):
+        attention_kl(v, v, v_t, v_t, mask).backward()
+    o = v.detach().double().requires_grad_()
+    attention_kl_reference(o, o, v_t.double(), v_t.double(), mask).backward()
+    torch.testing.assert_close(v.grad.double(), o.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cpu
+def test_value_relation_views_of_one_tensor():
+    # Two views of the same memory (not leaves) are treated as one tensor; the gradient reaching
+    # the base still sums both roles.
+    v, _, v_t, _, mask = (x.float() if x.is_floating_point() else x for x in make_inputs(2, 2, 21, 8, 8, seed=15))
+    base = v.detach().permute(0, 2, 1, 3).contiguous().requires_grad_()  # [B, L, H, D]
+    o = v.detach().double().requires_grad_()
+    attention_kl_reference(o, o, v_t.double(), v_t.double(), mask).backward()
+    with kdfast.use_backend("cpu"):
+        attention_kl(base.transpose(1, 2), base.transpose(1, 2), v_t, v_t, mask).backward()
+    torch.testing.assert_close(base.grad.transpose(1, 2).double(), o.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", isa_list())
+def test_value_relation_several_tiles_cpu(isa):
+    # n > ~400 valid rows: several query tiles accumulate into the one gradient buffer.
+    with cpu_isa.use_cpu_isa(isa):
+        run_case(attention_kl, attention_kl_reference, "cpu", make_inputs(2, 2, 600, 16, 8, seed=16,
+                                                                          lengths=[600, 451]), torch.float32,
+                 value=True)

@@ -123,3 +123,32 @@ def test_torch_compile_fullgraph():
     ref = hidden_loss_reference(hs.double(), ht.double(), W.double(), b.double(), mask)
     assert abs(out.item() - ref.item()) < 1e-4 * ref.item()
     assert W.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_second_backward_recomputes(backend, kind):
+    # retain_graph=True: the first backward scales the gradients the forward wrote, the second
+    # reruns the forward kernel; grad_output != 1 both times, each vs the float64 oracle.
+    small = backend == "triton"
+    hs, ht, W, b, mask = _inputs(B=3, L=13 if small else 41, Ds=24, Dt=40, seed=4)
+    params = [hs, W, b]
+    o_leaves = [p.double().detach().requires_grad_() for p in params]
+    o_grads = torch.autograd.grad(hidden_loss_reference(o_leaves[0], ht, o_leaves[1], o_leaves[2], mask, kind=kind),
+                                  o_leaves)
+    r_leaves = [p.float().detach().requires_grad_() for p in params]
+    r_grads = torch.autograd.grad(hidden_loss_reference(r_leaves[0], ht.float(), r_leaves[1], r_leaves[2], mask,
+                                                        kind=kind), r_leaves)
+    leaves = [p.float().detach().requires_grad_() for p in params]
+    with kdfast.use_backend(backend):
+        out = FNS[kind](leaves[0], ht.float(), leaves[1], leaves[2], mask)
+        for k, s in enumerate((1.7, -0.6)):
+            got = torch.autograd.grad(out, leaves, grad_outputs=torch.tensor(s), retain_graph=k == 0)
+            for n, a, o, r in zip(("h_s", "W", "b"), got, o_grads, r_grads):
+                assert_close_to_oracle(a, s * o, s * r, torch.float32, what=f"{kind} backward {k + 1} grad {n}")
+    # .backward() twice accumulates both.
+    with kdfast.use_backend(backend):
+        out = FNS[kind](leaves[0], ht.float(), leaves[1], leaves[2], mask)
+        out.backward(retain_graph=True)
+        out.backward()
+    assert_close_to_oracle(leaves[0].grad, 2 * o_grads[0], 2 * r_grads[0], torch.float32, what="accumulated")
