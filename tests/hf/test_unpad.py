@@ -128,26 +128,33 @@ def _gated(seed=0):
     return model.eval(), gates  # (the new gate modules start in training mode)
 
 
-def test_gates_eval_and_training_gradients():
-    ids, am = _batch()
+def _eval_and_training_match(stock, fast, ids, am, *, seed, gate_name):
+    """Eval logits at valid positions equal; in training (sampled gates, same seed and call order)
+    the gradients of every parameter, gates named ``gate_name`` included, equal. Returns the stock
+    model's eval start logits."""
     keep = am.bool()
-    stock, _ = _gated()
-    fast, _ = _gated()
-    kdfast.hf.unpad_encoder(fast)
     with torch.no_grad():
         a = stock(input_ids=ids, attention_mask=am).start_logits
         b = fast(input_ids=ids, attention_mask=am).start_logits
     _close(b[keep], a[keep])
-    # training: sampled gates (same seed, same call order), gradients to weights and gate log_alpha equal
     stock.train(), fast.train()
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     _valid_loss(stock(input_ids=ids, attention_mask=am), am).backward()
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     _valid_loss(fast(input_ids=ids, attention_mask=am), am).backward()
     ga, gb = _grads(stock), _grads(fast)
-    assert any("log_alpha" in n for n in ga) and ga.keys() == gb.keys()
+    assert any(gate_name in n for n in ga) and ga.keys() == gb.keys()
     for n in ga:
         _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
+    return a
+
+
+def test_gates_eval_and_training_gradients():
+    ids, am = _batch()
+    stock, _ = _gated()
+    fast, _ = _gated()
+    kdfast.hf.unpad_encoder(fast)
+    _eval_and_training_match(stock, fast, ids, am, seed=11, gate_name="log_alpha")
 
 
 def test_compacted_uneven_model():
@@ -329,19 +336,7 @@ def test_hidden_gate_and_hidden_compaction():
         models.append(m.eval())
     stock, fast = models
     kdfast.hf.unpad_encoder(fast)
-    with torch.no_grad():
-        a = stock(input_ids=ids, attention_mask=am).start_logits
-        b = fast(input_ids=ids, attention_mask=am).start_logits
-    _close(b[keep], a[keep])
-    stock.train(), fast.train()
-    torch.manual_seed(12)
-    _valid_loss(stock(input_ids=ids, attention_mask=am), am).backward()
-    torch.manual_seed(12)
-    _valid_loss(fast(input_ids=ids, attention_mask=am), am).backward()
-    ga, gb = _grads(stock), _grads(fast)
-    assert any("hidden" in n for n in ga) and ga.keys() == gb.keys()
-    for n in ga:
-        _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
+    a = _eval_and_training_match(stock, fast, ids, am, seed=12, gate_name="hidden")
     # compaction removes the pruned hidden dims (hidden_size < 96): the unpadded encoder follows
     for m in (stock, fast):
         m.eval()
