@@ -181,7 +181,12 @@ def _dense_min_rows(dt) -> int:
 def _cpu_dense(x, packed, sw, bias):
     """``x @ (codes * sw)^T + bias`` through a decoded weight and torch's GEMM, in x's dtype."""
     if x.dtype != torch.float32 and not _fast_low_precision_gemm(x.dtype):
-        return _cpu_dense(x.float(), packed, sw, bias).to(x.dtype)
+        return _decoded_gemm(x.float(), packed, sw, bias).to(x.dtype)
+    return _decoded_gemm(x, packed, sw, bias)
+
+
+def _decoded_gemm(x, packed, sw, bias):
+    """_cpu_dense in x's own dtype (fp32, or bf16 / fp16 with native GEMM units)."""
     M, K = x.shape
     N = packed.shape[0]
     dt = x.dtype
