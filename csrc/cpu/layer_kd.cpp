@@ -23,6 +23,11 @@
 // autograd backward only scales the unit gradient by grad_output: the
 // losses are sums, so d(loss)/d(input) is known in the forward pass and
 // nothing is recomputed (4 matmuls for attention_kl instead of 6).
+// The attention ops also take an optional grad_weight [B, H] (float32): the
+// gradient is then grad_weight[b, h] * d loss[b, h] / d input, written in each
+// input's own dtype (fp32 accumulation, one rounding). That is the backward
+// of 16-bit inputs: a bf16 gradient, not a float32 unit gradient and a copy
+// (B=32, L=384, H=12, D=64: 36 MiB at the peak instead of 144 MiB).
 //
 // Heads run in parallel: one task per (b, h), handed out longest first from
 // a shared counter (examples have different lengths). Matrix products inside
@@ -75,15 +80,15 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
   c.addmm_(a, b, beta, alpha);
 }
 
-// Float32 output of size `sizes` for gradients. Every element is written by the kernel (no
+// Output of size `sizes` for gradients. Every element is written by the kernel (no
 // zero fill). Large buffers get a transparent-huge-page hint: the first touch of a fresh
 // 38 MB buffer otherwise costs ~9500 page faults, as much time as a kernel pass.
 at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt.dtype(at::kFloat));
+  at::Tensor t = at::empty(sizes, opt);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * sizeof(float);
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
   const uintptr_t a = (p + huge - 1) & ~(huge - 1), e = (p + bytes) & ~(huge - 1);
   if (bytes >= 4 * huge && e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // a hint only
 #endif
@@ -194,42 +199,75 @@ Rows rows_of(const at::Tensor& x, int64_t b, int64_t h, const Example& e, std::v
   return {buf.data(), D};
 }
 
-// Gradient rows of head (b, h) of a contiguous float32 [B, H, L, D] output: where the kernel
-// writes them (in place for a run of valid tokens, else buf), then finish() zeroes the padded
-// rows and scatters buf.
+// Gradient rows of head (b, h) of a contiguous [B, H, L, D] output: where the kernel writes
+// them (in place for a run of valid tokens of a float32 output, else buf, float32), then
+// finish() zeroes the padded rows and scatters buf, rounding to the output's dtype.
+template <typename T>
+void store_head(const at::Tensor& g, int64_t bh, const Example& e, const float* rows) {
+  const int64_t L = g.size(2), D = g.size(3);
+  T* head = g.data_ptr<T>() + bh * L * D;
+  std::fill(head, head + L * D, T(0.f));
+  for (int64_t r = 0; r < e.n(); ++r) {
+    const float* src = rows + r * D;
+    T* dst = head + e.pos[r] * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+  }
+}
+
 struct GradRows {
-  float* head = nullptr;  // g[b, h]
+  const at::Tensor* g = nullptr;
   float* p = nullptr;
-  int64_t ld = 0, L = 0, D = 0;
+  int64_t ld = 0, bh = 0;
   const Example* e = nullptr;
+  bool direct = false;  // rows written in place (float32 output, one run of valid tokens)
 
   GradRows() = default;  // no gradient wanted
-  GradRows(at::Tensor& g, int64_t b, int64_t h, const Example& ex, std::vector<float>& buf) : e(&ex) {
-    L = g.size(2);
-    D = g.size(3);
-    head = g.data_ptr<float>() + (b * g.size(1) + h) * L * D;
+  GradRows(const at::Tensor& out, int64_t b, int64_t h, const Example& ex, std::vector<float>& buf)
+      : g(&out), e(&ex) {
+    const int64_t L = out.size(2), D = out.size(3);
+    bh = b * out.size(1) + h;
     ld = D;
-    if (ex.run) {
-      p = head + ex.first * D;
+    direct = ex.run && out.scalar_type() == at::kFloat;
+    if (direct) {
+      p = out.data_ptr<float>() + (bh * L + ex.first) * D;
     } else {
       buf.resize(ex.n() * D);
       p = buf.data();
     }
   }
   void finish() {
-    if (e->run) {
+    const int64_t L = g->size(2), D = g->size(3);
+    if (direct) {
+      float* head = g->data_ptr<float>() + bh * L * D;
       std::fill(head, head + e->first * D, 0.f);
       std::fill(head + (e->first + e->n()) * D, head + L * D, 0.f);
       return;
     }
-    std::fill(head, head + L * D, 0.f);
-    for (int64_t r = 0; r < e->n(); ++r) std::copy(p + r * D, p + (r + 1) * D, head + e->pos[r] * D);
+    switch (g->scalar_type()) {
+      case at::kFloat: store_head<float>(*g, bh, *e, p); break;
+      case at::kBFloat16: store_head<at::BFloat16>(*g, bh, *e, p); break;
+      case at::kHalf: store_head<at::Half>(*g, bh, *e, p); break;
+      default: TORCH_CHECK(false, "layer_kd kernel: unsupported gradient dtype ", g->scalar_type());
+    }
   }
 };
 
 void zero_head(at::Tensor& g, int64_t bh) {
-  const int64_t n = g.size(2) * g.size(3);
-  std::fill(g.data_ptr<float>() + bh * n, g.data_ptr<float>() + (bh + 1) * n, 0.f);
+  g.view({-1, g.size(2), g.size(3)})[bh].zero_();
+}
+
+// Gradient outputs: float32 unit gradients without grad_weight, else the dtype of the input.
+at::Tensor grad_output_like(const at::Tensor& x, int64_t B, int64_t H, int64_t L, int64_t D, bool weighted) {
+  return empty_grad({B, H, L, D}, x.options().dtype(weighted ? x.scalar_type() : at::kFloat));
+}
+
+// grad_weight[b, h] as a float32 pointer (nullptr when absent: weight 1).
+const float* grad_weights(const std::optional<at::Tensor>& w, int64_t B, int64_t H, const char* op) {
+  if (!w.has_value()) return nullptr;
+  TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->device().is_cpu() && w->dim() == 2 &&
+                  w->size(0) == B && w->size(1) == H,
+              op, " kernel: grad_weight must be contiguous float32 [B, H] on the CPU");
+  return w->data_ptr<float>();
 }
 
 void check_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt,
@@ -349,13 +387,17 @@ int64_t kl_rows(int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tensor& qs, const at::Tensor& ks,
                                                                 const at::Tensor& qt, const at::Tensor& kt,
                                                                 const at::Tensor& mask, double scale_s,
-                                                                double scale_t, bool compute_grad, bool shared) {
+                                                                double scale_t, bool compute_grad,
+                                                                const std::optional<at::Tensor>& grad_weight,
+                                                                bool shared) {
   check_qk(qs, ks, qt, kt, mask, "attention_kl");
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
   auto f32 = qs.options().dtype(at::kFloat);
+  const float* gw = grad_weights(grad_weight, B, H, "attention_kl");
+  const bool weighted = gw != nullptr;
   at::Tensor loss = at::empty({B, H}, f32);
-  at::Tensor dq = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad && !shared ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  at::Tensor dq = compute_grad ? grad_output_like(qs, B, H, L, Ds, weighted) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad && !shared ? grad_output_like(ks, B, H, L, Ds, weighted) : at::empty({0}, f32);
   if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
   const std::vector<Example> ex = examples(mask);
   const KlTileFn tile_fn = pick_kl_tile();
@@ -393,6 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tenso
       gq = GradRows(dq, b, h, e, w.dq);
       if (!shared) gk = GradRows(dk, b, h, e, w.dk);
     }
+    const float wgt = gw != nullptr ? gw[bh] : 1.f;  // gradient weight of this head
     double total = 0;
     for (int64_t i0 = 0; i0 < n; i0 += tile) {
       const int64_t m = std::min(tile, n - i0);
@@ -401,11 +444,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tenso
       gemm(false, true, m, n, Dt, 1.f, Qt.p + i0 * Qt.ld, Qt.ld, Kt.p, Kt.ld, 0.f, T, n);  // q_t k_t^T
       total += tile_fn(S, T, m, n, ss, st, compute_grad);
       if (compute_grad && shared) {  // one buffer: dx = S x + S^T x (all n rows set by the first tile)
-        gemm(true, false, n, Ds, m, 1.f, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gq.p, gq.ld);
-        gemm(false, false, m, Ds, n, 1.f, S, n, Ks.p, Ks.ld, 1.f, gq.p + i0 * gq.ld, gq.ld);
+        gemm(true, false, n, Ds, m, wgt, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gq.p, gq.ld);
+        gemm(false, false, m, Ds, n, wgt, S, n, Ks.p, Ks.ld, 1.f, gq.p + i0 * gq.ld, gq.ld);
       } else if (compute_grad) {  // S = d/d(q_s k_s^T): dq_s = S k_s, dk_s = S^T q_s
-        gemm(false, false, m, Ds, n, 1.f, S, n, Ks.p, Ks.ld, 0.f, gq.p + i0 * gq.ld, gq.ld);
-        gemm(true, false, n, Ds, m, 1.f, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gk.p, gk.ld);
+        gemm(false, false, m, Ds, n, wgt, S, n, Ks.p, Ks.ld, 0.f, gq.p + i0 * gq.ld, gq.ld);
+        gemm(true, false, n, Ds, m, wgt, S, n, qs_i, Qs.ld, i0 == 0 ? 0.f : 1.f, gk.p, gk.ld);
       }
     }
     out[bh] = static_cast<float>(total);
@@ -420,15 +463,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd(const at::Tensor& qs, const at::Tensor& ks,
                                                                const at::Tensor& qt, const at::Tensor& kt,
                                                                const at::Tensor& mask, double scale_s,
-                                                               double scale_t, bool compute_grad) {
-  return attention_kl_impl(qs, ks, qt, kt, mask, scale_s, scale_t, compute_grad, false);
+                                                               double scale_t, bool compute_grad,
+                                                               const std::optional<at::Tensor>& grad_weight) {
+  return attention_kl_impl(qs, ks, qt, kt, mask, scale_s, scale_t, compute_grad, grad_weight, false);
 }
 
 // Value relation: x_s serves as both q_s and k_s. Returns (loss [B, H], d(sum loss)/dx_s).
 std::tuple<at::Tensor, at::Tensor> attention_kl_shared_fwd(const at::Tensor& xs, const at::Tensor& qt,
                                                            const at::Tensor& kt, const at::Tensor& mask,
-                                                           double scale_s, double scale_t, bool compute_grad) {
-  auto r = attention_kl_impl(xs, xs, qt, kt, mask, scale_s, scale_t, compute_grad, true);
+                                                           double scale_s, double scale_t, bool compute_grad,
+                                                           const std::optional<at::Tensor>& grad_weight) {
+  auto r = attention_kl_impl(xs, xs, qt, kt, mask, scale_s, scale_t, compute_grad, grad_weight, true);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -449,13 +494,16 @@ KDFAST_INLINE double frob_dot(const float* a, const float* c, int64_t rows, int6
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at::Tensor& qs, const at::Tensor& ks,
                                                                       const at::Tensor& qt, const at::Tensor& kt,
                                                                       const at::Tensor& mask, double scale_s,
-                                                                      double scale_t, bool compute_grad) {
+                                                                      double scale_t, bool compute_grad,
+                                                                      const std::optional<at::Tensor>& grad_weight) {
   check_qk(qs, ks, qt, kt, mask, "attention_score_mse");
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
   auto f32 = qs.options().dtype(at::kFloat);
+  const float* gw = grad_weights(grad_weight, B, H, "attention_score_mse");
+  const bool weighted = gw != nullptr;
   at::Tensor loss = at::empty({B, H}, f32);
-  at::Tensor dq = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad ? empty_grad({B, H, L, Ds}, f32) : at::empty({0}, f32);
+  at::Tensor dq = compute_grad ? grad_output_like(qs, B, H, L, Ds, weighted) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad ? grad_output_like(ks, B, H, L, Ds, weighted) : at::empty({0}, f32);
   if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
   const std::vector<Example> ex = examples(mask);
   const float ss = static_cast<float>(scale_s), st = static_cast<float>(scale_t);
@@ -498,7 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at:
     if (compute_grad) {
       // d/dq_s = 2 s_s^2 q_s C_ss - 2 s_s s_t q_t C_st^T; d/dk_s = 2 s_s^2 k_s A_ss - 2 s_s s_t k_t A_st^T.
       GradRows gq(dq, b, h, e, w.dq), gk(dk, b, h, e, w.dk);
-      const float a = static_cast<float>(2.0 * s2), c = static_cast<float>(-x2);
+      const double wt = gw != nullptr ? gw[bh] : 1.0;  // gradient weight of this head
+      const float a = static_cast<float>(2.0 * s2 * wt), c = static_cast<float>(-x2 * wt);
       gemm(false, false, n, Ds, Ds, a, Qs.p, Qs.ld, w.c_ss.data(), Ds, 0.f, gq.p, gq.ld);
       gemm(false, true, n, Ds, Dt, c, Qt.p, Qt.ld, w.c_st.data(), Dt, 1.f, gq.p, gq.ld);
       gemm(false, false, n, Ds, Ds, a, Ks.p, Ks.ld, w.a_ss.data(), Ds, 0.f, gk.p, gk.ld);
@@ -620,13 +669,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_loss_fwd(
 
 TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
   m.def("attention_kl_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, "
-        "float scale_t, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+        "float scale_t, bool compute_grad, Tensor? grad_weight=None) -> (Tensor, Tensor, Tensor)",
         &attention_kl_fwd);
   m.def("attention_kl_shared_fwd(Tensor x_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, float scale_t, "
-        "bool compute_grad) -> (Tensor, Tensor)",
+        "bool compute_grad, Tensor? grad_weight=None) -> (Tensor, Tensor)",
         &attention_kl_shared_fwd);
   m.def("attention_score_mse_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor mask, float scale_s, "
-        "float scale_t, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+        "float scale_t, bool compute_grad, Tensor? grad_weight=None) -> (Tensor, Tensor, Tensor)",
         &attention_score_mse_fwd);
   m.def("hidden_loss_fwd(Tensor h_s, Tensor h_t, Tensor? weight, Tensor? bias, Tensor mask, int kind, float eps, "
         "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -54,6 +54,39 @@ def wants_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def forward_grads(students, count, B: int, H: int):
+    """(compute_grad, grad_weight) for the forward op call of a loss ``loss_bh.sum() / count``.
+
+    - float32 students: float32 unit gradients from the forward, scaled in place by the
+      backward: (True, None).
+    - 16-bit CPU students: the forward writes the gradient of the mean itself in the
+      students' dtype (grad_weight = 1 / count for every head); the backward hands it
+      over when grad_output is exactly 1 (``loss.backward()``, or a weight of 1.0) and
+      otherwise recomputes it with grad_output applied in the kernel (one rounding).
+    - 16-bit students elsewhere (CUDA: comparing grad_output would be a host sync; under
+      torch.compile): the backward computes the gradient: (False, None).
+
+    A float32 unit gradient for 16-bit students would be twice the size of the result, plus
+    the copy (B=32, L=384, H=12, D=64, bf16: 144 MiB at the peak instead of 36).
+    ``count`` is the loss's clamped denominator (a tensor: no host sync).
+    """
+    if not wants_grad(*students):
+        return False, None
+    if all(x.dtype == torch.float32 for x in students):
+        return True, None
+    if students[0].device.type == "cpu" and not torch.compiler.is_compiling():
+        # torch.div(1, count) is bit for bit what autograd hands the loss's per-head terms at grad_output 1.
+        w = torch.div(torch.ones((), dtype=count.dtype, device=count.device), count)
+        return True, w.expand(B, H).contiguous()
+    return False, None
+
+
+def grad_dtype(x: torch.Tensor, grad_weight) -> torch.dtype:
+    """Dtype of the gradients the attention-loss ops return for input x: float32 unit
+    gradients without grad_weight, x's dtype with it."""
+    return torch.float32 if grad_weight is None else x.dtype
+
+
 def pair_mask(mask: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] bool: query i and key j both kept."""
     keep = mask != 0
@@ -69,12 +102,22 @@ def scaled_unit_grad(unit: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) ->
     return (g * unit).to(dtype)
 
 
-def fake_pair_loss(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
-    """Fake impl shared by the attention-map loss ops: per-(b, h) loss and two unit gradients."""
+def fake_pair_loss(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight, backend):
+    """Fake impl shared by the attention-map loss ops: per-(b, h) loss and two gradients."""
     B, H, L, D = q_s.shape
     loss = q_s.new_empty((B, H), dtype=torch.float32)
-    g = (B, H, L, D) if compute_grad else (0,)
-    return loss, q_s.new_empty(g, dtype=torch.float32), q_s.new_empty(g, dtype=torch.float32)
+    if not compute_grad:
+        return loss, q_s.new_empty((0,), dtype=torch.float32), q_s.new_empty((0,), dtype=torch.float32)
+    return (loss, q_s.new_empty((B, H, L, D), dtype=grad_dtype(q_s, grad_weight)),
+            k_s.new_empty((B, H, L, D), dtype=grad_dtype(k_s, grad_weight)))
+
+
+def weighted(dq, dk, q_s, k_s, grad_weight):
+    """Reference backends: unit gradients times grad_weight[b, h], in the inputs' dtypes."""
+    if grad_weight is None:
+        return dq.float(), dk.float()
+    w = grad_weight.to(dq.dtype)[:, :, None, None]
+    return (w * dq).to(q_s.dtype), (w * dk).to(k_s.dtype)
 
 
 def save_inputs(ctx, inputs):
@@ -85,24 +128,49 @@ def save_inputs(ctx, inputs):
     ctx.other_args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
+def _rerun(ctx, op, set_args):
+    """Rerun the op on the inputs save_inputs kept, with some arguments replaced ({index: value})."""
+    args = [x if x is not None else a for x, a in zip(ctx.saved_tensors, ctx.other_args)]
+    for i, v in set_args.items():
+        args[i] = v
+    with torch.no_grad():
+        return op(*args)
+
+
 def recompute_units(ctx, op, grad_flag: int, n_units: int):
     """Unit gradients for a backward after the first: rerun the forward op with gradients on."""
-    args = [x if x is not None else a for x, a in zip(ctx.saved_tensors, ctx.other_args)]
-    args[grad_flag] = True
-    with torch.no_grad():
-        out = op(*args)
-    return list(out[1:1 + n_units])
+    return list(_rerun(ctx, op, {grad_flag: True})[1:1 + n_units])
+
+
+def weighted_grads(ctx, op, grad_flag: int, n_grads: int, grad_bh):
+    """Gradients grad_bh[b, h] * d loss[b, h] / d input in the inputs' dtypes: rerun the op
+    on the saved inputs with compute_grad and grad_weight = grad_bh."""
+    out = _rerun(ctx, op, {grad_flag: True, grad_flag + 1: grad_bh.float().contiguous()})
+    return list(out[1:1 + n_grads])
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, in eager mode only: under tracing (fake tensors) the answer would be data-dependent,
+    so there it is False and the backward recomputes."""
+    if torch.compiler.is_compiling() or type(a) is not torch.Tensor or type(b) is not torch.Tensor:
+        return False
+    return torch.equal(a, b)
 
 
 def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: int = 7):
     """Autograd of an op returning (loss [B, H], d(sum loss)/d input 0, ..., d input n_grads-1).
 
-    The forward already wrote the "unit" gradients; the first backward only
-    scales them by grad_output, in place for float32 inputs, so a step's peak
-    holds one gradient buffer per input instead of two. A later backward through
-    the same graph (retain_graph=True) reruns the forward op with gradients on the
-    saved inputs and scales those. The teacher gets no gradient. ``grad_flag`` is
-    the index of the op's compute_grad argument.
+    See forward_grads. When the forward ran with compute_grad and no grad_weight
+    (float32 students) it already wrote the "unit" gradients; the first backward only
+    scales them by grad_output, in place, so a step's peak holds one gradient buffer per
+    input instead of two. With a grad_weight (16-bit CPU students) the forward wrote
+    weighted gradients in the inputs' dtype; the backward returns them when grad_output
+    equals that weight. Otherwise (16-bit students, grad_output not the forward's
+    weight), and in a later backward through the same graph (retain_graph=True), the
+    backward reruns the op on the saved inputs with grad_weight = grad_output: the
+    kernel writes the final gradients in the inputs' dtype. The teacher gets no
+    gradient. ``grad_flag`` is the index of the op's compute_grad argument;
+    grad_weight follows it.
     """
 
     def setup_context(ctx, inputs, output):
@@ -111,24 +179,31 @@ def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: i
         # non-differentiable outputs: 38 MB each, allocated and zeroed per step at B=32, L=384.
         ctx.set_materialize_grads(False)
         # Attributes, not saved tensors: the first backward consumes them in place.
-        ctx.units = list(output[1:1 + n_grads])
+        computed, weight = inputs[grad_flag], inputs[grad_flag + 1]
+        ctx.units = list(output[1:1 + n_grads]) if computed and weight is None else None
+        ctx.held = list(output[1:1 + n_grads]) if computed and weight is not None else None
+        ctx.held_weight = weight if ctx.held is not None else None
         ctx.dtypes = tuple(x.dtype for x in inputs[:n_grads])
-        ctx.compute_grad = inputs[grad_flag]
         save_inputs(ctx, inputs)
 
     def backward(ctx, grad_bh, *_):
         grads = [None] * len(ctx.other_args)
-        if not (ctx.compute_grad and grad_bh is not None and any(ctx.needs_input_grad[:n_grads])):
+        held, weight, ctx.held, ctx.held_weight = ctx.held, ctx.held_weight, None, None
+        if grad_bh is None or not any(ctx.needs_input_grad[:n_grads]):
             ctx.units = None
             return tuple(grads)
-        if ctx.units is None:  # a second backward (retain_graph=True): recompute
-            units = recompute_units(ctx, op, grad_flag, n_grads)
+        if held is not None and _same_values(grad_bh, weight):  # the forward's weights were grad_output's
+            computed = held
+        elif ctx.units is None:  # 16-bit students, or a second backward: the kernel applies grad_bh
+            del held  # freed before the recompute allocates the new gradients
+            computed = weighted_grads(ctx, op, grad_flag, n_grads, grad_bh)
         else:
             units, ctx.units = ctx.units, None
-        g = grad_bh.float()[:, :, None, None]
+            g = grad_bh.float()[:, :, None, None]
+            computed = [scaled_unit_grad(units[i], g, ctx.dtypes[i]) for i in range(n_grads)]
         for i in range(n_grads):
             if ctx.needs_input_grad[i]:
-                grads[i] = scaled_unit_grad(units[i], g, ctx.dtypes[i])
+                grads[i] = computed[i]
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)

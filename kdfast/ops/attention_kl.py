@@ -57,13 +57,16 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale
 
 # --------------------------------------------------------------------------
 # Custom op: per-(b, h) sums of row KLs, and (when compute_grad) the gradient
-# of their sum w.r.t. q_s and k_s (float32, "unit" gradients).
+# of their sum w.r.t. q_s and k_s: float32 "unit" gradients, or with
+# grad_weight [B, H] the gradient of sum(grad_weight * loss) in the inputs'
+# dtypes.
 # --------------------------------------------------------------------------
 @torch.library.custom_op("kdfast::attention_kl_fwd", mutates_args=())
 def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor,
-         scale_s: float, scale_t: float, compute_grad: bool, backend: str
+         scale_s: float, scale_t: float, compute_grad: bool, grad_weight: torch.Tensor | None, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend or None)
+    return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight,
+                        backend=backend or None)
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
@@ -71,7 +74,7 @@ _inputs.register_unit_grad_autograd(_fwd, OP)
 
 
 @backends.register(OP, "reference")
-def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     """Materialised maps with the gradient written out: d/dS_s = p_s - p_t on valid pairs."""
     acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
     logp_s = _log_probs(q_s, k_s, scale_s, mask, acc)
@@ -86,18 +89,19 @@ def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
     ds = torch.where(pair, logp_s.exp() - p_t, zero)
     dq = scale_s * (ds @ k_s.to(acc))
     dk = scale_s * (ds.transpose(-1, -2) @ q_s.to(acc))
-    return loss, dq.float(), dk.float()
+    return (loss, *_inputs.weighted(dq, dk, q_s, k_s, grad_weight))
 
 
 @backends.register(OP, "cpu", check=_inputs.kernel_check, kernel="attention_kl_fwd")
-def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
-    return torch.ops.kdfast_C.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
+    return torch.ops.kdfast_C.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
+                                               grad_weight)
 
 
 @backends.register(OP, "triton", check=_inputs.kernel_check)
-def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     from kdfast.kernels.triton import layer_kd as k
-    return k.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+    return k.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight)
 
 
 backends.set_gpu_order(OP, ("triton",))
@@ -112,19 +116,30 @@ backends.set_gpu_order(OP, ("triton",))
 # --------------------------------------------------------------------------
 @torch.library.custom_op("kdfast::attention_kl_shared_fwd", mutates_args=())
 def _fwd_shared(x_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scale_s: float,
-                scale_t: float, compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                scale_t: float, compute_grad: bool, grad_weight: torch.Tensor | None, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = backend or backends.choose(OP, x_s, x_s, q_t, k_t)
     if backend == "cpu" and kdfast_ext.has_kernel("attention_kl_shared_fwd"):
-        return torch.ops.kdfast_C.attention_kl_shared_fwd(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
-    loss, dq, dk = backends.run(OP, x_s, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend)
-    return loss, (dq.add_(dk) if compute_grad else dq)
+        return torch.ops.kdfast_C.attention_kl_shared_fwd(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
+                                                          grad_weight)
+    # Float32 unit gradients of both roles, added, then weighted: one rounding to x_s's dtype.
+    loss, dq, dk = backends.run(OP, x_s, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, None,
+                                backend=backend)
+    if not compute_grad:
+        return loss, dq
+    dq.add_(dk)
+    if grad_weight is not None:
+        dq = dq.mul_(grad_weight[:, :, None, None]).to(x_s.dtype)
+    return loss, dq
 
 
 @_fwd_shared.register_fake
-def _(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend):
+def _(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight, backend):
     B, H, L, D = x_s.shape
+    if not compute_grad:
+        return x_s.new_empty((B, H), dtype=torch.float32), x_s.new_empty((0,), dtype=torch.float32)
     return (x_s.new_empty((B, H), dtype=torch.float32),
-            x_s.new_empty((B, H, L, D) if compute_grad else (0,), dtype=torch.float32))
+            x_s.new_empty((B, H, L, D), dtype=_inputs.grad_dtype(x_s, grad_weight)))
 
 
 _inputs.register_unit_grad_autograd(_fwd_shared, OP, n_grads=1, grad_flag=6)
@@ -157,9 +172,13 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     one tensor (the same object, or the same memory and strides, not two separate leaves) the
     gradient of both roles is accumulated into one buffer (CPU kernel).
 
-    The gradient is computed in the forward; the first backward only scales it. A second
-    backward through the same graph (retain_graph=True) recomputes it from the saved inputs
-    (the loss keeps references to its inputs, teacher included, until the graph is freed).
+    float32 students: the gradient is computed in the forward and the first backward only
+    scales it. 16-bit students: the gradient is written in the students' dtype, never as a
+    float32 copy (a quarter of the peak memory); on the CPU by the forward, handed over
+    as it is when grad_output is 1 and recomputed with grad_output applied otherwise
+    (one rounding either way); on a GPU by the backward. A second backward through the same graph
+    (retain_graph=True) recomputes it from the saved inputs (the loss keeps references to
+    its inputs, teacher included, until the graph is freed).
 
     Returns a float32 0-d tensor: sum of row KLs / (H * number of valid tokens).
 
@@ -172,9 +191,12 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
     # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
+    B, H = q_s.shape[:2]
+    count = (H * m.sum()).clamp(min=1)
     if _same_tensor(q_s, k_s):  # value relation: one gradient buffer
-        loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s), backend)
+        loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, *_inputs.forward_grads((q_s,), count, B, H),
+                                 backend)
     else:
-        loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
-    count = q_s.shape[1] * m.sum()
-    return loss_bh.sum() / count.clamp(min=1)
+        loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t,
+                             *_inputs.forward_grads((q_s, k_s), count, B, H), backend)
+    return loss_bh.sum() / count

@@ -52,13 +52,15 @@ def attention_score_mse_reference(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None
 
 # --------------------------------------------------------------------------
 # Custom op: per-(b, h) sums of squared differences, and (when compute_grad)
-# the gradient of their sum w.r.t. q_s and k_s (float32, "unit" gradients).
+# the gradient of their sum w.r.t. q_s and k_s: float32 "unit" gradients, or with
+# grad_weight [B, H] the gradient of sum(grad_weight * loss) in the inputs' dtypes.
 # --------------------------------------------------------------------------
 @torch.library.custom_op("kdfast::attention_score_mse_fwd", mutates_args=())
 def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor,
-         scale_s: float, scale_t: float, compute_grad: bool, backend: str
+         scale_s: float, scale_t: float, compute_grad: bool, grad_weight: torch.Tensor | None, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, backend=backend or None)
+    return backends.run(OP, q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight,
+                        backend=backend or None)
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
@@ -66,7 +68,7 @@ _inputs.register_unit_grad_autograd(_fwd, OP)
 
 
 @backends.register(OP, "reference")
-def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     """Materialised maps with the gradient written out: d/dS_s = 2 (S_s - S_t) on valid pairs."""
     acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
     qs, ks = q_s.to(acc), k_s.to(acc)
@@ -79,18 +81,19 @@ def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
         return loss, empty, empty.clone()
     dq = (2 * scale_s) * (diff @ ks)
     dk = (2 * scale_s) * (diff.transpose(-1, -2) @ qs)
-    return loss, dq.float(), dk.float()
+    return (loss, *_inputs.weighted(dq, dk, q_s, k_s, grad_weight))
 
 
 @backends.register(OP, "cpu", check=_inputs.kernel_check, kernel="attention_score_mse_fwd")
-def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
-    return torch.ops.kdfast_C.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
+    return torch.ops.kdfast_C.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
+                                                      grad_weight)
 
 
 @backends.register(OP, "triton", check=_inputs.kernel_check)
-def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad):
+def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     from kdfast.kernels.triton import layer_kd as k
-    return k.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad)
+    return k.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight)
 
 
 backends.set_gpu_order(OP, ("triton",))
@@ -110,8 +113,12 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     Returns a float32 0-d tensor: the mean over heads of the MSE over valid
     (query, key) pairs (sum of squared differences / (H * sum_b n_b^2)).
 
-    The gradient is computed in the forward; the first backward only scales it. A second
-    backward through the same graph (retain_graph=True) recomputes it from the saved inputs.
+    float32 students: the gradient is computed in the forward and the first backward only
+    scales it. 16-bit students: the gradient is written in the students' dtype, never as a
+    float32 copy; on the CPU by the forward, handed over as it is when grad_output is 1 and
+    recomputed with grad_output applied otherwise (one rounding either way); on a GPU by
+    the backward. A second backward through the same graph (retain_graph=True) recomputes it from
+    the saved inputs.
 
     Equivalent PyTorch (materialising)::
 
@@ -123,7 +130,9 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
     # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
-    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, _inputs.wants_grad(q_s, k_s), backend)
+    B, H = q_s.shape[:2]
     n = m.sum(-1)
-    count = q_s.shape[1] * (n * n).sum()
-    return loss_bh.sum() / count.clamp(min=1)
+    count = (H * (n * n).sum()).clamp(min=1)
+    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *_inputs.forward_grads((q_s, k_s), count, B, H),
+                         backend)
+    return loss_bh.sum() / count

@@ -126,15 +126,16 @@ def _qk(B, H, L, Ds, Dt, ds, dt):
     return _t(B, H, L, Ds, dtype=ds), _t(B, H, L, Ds, dtype=ds), _t(B, H, L, Dt, dtype=dt), _t(B, H, L, Dt, dtype=dt)
 
 
-case("layer_kd", "attention_kl_bf16_fp16_L384_d64_d128")(
+# 16-bit students: the backward's launch, gradients weighted by grad_output [B, H] and stored in bf16.
+case("layer_kd", "attention_kl_bf16_fp16_L384_d64_d128_weighted")(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 384, 64, 128, torch.bfloat16, torch.float16), _t(2, 384), 0.125,
-                                 0.088, True))
+                                 0.088, True, _t(2, 12)))
 case("layer_kd", "attention_kl_fp32_L512_d128_d128", BOTH)(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 512, 128, 128, torch.float32, torch.float32), _t(2, 512), 0.088,
                                  0.088, True))
-case("layer_kd", "attention_score_mse_bf16_fp32_L97_d48_d64")(
+case("layer_kd", "attention_score_mse_bf16_fp32_L97_d48_d64_weighted")(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 97, 48, 64, torch.bfloat16, torch.float32), _t(2, 97), 0.14,
-                                        0.125, True))
+                                        0.125, True, _t(2, 12)))
 case("layer_kd", "attention_score_mse_fp32_L512_d64_d128", BOTH)(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 512, 64, 128, torch.float32, torch.float32), _t(2, 512),
                                         0.125, 0.088, True))

@@ -107,9 +107,14 @@ def test_opcheck(backend):
     q_s, k_s, q_t, k_t, mask = (x.float().contiguous() for x in make_inputs(2, 2, 7, 4, 8))
     q_s.requires_grad_()
     k_s.requires_grad_()
-    for grad in (True, False):
-        torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
-        torch.library.opcheck(_fwd_shared, (q_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
+    w = torch.rand(2, 2) + 0.5
+    for grad, weight in ((True, None), (False, None), (True, w)):
+        torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, weight, backend))
+        torch.library.opcheck(_fwd_shared, (q_s, q_t, k_t, mask, 0.5, 0.35, grad, weight, backend))
+    # Weighted gradients come back in the inputs' dtype.
+    qb, kb = q_s.detach().bfloat16().requires_grad_(), k_s.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(_fwd, (qb, kb, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
+    torch.library.opcheck(_fwd_shared, (qb, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -225,3 +230,57 @@ def test_value_relation_several_tiles_cpu(isa):
         run_case(attention_kl, attention_kl_reference, "cpu", make_inputs(2, 2, 600, 16, 8, seed=16,
                                                                           lengths=[600, 451]), torch.float32,
                  value=True)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("op", ["attention_kl", "attention_score_mse", "value_relation"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_gradients_written_in_input_dtype(op, dtype):
+    # 16-bit students on the CPU: the forward's kernel writes each gradient of the mean in the input
+    # dtype, one buffer per student tensor, and no float32 gradient-sized buffer ever exists (no unit
+    # gradient, no copy). loss.backward() hands the buffers over (the backward allocates nothing that
+    # large); grad_output 2.5 frees them and recomputes with 2.5 applied in the kernel.
+    import kdfast.ops as ops
+    B, H, L, D = 2, 3, 64, 16
+    q_s, k_s, q_t, k_t, mask = (x.to(dtype) if x.is_floating_point() else x
+                                for x in make_inputs(B, H, L, D, D, seed=17))
+    q_s, k_s = q_s.contiguous().requires_grad_(), k_s.contiguous().requires_grad_()
+    if op == "value_relation":
+        fn, n_buffers = (lambda: attention_kl(q_s, q_s, q_t, q_t, mask)), 1
+    else:
+        fn, n_buffers = (lambda: getattr(ops, op)(q_s, k_s, q_t, k_t, mask)), 2
+    low = B * H * L * D * 2
+    with kdfast.use_backend("cpu"):
+        assert _big_allocations(lambda: fn().backward(), low) == n_buffers
+        loss = fn()
+        assert _big_allocations(loss.backward, low) == 0  # handed over, not recomputed
+        assert _big_allocations(lambda: fn().mul(2.5).backward(), low) == 2 * n_buffers  # recomputed
+        q_s.grad = k_s.grad = None
+        assert _big_allocations(lambda: fn().backward(), 2 * low) == 0
+        assert _big_allocations(lambda: fn().mul(2.5).backward(), 2 * low) == 0
+    assert q_s.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("value", [False, True], ids=["qk", "value"])
+def test_low_precision_grad_output_one(backend, dtype, value):
+    # grad_output 1: on the CPU the gradients the forward wrote are the result (other tests use 2.5,
+    # which recomputes); within the numerics rule of the float64 oracle either way.
+    L = 21 if backend == "triton" else 70
+    run_case(attention_kl, attention_kl_reference, backend, make_inputs(3, 2, L, 16, 8, seed=18), dtype,
+             grad_scale=1.0, value=value)
+
+
+def test_torch_compile_bf16():
+    # Under torch.compile 16-bit students get their gradient from the backward (no hand-over check
+    # on traced values); it equals the eager one.
+    q_s, k_s, q_t, k_t, mask = (x.bfloat16() if x.is_floating_point() else x for x in make_inputs(2, 2, 9, 4, 8))
+    grads = []
+    for fn in (lambda *a: attention_kl(*a),
+               torch.compile(lambda *a: attention_kl(*a), fullgraph=True, backend="aot_eager")):
+        a, b = q_s.detach().requires_grad_(), k_s.detach().requires_grad_()
+        fn(a, b, q_t, k_t, mask).backward()
+        assert a.grad.dtype == torch.bfloat16
+        grads.append((a.grad, b.grad))
+    torch.testing.assert_close(grads[0], grads[1])

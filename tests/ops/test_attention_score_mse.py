@@ -98,7 +98,11 @@ def test_opcheck(backend):
     q_s.requires_grad_()
     k_s.requires_grad_()
     for grad in (True, False):
-        torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, backend))
+        torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, None, backend))
+    w = torch.rand(2, 2) + 0.5
+    torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
+    qb, kb = q_s.detach().bfloat16().requires_grad_(), k_s.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(_fwd, (qb, kb, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -118,3 +122,12 @@ def test_second_backward_recomputes(backend, dtype):
     small = backend == "triton"  # the interpreter is slow
     inputs = make_inputs(3, 2, 13 if small else 45, 8, 16, seed=11)
     run_double_backward(attention_score_mse, attention_score_mse_reference, backend, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_grad_output_one(backend, dtype):
+    # grad_output 1: on the CPU the gradients the forward wrote (in the input dtype) are the result.
+    L = 21 if backend == "triton" else 70
+    run_case(attention_score_mse, attention_score_mse_reference, backend, make_inputs(3, 2, L, 16, 8, seed=18),
+             dtype, grad_scale=1.0)

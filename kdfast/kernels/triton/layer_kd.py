@@ -103,9 +103,10 @@ def _kl_probs_diff(qs, qt, ks, kt, lse_s, lse_t, keep_rows, keep_cols):
 
 
 @triton.jit
-def _kl_dq_kernel(QS, KS, QT, KT, MASK, LSE, DQ, H, L: tl.constexpr, DS, DT, scale_s, scale_t,
+def _kl_dq_kernel(QS, KS, QT, KT, MASK, LSE, DQ, W, H, L: tl.constexpr, DS, DT, scale_s, scale_t,
                   qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qt0, qt1, qt2, qt3, kt0, kt1, kt2, kt3,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+                  HAS_W: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
@@ -126,13 +127,15 @@ def _kl_dq_kernel(QS, KS, QT, KT, MASK, LSE, DQ, H, L: tl.constexpr, DS, DT, sca
         dq += tl.dot(ds, ks, input_precision="ieee")
     d = tl.arange(0, BLOCK_DS)
     p = DQ + (bh * L + rows[:, None]) * DS + d[None, :]
-    tl.store(p, dq * scale_s, mask=(rows[:, None] < L) & (d[None, :] < DS))
+    g = scale_s * tl.load(W + bh) if HAS_W else scale_s
+    tl.store(p, (dq * g).to(DQ.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < DS))
 
 
 @triton.jit
-def _kl_dk_kernel(QS, KS, QT, KT, MASK, LSE, DK, H, L: tl.constexpr, DS, DT, scale_s, scale_t,
+def _kl_dk_kernel(QS, KS, QT, KT, MASK, LSE, DK, W, H, L: tl.constexpr, DS, DT, scale_s, scale_t,
                   qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qt0, qt1, qt2, qt3, kt0, kt1, kt2, kt3,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+                  HAS_W: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
@@ -153,15 +156,29 @@ def _kl_dk_kernel(QS, KS, QT, KT, MASK, LSE, DK, H, L: tl.constexpr, DS, DT, sca
         dk += tl.dot(tl.trans(ds), qs, input_precision="ieee")
     d = tl.arange(0, BLOCK_DS)
     p = DK + (bh * L + cols[:, None]) * DS + d[None, :]
-    tl.store(p, dk, mask=(cols[:, None] < L) & (d[None, :] < DS))
+    if HAS_W:
+        dk = dk * tl.load(W + bh)
+    tl.store(p, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < L) & (d[None, :] < DS))
 
 
 def _qk_strides(q_s, k_s, q_t, k_t):
     return (*_bhld(q_s), *_bhld(k_s), *_bhld(q_t), *_bhld(k_t))
 
 
-def attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, block_m=32, block_n=32):
-    """Per-(b, h) sums of row KLs [B, H] and, with compute_grad, float32 unit gradients for q_s, k_s."""
+def _grad_outputs(q_s, k_s, grad_weight):
+    """Gradient buffers: float32 unit gradients, or the inputs' dtypes when grad_weight [B, H] weights them;
+    and the weight argument of the kernels (a dummy pointer when absent)."""
+    B, H, L, Ds = q_s.shape
+    dq = torch.empty(B, H, L, Ds, dtype=torch.float32 if grad_weight is None else q_s.dtype, device=q_s.device)
+    dk = torch.empty(B, H, L, Ds, dtype=torch.float32 if grad_weight is None else k_s.dtype, device=q_s.device)
+    w = dq if grad_weight is None else grad_weight.float().contiguous()
+    return dq, dk, w
+
+
+def attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight=None, block_m=32,
+                     block_n=32):
+    """Per-(b, h) sums of row KLs [B, H] and, with compute_grad, gradients for q_s, k_s: float32 unit
+    gradients, or grad_weight[b, h] times them in the inputs' dtypes."""
     B, H, L, Ds = q_s.shape
     Dt = q_t.shape[3]
     dev = q_s.device
@@ -169,8 +186,10 @@ def attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, b
     lse = torch.empty(B * H * L * 2, dtype=torch.float32, device=dev)
     empty = torch.empty(0, dtype=torch.float32, device=dev)
     if B * H * L == 0:
-        g = torch.zeros(B, H, L, Ds, dtype=torch.float32, device=dev) if compute_grad else empty
-        return rows.view(B, H, L).sum(-1), g, g.clone()
+        if not compute_grad:
+            return rows.view(B, H, L).sum(-1), empty, empty.clone()
+        dq, dk, _ = _grad_outputs(q_s, k_s, grad_weight)
+        return rows.view(B, H, L).sum(-1), dq.zero_(), dk.zero_()
     mask = mask.contiguous()
     st = _qk_strides(q_s, k_s, q_t, k_t)
     bds, bdt = _block(Ds), _block(Dt)
@@ -182,11 +201,13 @@ def attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, b
     loss = rows.view(B, H, L).sum(-1)
     if not compute_grad:
         return loss, empty, empty.clone()
-    dq = torch.empty(B, H, L, Ds, dtype=torch.float32, device=dev)
-    dk = torch.empty(B, H, L, Ds, dtype=torch.float32, device=dev)
-    _kl_dq_kernel[grid](q_s, k_s, q_t, k_t, mask, lse, dq, H, L, Ds, Dt, scale_s, scale_t, *st, **meta)
+    dq, dk, w = _grad_outputs(q_s, k_s, grad_weight)
+    has_w = grad_weight is not None
+    _kl_dq_kernel[grid](q_s, k_s, q_t, k_t, mask, lse, dq, w, H, L, Ds, Dt, scale_s, scale_t, *st, **meta,
+                        HAS_W=has_w)
     grid_k = (triton.cdiv(L, block_n), B * H)
-    _kl_dk_kernel[grid_k](q_s, k_s, q_t, k_t, mask, lse, dk, H, L, Ds, Dt, scale_s, scale_t, *st, **meta)
+    _kl_dk_kernel[grid_k](q_s, k_s, q_t, k_t, mask, lse, dk, w, H, L, Ds, Dt, scale_s, scale_t, *st, **meta,
+                          HAS_W=has_w)
     return loss, dq, dk
 
 
@@ -215,9 +236,10 @@ def _gram_kernel(X, MASK, G, H, L: tl.constexpr, E: tl.constexpr, BLOCK_L: tl.co
 
 
 @triton.jit
-def _rows_times_kernel(X, G, MASK, OUT, H, L: tl.constexpr, E: tl.constexpr, DOUT, scale,
-                       BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """OUT[bh, rows, d-block] = scale * X[bh, rows, :] @ G[bh, :, d-block] on kept rows, else 0."""
+def _rows_times_kernel(X, G, MASK, OUT, W, H, L: tl.constexpr, E: tl.constexpr, DOUT, scale,
+                       BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
+    """OUT[bh, rows, d-block] = scale (* W[bh]) * X[bh, rows, :] @ G[bh, :, d-block] on kept rows, else 0,
+    in OUT's dtype."""
     pid_l = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     pid_d = tl.program_id(2)
@@ -232,20 +254,26 @@ def _rows_times_kernel(X, G, MASK, OUT, H, L: tl.constexpr, E: tl.constexpr, DOU
         g = tl.load(G + bh * E * E + e[:, None] * E + d[None, :], mask=(e[:, None] < E) & (d[None, :] < DOUT),
                     other=0.0)
         acc += tl.dot(x, g, input_precision="ieee")
-    tl.store(OUT + (bh * L + rows[:, None]) * DOUT + d[None, :], acc * scale,
+    g = scale * tl.load(W + bh) if HAS_W else scale
+    tl.store(OUT + (bh * L + rows[:, None]) * DOUT + d[None, :], (acc * g).to(OUT.dtype.element_ty),
              mask=(rows[:, None] < L) & (d[None, :] < DOUT))
 
 
-def attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, block_l=32, block_e=32):
-    """Per-(b, h) sums of squared score differences [B, H] and optional float32 unit gradients."""
+def attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight=None,
+                            block_l=32, block_e=32):
+    """Per-(b, h) sums of squared score differences [B, H] and optional gradients (float32 unit gradients,
+    or grad_weight[b, h] times them in the inputs' dtypes)."""
     B, H, L, Ds = q_s.shape
     Dt = q_t.shape[3]
     E = Ds + Dt
     dev = q_s.device
     empty = torch.empty(0, dtype=torch.float32, device=dev)
     if B * H * L == 0:
-        g = torch.zeros(B, H, L, Ds, dtype=torch.float32, device=dev) if compute_grad else empty
-        return torch.zeros(B, H, dtype=torch.float32, device=dev), g, g.clone()
+        loss = torch.zeros(B, H, dtype=torch.float32, device=dev)
+        if not compute_grad:
+            return loss, empty, empty.clone()
+        dq, dk, _ = _grad_outputs(q_s, k_s, grad_weight)
+        return loss, dq.zero_(), dk.zero_()
     mask = mask.contiguous()
     # Concatenated operands (O(B H L (Ds + Dt)), like the inputs), float32 contiguous.
     Q = torch.cat([q_s.float() * scale_s, q_t.float() * scale_t], -1).contiguous()
@@ -258,14 +286,15 @@ def attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_
     loss = (GQ * GK).sum((-1, -2)).view(B, H)
     if not compute_grad:
         return loss, empty, empty.clone()
-    dq = torch.empty(B, H, L, Ds, dtype=torch.float32, device=dev)
-    dk = torch.empty_like(dq)
+    dq, dk, w = _grad_outputs(q_s, k_s, grad_weight)
+    has_w = grad_weight is not None
     bd = _block(min(Ds, 64))
     grid_r = (triton.cdiv(L, block_l), B * H, triton.cdiv(Ds, bd))
     # d/dQ <Q^T Q, G_K> = 2 Q G_K, student columns only; the q_s block of Q carries scale_s.
-    _rows_times_kernel[grid_r](Q, GK, mask, dq, H, L, E, Ds, 2.0 * scale_s, BLOCK_L=block_l, BLOCK_E=block_e,
-                               BLOCK_D=bd)
-    _rows_times_kernel[grid_r](K, GQ, mask, dk, H, L, E, Ds, 2.0, BLOCK_L=block_l, BLOCK_E=block_e, BLOCK_D=bd)
+    _rows_times_kernel[grid_r](Q, GK, mask, dq, w, H, L, E, Ds, 2.0 * scale_s, BLOCK_L=block_l, BLOCK_E=block_e,
+                               BLOCK_D=bd, HAS_W=has_w)
+    _rows_times_kernel[grid_r](K, GQ, mask, dk, w, H, L, E, Ds, 2.0, BLOCK_L=block_l, BLOCK_E=block_e, BLOCK_D=bd,
+                               HAS_W=has_w)
     return loss, dq, dk
 
 
