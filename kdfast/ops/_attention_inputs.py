@@ -1,4 +1,5 @@
-"""Argument checks shared by the attention distillation ops (attention_score_mse, attention_kl)."""
+"""Argument checks and gradient plumbing shared by the layer distillation ops (attention_score_mse,
+attention_kl; the autograd and forward_grads also serve hidden_mse)."""
 from __future__ import annotations
 
 import math
@@ -54,8 +55,11 @@ def wants_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def forward_grads(students, count, B: int, H: int):
-    """(compute_grad, grad_weight) for the forward op call of a loss ``loss_bh.sum() / count``.
+def forward_grads(students, count, shape=()):
+    """(compute_grad, grad_weight) for the forward op call of a loss ``loss_parts.sum() / count``.
+
+    ``students``: the tensors that get gradients (None entries are skipped); ``shape``: the
+    shape of the op's loss output ([B, H] for the attention losses, () for the hidden loss).
 
     - float32 students: float32 unit gradients from the forward, scaled in place by the
       backward: (True, None).
@@ -70,6 +74,7 @@ def forward_grads(students, count, B: int, H: int):
     the copy (B=32, L=384, H=12, D=64, bf16: 144 MiB at the peak instead of 36).
     ``count`` is the loss's clamped denominator (a tensor: no host sync).
     """
+    students = [x for x in students if x is not None]
     if not wants_grad(*students):
         return False, None
     if all(x.dtype == torch.float32 for x in students):
@@ -77,7 +82,7 @@ def forward_grads(students, count, B: int, H: int):
     if students[0].device.type == "cpu" and not torch.compiler.is_compiling():
         # torch.div(1, count) is bit for bit what autograd hands the loss's per-head terms at grad_output 1.
         w = torch.div(torch.ones((), dtype=count.dtype, device=count.device), count)
-        return True, w.expand(B, H).contiguous()
+        return True, w.expand(shape).contiguous()
     return False, None
 
 
@@ -94,7 +99,9 @@ def pair_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_unit_grad(unit: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad = g * unit in ``dtype``; in place for float32 outside tracing (unit is a private buffer)."""
+    """grad = g * unit in ``dtype`` (g broadcast over unit's trailing dims); in place for float32 outside
+    tracing (unit is a private buffer)."""
+    g = g.float().reshape(tuple(g.shape) + (1,) * (unit.dim() - g.dim()))
     # type() check: under tracing (aot_autograd, fake tensors) units are tensor subclasses; stay functional there.
     if dtype == torch.float32 and type(unit) is torch.Tensor and not torch.compiler.is_compiling() \
             and not unit.requires_grad:
@@ -142,10 +149,10 @@ def recompute_units(ctx, op, grad_flag: int, n_units: int):
     return list(_rerun(ctx, op, {grad_flag: True})[1:1 + n_units])
 
 
-def weighted_grads(ctx, op, grad_flag: int, n_grads: int, grad_bh):
-    """Gradients grad_bh[b, h] * d loss[b, h] / d input in the inputs' dtypes: rerun the op
-    on the saved inputs with compute_grad and grad_weight = grad_bh."""
-    out = _rerun(ctx, op, {grad_flag: True, grad_flag + 1: grad_bh.float().contiguous()})
+def weighted_grads(ctx, op, grad_flag: int, n_grads: int, grad_out):
+    """Gradients grad_out * d loss / d input (per loss entry) in the inputs' dtypes: rerun the op
+    on the saved inputs with compute_grad and grad_weight = grad_out."""
+    out = _rerun(ctx, op, {grad_flag: True, grad_flag + 1: grad_out.float().contiguous()})
     return list(out[1:1 + n_grads])
 
 
@@ -157,8 +164,9 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: int = 7):
-    """Autograd of an op returning (loss [B, H], d(sum loss)/d input 0, ..., d input n_grads-1).
+def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
+    """Autograd of an op returning (loss, d(sum loss)/d input grad_inputs[0], ..., one per grad_inputs):
+    the loss is [B, H] for the attention losses, 0-d for the hidden loss.
 
     See forward_grads. When the forward ran with compute_grad and no grad_weight
     (float32 students) it already wrote the "unit" gradients; the first backward only
@@ -173,6 +181,8 @@ def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: i
     grad_weight follows it.
     """
 
+    n_grads = len(grad_inputs)
+
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
         # Without this, autograd hands the backward zero-filled [B, H, L, D] gradients for the
@@ -183,13 +193,14 @@ def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: i
         ctx.units = list(output[1:1 + n_grads]) if computed and weight is None else None
         ctx.held = list(output[1:1 + n_grads]) if computed and weight is not None else None
         ctx.held_weight = weight if ctx.held is not None else None
-        ctx.dtypes = tuple(x.dtype for x in inputs[:n_grads])
+        ctx.dtypes = tuple(None if inputs[i] is None else inputs[i].dtype for i in grad_inputs)
         save_inputs(ctx, inputs)
 
     def backward(ctx, grad_bh, *_):
         grads = [None] * len(ctx.other_args)
         held, weight, ctx.held, ctx.held_weight = ctx.held, ctx.held_weight, None, None
-        if grad_bh is None or not any(ctx.needs_input_grad[:n_grads]):
+        wanted = [ctx.needs_input_grad[i] for i in grad_inputs]
+        if grad_bh is None or not any(wanted):
             ctx.units = None
             return tuple(grads)
         if held is not None and _same_values(grad_bh, weight):  # the forward's weights were grad_output's
@@ -199,11 +210,11 @@ def register_unit_grad_autograd(op, name: str, *, n_grads: int = 2, grad_flag: i
             computed = weighted_grads(ctx, op, grad_flag, n_grads, grad_bh)
         else:
             units, ctx.units = ctx.units, None
-            g = grad_bh.float()[:, :, None, None]
-            computed = [scaled_unit_grad(units[i], g, ctx.dtypes[i]) for i in range(n_grads)]
-        for i in range(n_grads):
-            if ctx.needs_input_grad[i]:
-                grads[i] = computed[i]
+            computed = [scaled_unit_grad(u, grad_bh, dt) if w else None
+                        for u, dt, w in zip(units, ctx.dtypes, wanted)]
+        for k, i in enumerate(grad_inputs):
+            if wanted[k]:
+                grads[i] = computed[k]
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)

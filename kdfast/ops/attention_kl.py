@@ -70,7 +70,7 @@ def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Ten
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
-_inputs.register_unit_grad_autograd(_fwd, OP)
+_inputs.register_unit_grad_autograd(_fwd)
 
 
 @backends.register(OP, "reference")
@@ -142,7 +142,7 @@ def _(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight, backend)
             x_s.new_empty((B, H, L, D), dtype=_inputs.grad_dtype(x_s, grad_weight)))
 
 
-_inputs.register_unit_grad_autograd(_fwd_shared, OP, n_grads=1, grad_flag=6)
+_inputs.register_unit_grad_autograd(_fwd_shared, grad_inputs=(0,), grad_flag=6)
 
 
 def _same_tensor(a, b):
@@ -191,12 +191,11 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
     # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
-    B, H = q_s.shape[:2]
-    count = (H * m.sum()).clamp(min=1)
+    count = (q_s.shape[1] * m.sum()).clamp(min=1)
     if _same_tensor(q_s, k_s):  # value relation: one gradient buffer
-        loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, *_inputs.forward_grads((q_s,), count, B, H),
-                                 backend)
+        grad = _inputs.forward_grads((q_s,), count, q_s.shape[:2])
+        loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     else:
-        loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t,
-                             *_inputs.forward_grads((q_s, k_s), count, B, H), backend)
+        grad = _inputs.forward_grads((q_s, k_s), count, q_s.shape[:2])
+        loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     return loss_bh.sum() / count

@@ -64,7 +64,7 @@ def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Ten
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
-_inputs.register_unit_grad_autograd(_fwd, OP)
+_inputs.register_unit_grad_autograd(_fwd)
 
 
 @backends.register(OP, "reference")
@@ -130,9 +130,8 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     m, scale_s, scale_t = _inputs.check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, OP)
     # Under torch.compile the choice happens inside the op at run time (dynamo cannot trace it).
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
-    B, H = q_s.shape[:2]
     n = m.sum(-1)
-    count = (H * (n * n).sum()).clamp(min=1)
-    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *_inputs.forward_grads((q_s, k_s), count, B, H),
-                         backend)
+    count = (q_s.shape[1] * (n * n).sum()).clamp(min=1)
+    grad = _inputs.forward_grads((q_s, k_s), count, q_s.shape[:2])
+    loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     return loss_bh.sum() / count

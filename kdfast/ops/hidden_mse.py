@@ -10,8 +10,11 @@ gradient for h_s, W and b while the block is in cache, so the projected
 Triton backend projects with the vendor GEMM and runs the loss and row
 gradient as one fused epilogue in place over the projection. The loss is a
 sum, so its gradient is produced in the same run; autograd only scales it.
+16-bit hidden states get their gradient in their own dtype (the CPU kernel
+converts rows block by block: no float32 copy of h_s, h_t or dh exists), as
+for the attention losses (kdfast/ops/_attention_inputs.py, forward_grads).
 A second backward through the same graph (retain_graph=True) reruns the
-forward kernel on the saved inputs and scales that gradient.
+forward kernel on the saved inputs with grad_output applied.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops._attention_inputs import recompute_units, save_inputs, scaled_unit_grad
+from kdfast.ops import _attention_inputs as _grads
 
 OP = "hidden_loss"
 KINDS = {"mse": 0, "cosine": 1}
@@ -91,59 +94,33 @@ def hidden_loss_reference(student_hidden, teacher_hidden, proj_weight=None, proj
 
 # --------------------------------------------------------------------------
 # Custom op: loss sum over valid rows and (when compute_grad) the gradients
-# of that sum for h_s, weight, bias (float32; empty when not computed).
+# of that sum for h_s, weight, bias (float32 units; with grad_weight, times it in
+# the inputs' dtypes; empty when not computed).
 # --------------------------------------------------------------------------
 @torch.library.custom_op("kdfast::hidden_loss_fwd", mutates_args=())
 def _fwd(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-         mask: torch.Tensor, kind: int, eps: float, compute_grad: bool, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run(OP, h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend=backend or None)
+         mask: torch.Tensor, kind: int, eps: float, compute_grad: bool, grad_weight: torch.Tensor | None,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run(OP, h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight,
+                        backend=backend or None)
 
 
 @_fwd.register_fake
-def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, backend):
-    f = dict(dtype=torch.float32)
-    loss = h_s.new_empty((), **f)
-    dh = h_s.new_empty(h_s.shape if compute_grad else (0,), **f)
-    dw = h_s.new_empty(weight.shape if compute_grad and weight is not None else (0,), **f)
-    db = h_s.new_empty(bias.shape if compute_grad and bias is not None else (0,), **f)
-    return loss, dh, dw, db
+def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight, backend):
+    def grad_like(x):
+        if not compute_grad or x is None:
+            return h_s.new_empty((0,), dtype=torch.float32)
+        return x.new_empty(x.shape, dtype=_grads.grad_dtype(x, grad_weight))
+
+    return h_s.new_empty((), dtype=torch.float32), grad_like(h_s), grad_like(weight), grad_like(bias)
 
 
-def _setup_context(ctx, inputs, output):
-    h_s, _, weight, bias = inputs[:4]
-    ctx.mark_non_differentiable(*output[1:])
-    # No zero-filled gradients for the non-differentiable outputs (autograd's default would allocate them).
-    ctx.set_materialize_grads(False)
-    # Attributes, not saved tensors: scaled in place in the first backward (one buffer per gradient).
-    ctx.units = list(output[1:])
-    ctx.dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-    ctx.compute_grad = inputs[7]
-    save_inputs(ctx, inputs)  # for a second backward, which recomputes
-
-
-def _backward(ctx, grad, *_):
-    out = [None] * 9
-    if not (ctx.compute_grad and grad is not None and any(ctx.needs_input_grad[i] for i in (0, 2, 3))):
-        ctx.units = None
-        return tuple(out)
-    if ctx.units is None:  # a second backward (retain_graph=True): rerun the forward with gradients
-        units = recompute_units(ctx, _fwd, 7, 3)
-    else:
-        units, ctx.units = ctx.units, None
-    g = grad.float()
-    for i, unit, dt in ((0, units[0], ctx.dtypes[0]), (2, units[1], ctx.dtypes[1]), (3, units[2], ctx.dtypes[2])):
-        if ctx.needs_input_grad[i]:
-            out[i] = scaled_unit_grad(unit, g, dt)
-    # The teacher is a constant: h_t gets no gradient.
-    return tuple(out)
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Gradients for h_s, weight, bias (inputs 0, 2, 3); the teacher h_t is a constant.
+_grads.register_unit_grad_autograd(_fwd, grad_inputs=(0, 2, 3), grad_flag=7)
 
 
 @backends.register(OP, "reference")
-def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
     """Whole-tensor PyTorch with the gradient written out (row gradient gy = d row / d y)."""
     acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
     y = _project(h_s, weight, bias, acc)
@@ -165,10 +142,13 @@ def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
     empty = h_s.new_empty((0,), dtype=torch.float32)
     if not compute_grad:
         return loss, empty, empty.clone(), empty.clone()
+    if grad_weight is not None:
+        gy = gy * grad_weight.to(acc)
     dh = gy @ weight.to(acc) if weight is not None else gy
     dw = gy.t() @ h_s.to(acc) if weight is not None else empty
     db = gy.sum(0) if bias is not None else empty.clone()
-    return loss, dh.float(), dw.float(), db.float()
+    return (loss, *(g.to(_grads.grad_dtype(x, grad_weight)) if x is not None else g.float()
+                    for g, x in ((dh, h_s), (dw, weight), (db, bias))))
 
 
 def _kernel_check(h_s, h_t, weight, bias, *rest):
@@ -180,14 +160,14 @@ def _kernel_check(h_s, h_t, weight, bias, *rest):
 
 
 @backends.register(OP, "cpu", check=_kernel_check, kernel="hidden_loss_fwd")
-def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
-    return torch.ops.kdfast_C.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
+def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
+    return torch.ops.kdfast_C.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
 
 
 @backends.register(OP, "triton", check=_kernel_check)
-def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad):
+def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
     from kdfast.kernels.triton import layer_kd as k
-    return k.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad)
+    return k.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
 
 
 backends.set_gpu_order(OP, ("triton",))
@@ -198,10 +178,10 @@ def _hidden_loss(h_s, h_t, weight, bias, mask, kind, eps, fn):
     Ds, Dt = h_s.shape[-1], h_t.shape[-1]
     hs2, ht2 = h_s.reshape(-1, Ds), h_t.reshape(-1, Dt)
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, hs2, ht2, weight, bias).backend
-    want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h_s, weight, bias))
-    loss, _, _, _ = _fwd(hs2, ht2, weight, bias, m, KINDS[kind], float(eps), want, backend)
-    count = m.sum() * (Dt if kind == "mse" else 1)
-    return loss / count.clamp(min=1)
+    count = (m.sum() * (Dt if kind == "mse" else 1)).clamp(min=1)
+    grad = _grads.forward_grads((h_s, weight, bias), count)
+    loss, _, _, _ = _fwd(hs2, ht2, weight, bias, m, KINDS[kind], float(eps), *grad, backend)
+    return loss / count
 
 
 def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None):
@@ -217,8 +197,10 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
 
     Returns float32 0-d: sum of squared errors over valid tokens / (n_valid * D_t); 0 if none.
 
-    The gradients are computed in the forward; the first backward only scales them. A second
-    backward through the same graph (retain_graph=True) recomputes them from the saved inputs.
+    The gradients are computed in the forward; the first backward only scales them (float32),
+    or hands them over in the inputs' dtypes (16-bit on the CPU, grad_output 1; other
+    grad_outputs recompute them with grad_output applied). A second backward through the same
+    graph (retain_graph=True) recomputes them from the saved inputs.
 
     Equivalent PyTorch::
 

@@ -108,10 +108,15 @@ def test_opcheck(backend):
     W.requires_grad_()
     b.requires_grad_()
     m = mask.reshape(-1).float()
+    w = torch.tensor(0.37)
+    hb = hs.detach().bfloat16().requires_grad_()
     for kind in (0, 1):
         for grad in (True, False):
-            torch.library.opcheck(_fwd, (hs, ht, W, b, m, kind, 1e-8, grad, backend))
-        torch.library.opcheck(_fwd, (hs, ht[:, :4].contiguous(), None, None, m, kind, 1e-8, True, backend))
+            torch.library.opcheck(_fwd, (hs, ht, W, b, m, kind, 1e-8, grad, None, backend))
+        torch.library.opcheck(_fwd, (hs, ht[:, :4].contiguous(), None, None, m, kind, 1e-8, True, None, backend))
+        # Weighted gradients, each in its input's dtype (bf16 h_s, float32 W and b).
+        torch.library.opcheck(_fwd, (hs, ht, W, b, m, kind, 1e-8, True, w, backend))
+        torch.library.opcheck(_fwd, (hb, ht, W, b, m, kind, 1e-8, True, w, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -152,3 +157,36 @@ def test_second_backward_recomputes(backend, kind):
         out.backward(retain_graph=True)
         out.backward()
     assert_close_to_oracle(leaves[0].grad, 2 * o_grads[0], 2 * r_grads[0], torch.float32, what="accumulated")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_grad_output_one(backend, kind, dtype):
+    # grad_output 1: on the CPU the gradients the forward wrote (in the inputs' dtype) are the result;
+    # the other tests use grad_output 1.7, which recomputes them with 1.7 applied in the kernel.
+    _check(kind, backend, dtype, *_inputs(B=3, L=37 if backend == "triton" else 97), gscale=1.0)
+
+
+def _big_allocations(fn, nbytes):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_bf16_no_float32_copies(kind):
+    # bf16 hidden states: the CPU kernel converts block by block and writes dh in bf16; no buffer of the
+    # size of a float32 copy of h_s or h_t exists, and loss.backward() allocates nothing of dh's size.
+    hs, ht, W, b, mask = (x.bfloat16() if x.is_floating_point() else x for x in _inputs(B=4, L=384, Ds=96, Dt=96))
+    hs.requires_grad_()
+    low = hs.numel() * 2
+    with kdfast.use_backend("cpu"):
+        fn = FNS[kind]
+        assert _big_allocations(lambda: fn(hs, ht, W, b, mask).backward(), low) == 1  # dh, bf16
+        hs.grad = None
+        assert _big_allocations(lambda: fn(hs, ht, W, b, mask).mul(1.7).backward(), 2 * low) == 0
+        loss = fn(hs, ht, W, b, mask)
+        assert _big_allocations(loss.backward, low) == 0
+    assert hs.grad.dtype == torch.bfloat16

@@ -351,8 +351,9 @@ def _hidden_epilogue_kernel(Y, T, MASK, ROWS, DT: tl.constexpr, st, eps, KIND: t
         tl.store(ROWS + r, tl.where(keep, 1.0 - cos, 0.0))
 
 
-def hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, block_d=128):
-    """Loss sum over valid rows and optional float32 unit gradients (dh_s, dW, db), like the CPU kernel."""
+def hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight=None, block_d=128):
+    """Loss sum over valid rows and optional gradients (dh_s, dW, db), like the CPU kernel: float32 unit
+    gradients, or grad_weight (0-d) times them in the inputs' dtypes."""
     N, Dt = h_t.shape
     dev = h_s.device
     empty = torch.empty(0, dtype=torch.float32, device=dev)
@@ -372,7 +373,12 @@ def hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, block
     if not compute_grad:
         return loss, empty, empty.clone(), empty.clone()
     gy = y  # the epilogue left d(loss)/dy in place
+    if grad_weight is not None:
+        gy.mul_(grad_weight.float())
     dh = gy @ w if weight is not None else gy
     dw = gy.t() @ hs if weight is not None else empty
     db = gy.sum(0) if bias is not None else empty.clone()
-    return loss, dh, dw, db
+    if grad_weight is None:
+        return loss, dh, dw, db
+    return (loss, dh.to(h_s.dtype), dw.to(weight.dtype) if weight is not None else dw,
+            db.to(bias.dtype) if bias is not None else db)
