@@ -64,9 +64,12 @@ def forward_grads(students, count, shape=()):
     - float32 students: float32 unit gradients from the forward, scaled in place by the
       backward: (True, None).
     - 16-bit CPU students: the forward writes the gradient of the mean itself in the
-      students' dtype (grad_weight = 1 / count for every head); the backward hands it
-      over when grad_output is exactly 1 (``loss.backward()``, or a weight of 1.0) and
-      otherwise recomputes it with grad_output applied in the kernel (one rounding).
+      students' dtype (grad_weight = 1 / count for every head, > 0); the backward hands
+      it over when grad_output is exactly 1 (``loss.backward()``, or a weight of 1.0)
+      and otherwise multiplies it by grad_output in place: one more rounding (at most
+      1 ulp of the 16-bit result instead of 0.5), no recompute (bf16 attention_kl, B=32,
+      L=384, fwd+bwd at grad_output 0.5, 2-core EPYC: recomputing 259 ms, scaling in
+      place 135 ms; 145 ms at grad_output 1).
     - 16-bit students elsewhere (CUDA: comparing grad_output would be a host sync; under
       torch.compile): the backward computes the gradient: (False, None).
 
@@ -99,11 +102,12 @@ def pair_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_unit_grad(unit: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad = g * unit in ``dtype`` (g broadcast over unit's trailing dims); in place for float32 outside
-    tracing (unit is a private buffer)."""
+    """grad = g * unit in ``dtype`` (g broadcast over unit's trailing dims); in place when unit already
+    has that dtype, outside tracing (unit is a private buffer; a 16-bit unit is multiplied in float32
+    and rounded once more)."""
     g = g.float().reshape(tuple(g.shape) + (1,) * (unit.dim() - g.dim()))
     # type() check: under tracing (aot_autograd, fake tensors) units are tensor subclasses; stay functional there.
-    if dtype == torch.float32 and type(unit) is torch.Tensor and not torch.compiler.is_compiling() \
+    if unit.dtype == dtype and type(unit) is torch.Tensor and not torch.compiler.is_compiling() \
             and not unit.requires_grad:
         return unit.mul_(g)
     return (g * unit).to(dtype)
@@ -164,6 +168,23 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _rescale_held(h: torch.Tensor, ratio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """h * ratio (ratio: one factor per loss entry, h's leading dims), in place in h's 16-bit dtype.
+
+    A Python-number factor keeps the in-place multiply in h's dtype (float32 arithmetic, one
+    rounding, no temporary); a float32 tensor factor would make TensorIterator allocate a float32
+    copy of h. The ratio is one number in the public functions (grad_output); otherwise head by head.
+    """
+    if type(h) is not torch.Tensor or torch.compiler.is_compiling() or h.dtype != dtype:
+        return scaled_unit_grad(h, ratio, dtype)
+    r = ratio.reshape(-1)
+    if bool((r == r[0]).all()):
+        return h.mul_(float(r[0]))
+    for part, f in zip(h.view(r.numel(), -1), r.tolist()):
+        part.mul_(f)
+    return h
+
+
 def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
     """Autograd of an op returning (loss, d(sum loss)/d input grad_inputs[0], ..., one per grad_inputs):
     the loss is [B, H] for the attention losses, 0-d for the hidden loss.
@@ -173,10 +194,11 @@ def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
     scales them by grad_output, in place, so a step's peak holds one gradient buffer per
     input instead of two. With a grad_weight (16-bit CPU students) the forward wrote
     weighted gradients in the inputs' dtype; the backward returns them when grad_output
-    equals that weight. Otherwise (16-bit students, grad_output not the forward's
-    weight), and in a later backward through the same graph (retain_graph=True), the
-    backward reruns the op on the saved inputs with grad_weight = grad_output: the
-    kernel writes the final gradients in the inputs' dtype. The teacher gets no
+    equals that weight, else scales them in place by grad_output / weight. Otherwise
+    (16-bit students off the CPU), and in a later backward through the same graph
+    (retain_graph=True), the backward reruns the op on the saved inputs with
+    grad_weight = grad_output: the kernel writes the final gradients in the inputs'
+    dtype (one rounding). The teacher gets no
     gradient. ``grad_flag`` is the index of the op's compute_grad argument;
     grad_weight follows it.
     """
@@ -203,10 +225,13 @@ def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
         if grad_bh is None or not any(wanted):
             ctx.units = None
             return tuple(grads)
-        if held is not None and _same_values(grad_bh, weight):  # the forward's weights were grad_output's
-            computed = held
-        elif ctx.units is None:  # 16-bit students, or a second backward: the kernel applies grad_bh
-            del held  # freed before the recompute allocates the new gradients
+        if held is not None:
+            if _same_values(grad_bh, weight):  # grad_output 1: the forward's gradients as they are
+                computed = held
+            else:  # in place, by grad_output (weight > 0: forward_grads' 1 / count)
+                ratio = grad_bh.float() / weight
+                computed = [_rescale_held(h, ratio, dt) if w else None for h, dt, w in zip(held, ctx.dtypes, wanted)]
+        elif ctx.units is None:  # 16-bit students off the CPU, or a second backward: the kernel applies grad_bh
             computed = weighted_grads(ctx, op, grad_flag, n_grads, grad_bh)
         else:
             units, ctx.units = ctx.units, None

@@ -116,8 +116,8 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     float32 students: the gradient is computed in the forward and the first backward only
     scales it. 16-bit students: the gradient is written in the students' dtype, never as a
     float32 copy; on the CPU by the forward, handed over as it is when grad_output is 1 and
-    recomputed with grad_output applied otherwise (one rounding either way); on a GPU by
-    the backward. A second backward through the same graph (retain_graph=True) recomputes it from
+    multiplied by grad_output in place otherwise (one more rounding); on a GPU by the
+    backward. A second backward through the same graph (retain_graph=True) recomputes it from
     the saved inputs.
 
     Equivalent PyTorch (materialising)::

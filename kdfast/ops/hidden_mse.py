@@ -198,9 +198,9 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
     Returns float32 0-d: sum of squared errors over valid tokens / (n_valid * D_t); 0 if none.
 
     The gradients are computed in the forward; the first backward only scales them (float32),
-    or hands them over in the inputs' dtypes (16-bit on the CPU, grad_output 1; other
-    grad_outputs recompute them with grad_output applied). A second backward through the same
-    graph (retain_graph=True) recomputes them from the saved inputs.
+    or hands them over in the inputs' dtypes (16-bit on the CPU; other grad_outputs than 1
+    multiply them in place, one more rounding). A second backward through the same graph
+    (retain_graph=True) recomputes them from the saved inputs.
 
     Equivalent PyTorch::
 

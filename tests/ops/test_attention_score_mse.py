@@ -99,10 +99,11 @@ def test_opcheck(backend):
     k_s.requires_grad_()
     for grad in (True, False):
         torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, grad, None, backend))
+    # Weighted gradients in the inputs' dtype, without autograd (see test_attention_kl.test_opcheck).
     w = torch.rand(2, 2) + 0.5
-    torch.library.opcheck(_fwd, (q_s, k_s, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
-    qb, kb = q_s.detach().bfloat16().requires_grad_(), k_s.detach().bfloat16().requires_grad_()
-    torch.library.opcheck(_fwd, (qb, kb, q_t, k_t, mask, 0.5, 0.35, True, w, backend))
+    for dt in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(_fwd, (q_s.detach().to(dt), k_s.detach().to(dt), q_t, k_t, mask, 0.5, 0.35, True, w,
+                                     backend))
 
 
 def test_torch_compile_fullgraph():

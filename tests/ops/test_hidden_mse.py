@@ -109,14 +109,15 @@ def test_opcheck(backend):
     b.requires_grad_()
     m = mask.reshape(-1).float()
     w = torch.tensor(0.37)
-    hb = hs.detach().bfloat16().requires_grad_()
+    hb = hs.detach().bfloat16()
     for kind in (0, 1):
         for grad in (True, False):
             torch.library.opcheck(_fwd, (hs, ht, W, b, m, kind, 1e-8, grad, None, backend))
         torch.library.opcheck(_fwd, (hs, ht[:, :4].contiguous(), None, None, m, kind, 1e-8, True, None, backend))
-        # Weighted gradients, each in its input's dtype (bf16 h_s, float32 W and b).
-        torch.library.opcheck(_fwd, (hs, ht, W, b, m, kind, 1e-8, True, w, backend))
-        torch.library.opcheck(_fwd, (hb, ht, W, b, m, kind, 1e-8, True, w, backend))
+        # Weighted gradients, each in its input's dtype (bf16 h_s, float32 W and b), without autograd
+        # (see test_attention_kl.test_opcheck).
+        torch.library.opcheck(_fwd, (hs.detach(), ht, W.detach(), b.detach(), m, kind, 1e-8, True, w, backend))
+        torch.library.opcheck(_fwd, (hb, ht, W.detach(), b.detach(), m, kind, 1e-8, True, w, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -164,7 +165,7 @@ def test_second_backward_recomputes(backend, kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_grad_output_one(backend, kind, dtype):
     # grad_output 1: on the CPU the gradients the forward wrote (in the inputs' dtype) are the result;
-    # the other tests use grad_output 1.7, which recomputes them with 1.7 applied in the kernel.
+    # the other tests use grad_output 1.7, which scales them in place.
     _check(kind, backend, dtype, *_inputs(B=3, L=37 if backend == "triton" else 97), gscale=1.0)
 
 
@@ -187,6 +188,7 @@ def test_bf16_no_float32_copies(kind):
         assert _big_allocations(lambda: fn(hs, ht, W, b, mask).backward(), low) == 1  # dh, bf16
         hs.grad = None
         assert _big_allocations(lambda: fn(hs, ht, W, b, mask).mul(1.7).backward(), 2 * low) == 0
-        loss = fn(hs, ht, W, b, mask)
-        assert _big_allocations(loss.backward, low) == 0
+        for g in (1.0, 1.7):
+            loss = fn(hs, ht, W, b, mask)
+            assert _big_allocations(lambda: loss.backward(torch.tensor(g)), low) == 0
     assert hs.grad.dtype == torch.bfloat16
