@@ -239,8 +239,40 @@ def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
 
 
 # The CPU backward recomputes probabilities with ATen matmuls (the reference
-# backward): training on the CPU is not the target of the compiled kernel.
-backends.register("attention_bwd", "cpu", check=_kernel_check, kernel="attention_fwd")(_bwd_reference)
+# backward), a few examples at a time: its [b, H, Lq, Lk] maps (scores,
+# probabilities, their gradient and the masks, ~6 live at once) stay near
+# CPU_BWD_CHUNK_BYTES each instead of B times one example's. Training on the
+# CPU is not the target of the compiled kernel, but its peak memory counts
+# (B=8, L=384, H=12: one map is 57 MB, a chunk of 2 examples 14 MB).
+CPU_BWD_CHUNK_BYTES = 16 << 20
+
+
+@backends.register("attention_bwd", "cpu", check=_kernel_check, kernel="attention_fwd")
+def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+    B, H, Lq, _ = q.shape
+    per = max(1, CPU_BWD_CHUNK_BYTES // max(1, H * Lq * k.shape[2] * 4))
+    if per >= B:
+        return _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    per_example_gates = gates is not None and gates.dim() == 2
+    dg = q.new_empty((0,))
+    if gates is not None:
+        dg = torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
+    for b0 in range(0, B, per):
+        sl = slice(b0, min(B, b0 + per))
+
+        def cut(x, batched=True):  # the examples of this chunk; per-batch tensors only
+            return x[sl] if x is not None and batched and x.numel() else x
+
+        dq_c, dk_c, dv_c, dg_c = _bwd_reference(
+            grad_out[sl], q[sl], k[sl], v[sl], out[sl], cut(ung), lse[sl], cut(mask), cut(gates, per_example_gates),
+            active, cut(bm, bm is not None and bm.shape[0] == B > 1), bs, scale, zpq)
+        dq[sl], dk[sl], dv[sl] = dq_c, dk_c, dv_c
+        if per_example_gates:
+            dg[sl] = dg_c
+        elif gates is not None:
+            dg += dg_c
+    return dq, dk, dv, dg
 
 
 def _triton_check(q, k, v, mask, gates, active, bm, bs, *rest):
