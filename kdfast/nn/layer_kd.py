@@ -2,7 +2,7 @@
 
     layer_kd = LayerKD(student.config, teacher.config, mapping="uniform",
                        losses={"embedding": 1.0, "hidden": 1.0, "attention_score": 1.0})
-    with kdfast.hf.capture(student) as cs, kdfast.hf.capture(teacher) as ct:
+    with kdfast.hf.capture(student) as cs, kdfast.hf.capture(teacher, **layer_kd.capture_args("teacher")) as ct:
         s_out = student(**batch, output_hidden_states=True)
         with torch.no_grad():
             t_out = teacher(**batch, output_hidden_states=True)
@@ -148,7 +148,34 @@ class LayerKD(nn.Module):
     def _layer(seq, i, what, count):
         if len(seq) < count:
             raise ValueError(f"LayerKD: {what} has {len(seq)} entries, the configuration needs {count}")
+        if seq[i] is None:
+            raise ValueError(f"LayerKD: {what}[{i}] is None (a capture that did not keep this layer); capture with "
+                             "layers= and keep= from LayerKD.capture_args")
         return seq[i]
+
+    @staticmethod
+    def _part(x, name, what, i):
+        if x is None:
+            raise ValueError(f"LayerKD: {what}[{i}] has no {name} (a capture without {name!r} in keep=); capture "
+                             "with LayerKD.capture_args")
+        return x
+
+    def capture_args(self, side: str) -> dict:
+        """``layers=`` and ``keep=`` for ``kdfast.hf.capture`` of the ``"student"`` or ``"teacher"``:
+        the 0-based layers the mapping uses and the tensors the attention terms read (q and k for
+        attention_score / attention_kl, v for value_relation).
+
+            with capture(teacher, **layer_kd.capture_args("teacher")) as ct: ...
+        """
+        if side not in ("student", "teacher"):
+            raise ValueError(f"LayerKD.capture_args: side must be 'student' or 'teacher', got {side!r}")
+        keep = ""
+        if {"attention_score", "attention_kl"} & set(self.losses):
+            keep += "qk"
+        if "value_relation" in self.losses:
+            keep += "v"
+        layers = sorted({(s if side == "student" else t) - 1 for s, t in self.pairs})
+        return {"layers": layers if keep else [], "keep": keep or "q"}
 
     def forward(self, student_hidden_states=None, teacher_hidden_states=None, student_qkv=None, teacher_qkv=None,
                 attention_mask=None):
@@ -181,13 +208,18 @@ class LayerKD(nn.Module):
             for s, t in self.pairs:
                 q_s, k_s, v_s = self._layer(qs, s - 1, "student_qkv", L_s)
                 q_t, k_t, v_t = self._layer(qt, t - 1, "teacher_qkv", L_t)
-                q_t, k_t, v_t = q_t.detach(), k_t.detach(), v_t.detach()
-                if name == "attention_score":
-                    total = total + attention_score_mse(q_s, k_s, q_t, k_t, mask)
-                elif name == "attention_kl":
-                    total = total + attention_kl(q_s, k_s, q_t, k_t, mask)
-                else:
+                if name == "value_relation":
+                    v_s = self._part(v_s, "v", "student_qkv", s - 1)
+                    v_t = self._part(v_t, "v", "teacher_qkv", t - 1).detach()
                     total = total + attention_kl(v_s, v_s, v_t, v_t, mask)
+                    continue
+                parts = [self._part(x, n, w, i) for x, n, w, i in ((q_s, "q", "student_qkv", s - 1),
+                                                                    (k_s, "k", "student_qkv", s - 1),
+                                                                    (q_t, "q", "teacher_qkv", t - 1),
+                                                                    (k_t, "k", "teacher_qkv", t - 1))]
+                q_s, k_s, q_t, k_t = parts[0], parts[1], parts[2].detach(), parts[3].detach()
+                fn = attention_score_mse if name == "attention_score" else attention_kl
+                total = total + fn(q_s, k_s, q_t, k_t, mask)
             terms[name] = total
         total = sum(self.losses[n] * v for n, v in terms.items())
         if not terms:

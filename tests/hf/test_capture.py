@@ -134,3 +134,42 @@ def test_layer_kd_on_capture_equals_eager_output_attentions():
     eager_total.backward()
     g_eager = se.bert.encoder.layer[0].attention.self.query.weight.grad
     torch.testing.assert_close(g_fast, g_eager, rtol=1e-3, atol=1e-5)
+
+
+def test_capture_keeps_only_the_layers_and_tensors_asked_for():
+    ids, am = _batch()
+    weights = {"hidden": 1.0, "attention_kl": 1.0, "attention_score": 0.5}
+    kd = LayerKD(BertConfig(**STUDENT), BertConfig(**TEACHER), mapping="uniform", losses=weights)
+    args = kd.capture_args("teacher")
+    assert args == {"layers": [1, 3], "keep": "qk"}
+    assert kd.capture_args("student") == {"layers": [0, 1], "keep": "qk"}
+    s, t = _model("kdfast", 0, **STUDENT), _model("kdfast", 1, **TEACHER)
+    totals = []
+    for targs in ({}, args):
+        with capture(s) as cs, capture(t, **targs) as ct:
+            s_out = s(input_ids=ids, attention_mask=am, output_hidden_states=True)
+            with torch.no_grad():
+                t_out = t(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        totals.append(kd(s_out.hidden_states, t_out.hidden_states, cs.layers, ct.layers, attention_mask=am)[0])
+    torch.testing.assert_close(totals[0], totals[1], rtol=0, atol=0)
+    # One position per layer; unused layers and v are not kept.
+    assert len(ct.layers) == TEACHER["num_hidden_layers"]
+    assert ct.layers[0] is None and ct.layers[2] is None
+    q, k, v = ct.layers[1]
+    assert q is not None and k is not None and v is None
+    # value_relation needs v: a clear error, and capture_args asks for it.
+    kv = LayerKD(BertConfig(**STUDENT), BertConfig(**TEACHER), losses={"value_relation": 1.0})
+    with pytest.raises(ValueError, match="has no v"):
+        kv(None, None, cs.layers, ct.layers, attention_mask=am)
+    assert kv.capture_args("teacher")["keep"] == "v"
+    short = LayerKD(BertConfig(**STUDENT), BertConfig(**TEACHER), mapping=[1, 3], losses={"attention_kl": 1.0})
+    with pytest.raises(ValueError, match="did not keep this layer"):
+        short(None, None, cs.layers, ct.layers, attention_mask=am)  # teacher layer 1 (index 0) was dropped
+    with pytest.raises(ValueError, match="keep must name"):
+        capture(t, keep="qx")
+    with pytest.raises(ValueError, match="0-based"):
+        capture(t, layers=[-1])
+    with pytest.raises(TypeError, match="iterable of 0-based"):
+        capture(t, layers=3)
+    with pytest.raises(ValueError, match="side must be"):
+        kd.capture_args("both")
