@@ -99,6 +99,7 @@ def main(argv=None):
     ap.add_argument("--student-layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (providers interleaved in each round)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="B=2, 4-layer teacher, 2-layer student, 1 rep (make demo)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -109,10 +110,13 @@ def main(argv=None):
     kd = LayerKD(cfg_s, cfg_t, mapping="uniform", losses=LOSSES)
     ids, am, lengths = padded_batch(a.batch, a.length, seed=a.batch)
     ids = ids % cfg_s.vocab_size  # padded_batch draws BERT-base token ids; this vocabulary is smaller
+    ids, am = ids.to(a.device), am.to(a.device)
     fast_s, fast_t = models(cfg_s, cfg_t, "kdfast")
     eager_s, eager_t = models(cfg_s, cfg_t, "eager")
     eager_s.load_state_dict(fast_s.state_dict())
     eager_t.load_state_dict(fast_t.state_dict())
+    for m in (fast_s, fast_t, eager_s, eager_t, kd):
+        m.to(a.device)
 
     # Same computation: the totals and one student gradient agree before anything is timed.
     totals, grads = [], []
@@ -128,7 +132,7 @@ def main(argv=None):
         for m in (fast_s, eager_s, kd):
             m.zero_grad(set_to_none=True)
 
-    bench = Bench("layer_kd_hf")
+    bench = Bench("layer_kd_hf", device=a.device)
     cfg = (f"student {a.student_layers}x384 teacher {a.teacher_layers}x768 H12 valid="
            f"{sum(lengths) / (a.batch * a.length):.0%} fp32")
     fns = {"kdfast": lambda: kdfast_step(fast_s, fast_t, kd, ids, am).backward(),

@@ -24,6 +24,7 @@ FAMILIES = {
     "kd_loss": ["--quick"],
     "fused_linear_kd": ["--quick"],
     "layer_kd": ["--quick"],
+    "layer_kd_hf": ["--quick"],
     "pruning": ["--quick"],
     "ternary": ["--quick"],
 }
