@@ -148,11 +148,6 @@ def _rerun(ctx, op, set_args):
         return op(*args)
 
 
-def recompute_units(ctx, op, grad_flag: int, n_units: int):
-    """Unit gradients for a backward after the first: rerun the forward op with gradients on."""
-    return list(_rerun(ctx, op, {grad_flag: True})[1:1 + n_units])
-
-
 def weighted_grads(ctx, op, grad_flag: int, n_grads: int, grad_out):
     """Gradients grad_out * d loss / d input (per loss entry) in the inputs' dtypes: rerun the op
     on the saved inputs with compute_grad and grad_weight = grad_out."""
@@ -162,7 +157,7 @@ def weighted_grads(ctx, op, grad_flag: int, n_grads: int, grad_out):
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equal, in eager mode only: under tracing (fake tensors) the answer would be data-dependent,
-    so there it is False and the backward recomputes."""
+    so there it is False and the backward takes the (functional) rescaling path."""
     if torch.compiler.is_compiling() or type(a) is not torch.Tensor or type(b) is not torch.Tensor:
         return False
     return torch.equal(a, b)
@@ -198,9 +193,8 @@ def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
     (16-bit students off the CPU), and in a later backward through the same graph
     (retain_graph=True), the backward reruns the op on the saved inputs with
     grad_weight = grad_output: the kernel writes the final gradients in the inputs'
-    dtype (one rounding). The teacher gets no
-    gradient. ``grad_flag`` is the index of the op's compute_grad argument;
-    grad_weight follows it.
+    dtype (one rounding). The teacher gets no gradient. ``grad_flag`` is the index of
+    the op's compute_grad argument; grad_weight follows it.
     """
 
     n_grads = len(grad_inputs)
@@ -230,8 +224,9 @@ def register_unit_grad_autograd(op, *, grad_inputs=(0, 1), grad_flag: int = 7):
                 computed = held
             else:  # in place, by grad_output (weight > 0: forward_grads' 1 / count)
                 ratio = grad_bh.float() / weight
-                computed = [_rescale_held(h, ratio, dt) if w else None for h, dt, w in zip(held, ctx.dtypes, wanted)]
-        elif ctx.units is None:  # 16-bit students off the CPU, or a second backward: the kernel applies grad_bh
+                computed = [_rescale_held(h, ratio, dt) if w else None
+                            for h, dt, w in zip(held, ctx.dtypes, wanted)]
+        elif ctx.units is None:  # 16-bit students off the CPU, or a second backward: the kernel applies it
             computed = weighted_grads(ctx, op, grad_flag, n_grads, grad_bh)
         else:
             units, ctx.units = ctx.units, None
