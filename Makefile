@@ -1,5 +1,6 @@
 # kdfast: two commands do all the set-up.
-#   make demo   create the environment, build kdfast._C, run the main job
+#   make demo   create the environment, build kdfast._C, run the main job (kdfast demo:
+#               the QA distillation recipe on built-in data; DEMO_ARGS=--fresh starts over)
 #   make test   same set-up, then every test tier (prints which ran / skipped)
 #
 # Variables: TORCH_SPEC (torch to install when the environment lacks one),
@@ -15,7 +16,7 @@ else
 PY := $(abspath $(VENV))/bin/python
 endif
 
-.PHONY: env build demo test test-fast bench plot gpu-check info clean
+.PHONY: env build demo test test-fast bench bench-quick plot gpu-check info clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,14 +39,20 @@ build: env
 	  { tail -n 60 build/build.log; echo "kdfast._C build failed: see build/build.log"; exit 1; }
 	@$(PY) -m kdfast.info --short
 
+DEMO_OUT ?= demo-output
+DEMO_ARGS ?=
 demo: build
-	$(PY) -m kdfast.demo
+	$(PY) -m kdfast demo --output_dir $(DEMO_OUT) $(DEMO_ARGS)
 
 test: build
 	$(PY) -m pytest tests -q -rs -p no:cacheprovider
 
 bench: build
 	$(PY) bench/run_all.py
+
+# The kernel benchmarks at small sizes (what make demo ran before the QA pipeline).
+bench-quick: build
+	$(PY) bench/run_all.py --quick
 
 plot: env
 	$(PY) bench/plot.py
@@ -60,4 +67,4 @@ info: build
 	$(PY) -m kdfast.info
 
 clean:
-	rm -rf build kdfast/_C*.so kdfast/_build_info.json *.egg-info
+	rm -rf build kdfast/_C*.so kdfast/_build_info.json *.egg-info demo-output

@@ -1,0 +1,6 @@
+"""``python -m kdfast <command>``: see ``kdfast --help``."""
+import sys
+
+from kdfast.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""QA distillation: ``DistillationTrainer`` (a ``transformers.Trainer``), the teacher cache,
+student initialisation, the compression recipe and model save/load.
+
+    from kdfast.distill import DistillationTrainer, DistillConfig, TeacherCache, run_recipe
+
+Names are imported lazily (transformers is only loaded when one is used).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DistillationTrainer": "trainer", "DistillConfig": "trainer", "parse_layer_losses": "trainer",
+    "TeacherCache": "teacher_cache", "DistillCollator": "collate", "span_mask": "collate",
+    "parse_student_layers": "student", "student_from_teacher": "student", "student_from_config": "student",
+    "check_compatible": "student",
+    "TrainOptions": "stage", "train_stage": "stage",
+    "RecipeConfig": "recipe", "run_recipe": "recipe", "measure_row": "recipe",
+    "load_qa_model": "models", "load_tokenizer": "models", "save_ternary": "models", "model_kind": "models",
+    "count_parameters": "models", "weights_size": "models", "inference_ready": "models",
+    "cpu_speed": "measure",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'kdfast.distill' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kdfast.distill.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
