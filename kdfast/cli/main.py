@@ -156,7 +156,10 @@ def _train_common(argv, prog, extra=()):
 def _finish(output_dir, model, tok, dev, data: DataArguments, trainer, name, recipe, train_n, rows=None):
     from kdfast.distill.recipe import measure_row
     from kdfast.distill.report import markdown_table, write_results, with_speedup
+    from kdfast.distill.distributed import is_main_process
     from kdfast.qa.features import eval_features
+    if not is_main_process():  # torchrun: the main process saves, measures and writes the results
+        return 0
     model.save_pretrained(output_dir)
     tok.save_pretrained(output_dir)
     dev_windows = eval_features(dev, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride)

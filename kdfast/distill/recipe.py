@@ -20,6 +20,7 @@ import json
 import math
 import os
 
+from kdfast.distill.distributed import barrier, is_main_process, main_process_first
 from kdfast.distill.models import (count_parameters, encoder_linear_weights, inference_ready, load_qa_model,
                                    save_ternary, weights_size)
 from kdfast.distill.stage import TrainOptions, train_stage
@@ -112,12 +113,13 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
     os.makedirs(cfg.output_dir, exist_ok=True)
     state = read_state(cfg.output_dir)
     teacher = load_qa_model(teacher_dir).eval()
-    windows = train_features(train_questions, tokenizer, max_seq_length=cfg.max_seq_length,
-                             doc_stride=cfg.doc_stride)
-    dev_windows = eval_features(dev_questions, tokenizer, max_seq_length=cfg.max_seq_length,
-                                doc_stride=cfg.doc_stride)
-    cache = TeacherCache.build(teacher, windows, tokenizer, os.path.join(cfg.output_dir, "teacher_cache"),
-                               top_k=cfg.teacher_top_k, progress=not cfg.train.disable_tqdm)
+    with main_process_first():  # torchrun: windows and the teacher cache are made once, then read
+        windows = train_features(train_questions, tokenizer, max_seq_length=cfg.max_seq_length,
+                                 doc_stride=cfg.doc_stride)
+        dev_windows = eval_features(dev_questions, tokenizer, max_seq_length=cfg.max_seq_length,
+                                    doc_stride=cfg.doc_stride)
+        cache = TeacherCache.build(teacher, windows, tokenizer, os.path.join(cfg.output_dir, "teacher_cache"),
+                                   top_k=cfg.teacher_top_k, progress=not cfg.train.disable_tqdm)
     windows = cache.attach(windows)
     common = dict(teacher=teacher, distill=cfg.distill)
     prev = None
@@ -141,7 +143,8 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
                 model = student_from_teacher(teacher, layers, attn_implementation=impl)
             trainer = train_stage(model, windows, tokenizer, stage_dir, cfg.train, **common)
             model = trainer.model
-            model.save_pretrained(model_dir)
+            if is_main_process():
+                model.save_pretrained(model_dir)
         elif stage == "prune":
             if prev is None:
                 raise ValueError("the prune stage needs the distil stage's model (run it first)")
@@ -155,7 +158,8 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
             if hasattr(model, "kdfast_sparsity"):
                 del model.kdfast_sparsity
             compress.compact(model)
-            compress.save_pruned(model, model_dir)
+            if is_main_process():
+                compress.save_pruned(model, model_dir)
         else:  # ternary
             if prev is None:
                 raise ValueError("the ternary stage needs a previous stage's model")
@@ -165,7 +169,13 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
                                        learning_rate=cfg.ternary_learning_rate or cfg.train.learning_rate)
             trainer = train_stage(model, windows, tokenizer, stage_dir, opts, **common)
             model = compress.freeze(trainer.model.eval())
-            save_ternary(model, model_dir)
+            if is_main_process():
+                save_ternary(model, model_dir)
+        if not is_main_process():  # the main process saves, measures and writes the state
+            barrier()
+            state = read_state(cfg.output_dir)
+            prev = model_dir
+            continue
         tokenizer.save_pretrained(model_dir)
         with torch.no_grad():
             row = measure_row(stage, load_qa_model(model_dir), model_dir, dev_questions, dev_windows, tokenizer,
@@ -178,5 +188,6 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
         write_state(cfg.output_dir, state)
         log(f"[kdfast compress] {stage}: EM {row['exact_match']:.2f} F1 {row['f1']:.2f} "
             f"({row['parameters'] / 1e6:.2f}M params, {row['size_mb']:.2f} MB)")
+        barrier()
         prev = model_dir
     return [state["done"][s] for s in STAGES if s in state["done"] and s in cfg.stages]
