@@ -92,7 +92,12 @@ class GenerateArguments:
 @dataclasses.dataclass
 class DemoArguments:
     output_dir: str = field(default="demo-output", metadata={"help": "where every stage writes its model"})
-    num_train: int = 1200
-    num_dev: int = 300
+    num_train: int = field(default=2400, metadata={"help": "generated training questions"})
+    num_dev: int = field(default=300, metadata={"help": "generated dev questions (unseen entities)"})
     seed: int = 0
+    teacher_epochs: float = 2.0
+    student_epochs: float = field(default=2.0, metadata={"help": "epochs of the no-KD baseline and of distillation"})
+    prune_epochs: float = 1.0
+    ternary_epochs: float = 1.0
+    target_sparsity: float = 0.6
     fresh: bool = field(default=False, metadata={"help": "delete output_dir first (else a rerun resumes)"})

@@ -23,6 +23,7 @@ COMMANDS = {
     "compress": "the recipe: distil -> prune -> compact -> ternary QAT, one row per stage",
     "demo": "the whole recipe on built-in data, offline: ends with the results table",
     "active": "active learning: choose which questions to label (see kdfast active --help)",
+    "active-plot": "overlay the F1-vs-labels curves of several kdfast active runs in one PNG",
 }
 
 
@@ -305,7 +306,9 @@ def cmd_compress(argv):
 def cmd_demo(argv):
     (a,) = _parser((DemoArguments,), "kdfast demo", COMMANDS["demo"]).parse_args_into_dataclasses(argv)
     from kdfast.distill.demo import run_demo
-    run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh)
+    run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh,
+             teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs, prune_epochs=a.prune_epochs,
+             ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity)
     return 0
 
 
@@ -317,8 +320,13 @@ def cmd_active(argv):
     return active_main(argv)
 
 
+def cmd_active_plot(argv):
+    from kdfast.active.cli import main_plot
+    return main_plot(argv)
+
+
 HANDLERS = {"eval": cmd_eval, "generate-data": cmd_generate, "fine-tune": cmd_fine_tune, "distill": cmd_distill,
-            "compress": cmd_compress, "demo": cmd_demo, "active": cmd_active}
+            "compress": cmd_compress, "demo": cmd_demo, "active": cmd_active, "active-plot": cmd_active_plot}
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,7 @@ class RecipeConfig:
     prune_epochs: float = 2.0
     target_sparsity: float = 0.6            # of the encoder's prunable weights (heads + FFN)
     prune_warmup: float = 0.5               # fraction of the prune stage over which the target ramps up
+    gate_learning_rate: float = 0.1         # gates and Lagrange multipliers (Adam: ~this much log_alpha per step)
     ternary_epochs: float = 1.0
     ternary_method: str = "twn"
     ternary_act_bits: int | None = 8
@@ -153,7 +154,8 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
             gates = compress.add_gates(model, heads=True, ffn=True)
             warm = int(cfg.prune_warmup * _steps(len(windows), opts, cfg.prune_epochs))
             ctl = SparsityController(cfg.target_sparsity, warmup_steps=warm)
-            trainer = train_stage(model, windows, tokenizer, stage_dir, opts, pruning=(gates, ctl), **common)
+            trainer = train_stage(model, windows, tokenizer, stage_dir, opts, pruning=(gates, ctl),
+                                  gate_learning_rate=cfg.gate_learning_rate, **common)
             model = trainer.model.eval()
             if hasattr(model, "kdfast_sparsity"):
                 del model.kdfast_sparsity

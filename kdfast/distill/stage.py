@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -42,6 +43,7 @@ class TrainOptions:
             logging_steps=self.logging_steps, save_strategy="epoch", save_total_limit=self.save_total_limit,
             eval_strategy="no", report_to=[], disable_tqdm=self.disable_tqdm,
             dataloader_num_workers=self.dataloader_num_workers,
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
             train_sampling_strategy="group_by_length" if self.group_by_length else "random",
             length_column_name="length")
         kw.update(overrides)

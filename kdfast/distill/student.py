@@ -16,8 +16,8 @@ from torch import nn
 
 def parse_student_layers(spec, num_teacher: int) -> list[int]:
     """``"3"`` -> 3 layers spread uniformly over the teacher (``i * N // k``); ``"0,2,4"`` ->
-    those 0-based teacher layers (strictly increasing). Raises ValueError for a student deeper
-    than its teacher or layers out of range."""
+    those 0-based teacher layers (strictly increasing; one layer: ``"2,"``). Raises ValueError
+    for a student deeper than its teacher or layers out of range."""
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
         k = int(spec)
         if k < 1:
@@ -27,7 +27,8 @@ def parse_student_layers(spec, num_teacher: int) -> list[int]:
                              f"the teacher ({num_teacher} layers)")
         return [i * num_teacher // k for i in range(k)]
     try:
-        layers = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+        parts = spec.split(",") if isinstance(spec, str) else spec
+        layers = [int(x) for x in parts if not (isinstance(x, str) and not x.strip())]
     except ValueError:
         raise ValueError(f"--student_layers {spec!r}: expected a layer count ('3') or 0-based teacher layers "
                          "('0,2,4')") from None
