@@ -27,7 +27,7 @@ import dataclasses
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from kdfast.distill.collate import span_mask
 from kdfast.ops.qa_kd_loss import qa_kd_loss
@@ -77,6 +77,27 @@ def parse_layer_losses(spec: str | None) -> dict | None:
     return out
 
 
+class _LayerKDSync(TrainerCallback):
+    """The LayerKD projections train outside the student (they are not saved with it), so Trainer's
+    ``model.zero_grad()`` and DDP's gradient averaging do not reach them: average their gradients
+    over processes before each optimizer step and clear them after it."""
+
+    def __init__(self, layer_kd):
+        self.layer_kd = layer_kd
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            n = dist.get_world_size()
+            for p in self.layer_kd.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(n)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.layer_kd.zero_grad(set_to_none=True)
+
+
 class DistillationTrainer(Trainer):
     """See the module docstring. Extra arguments besides ``Trainer``'s:
 
@@ -109,6 +130,7 @@ class DistillationTrainer(Trainer):
             from kdfast.nn import LayerKD
             self.layer_kd = LayerKD(self.model.config, teacher.config, mapping=self.distill.layer_mapping,
                                     losses=self.distill.layer_losses).to(self.args.device)
+            self.add_callback(_LayerKDSync(self.layer_kd))
             for m, who in ((self.model, "student"), (teacher, "teacher")):
                 impl = getattr(m.config, "_attn_implementation", None)
                 if impl != "kdfast":
@@ -217,7 +239,12 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if self._parts and "loss" in logs:
-            logs.update({k: round(s / max(n, 1), 6) for k, (s, n) in self._parts.items()})
+            keys = sorted(self._parts)
+            sums = torch.tensor([[self._parts[k][0], self._parts[k][1]] for k in keys], dtype=torch.float64,
+                                device=self.args.device)
+            if self.args.world_size > 1:  # every rank logs "loss" at the same step: the reduction is safe
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs.update({k: round(float(a / max(b, 1)), 6) for k, (a, b) in zip(keys, sums.tolist())})
             self._parts = {}
         return super().log(logs, *args, **kwargs)
 
