@@ -61,7 +61,9 @@ def quantize(model: nn.Module, method: str = "twn", act_bits: int | None = None,
     skip = tuple(skip or ())
     done = {}
     for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and not _matches(name, skip):
+        # A fully pruned sublayer (compact) keeps an empty Linear: nothing to ternarize, keep it as it is.
+        empty = type(mod) is nn.Linear and (mod.in_features == 0 or mod.out_features == 0)
+        if type(mod) is nn.Linear and not empty and not _matches(name, skip):
             new = TernaryLinear.from_linear(mod, method=method, granularity=granularity, act_bits=act_bits,
                                             qat=qat, clip=clip)
             new.train(mod.training)

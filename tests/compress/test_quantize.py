@@ -101,3 +101,31 @@ def test_hf_bert_qa_model(tmp_path):
         again = fresh(input_ids=ids)
     torch.testing.assert_close(again.start_logits, out.start_logits)
     torch.testing.assert_close(again.end_logits, out.end_logits)
+
+
+def test_fully_pruned_sublayer_is_left_alone(tmp_path):
+    """compact() leaves a zero-width Linear where a whole FFN was pruned: quantize keeps it (nothing to
+    ternarize) and quantizes the rest; the model still runs, trains (QAT) and round-trips."""
+    transformers = pytest.importorskip("transformers")
+    import kdfast.hf  # noqa: F401
+    from kdfast.compress import compact
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering._from_config(cfg, attn_implementation="kdfast").eval()
+    compact(model, ffn=[torch.zeros(128), torch.ones(128)])
+    empty = model.bert.encoder.layer[0].output.dense
+    assert empty.in_features == 0
+    quantize(model, qat=True)
+    assert type(model.bert.encoder.layer[0].output.dense) is nn.Linear
+    assert isinstance(model.bert.encoder.layer[1].output.dense, TernaryLinear)
+    ids = torch.randint(0, 100, (2, 11))
+    model.train()
+    model(input_ids=ids).start_logits.sum().backward()
+    freeze(model.eval())
+    with torch.no_grad():
+        out = model(input_ids=ids).start_logits
+    assert torch.isfinite(out).all()
+    save_quantized(model, tmp_path / "q.pt")
+    obj = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert "bert.encoder.layer.0.output.dense" not in obj["kdfast_ternary"]
