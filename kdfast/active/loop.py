@@ -461,7 +461,7 @@ class ActiveLearningLoop:
 
     def _load_student(self):
         from kdfast.distill.models import inference_ready, load_qa_model
-        return inference_ready(load_qa_model(self.state["checkpoint"]))
+        return inference_ready(load_qa_model(self.state["checkpoint"], attn_implementation="kdfast"))
 
     def _do_evaluate(self, k):
         from kdfast.qa.evaluate import evaluate_qa

@@ -237,7 +237,8 @@ def cmd_distill(argv):
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required (fine-tune a teacher with kdfast fine-tune)")
     try:
-        teacher = load_qa_model(kd.teacher_name_or_path).eval()
+        teacher = load_qa_model(kd.teacher_name_or_path,
+                                attn_implementation="kdfast" if kd.layer_losses else "sdpa").eval()
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
         cfg = DistillConfig(kd.temperature, kd.alpha, parse_layer_losses(kd.layer_losses), kd.layer_mapping)

@@ -34,7 +34,7 @@ def _log(msg):
     print(f"[kdfast demo] {msg}", flush=True)
 
 
-def run_demo(output_dir: str = "demo-output", *, num_train: int = 2400, num_dev: int = 300, seed: int = 0,
+def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev: int = 300, seed: int = 0,
              fresh: bool = False, teacher_epochs: float = 2.0, student_epochs: float = 2.0,
              prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.6,
              disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3) -> list[dict]:

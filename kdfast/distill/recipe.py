@@ -35,8 +35,8 @@ def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
     """Attention implementation to train with: ``"kdfast"`` where the step needs it (layer losses read
     q/k/v through kdfast.hf.capture; head gates act inside the kdfast attention), else ``"sdpa"``:
     kdfast's CPU attention backward is still reference math and measured slower than SDPA for
-    training (4 x 128 BERT, B=32, L=192, 2 threads: 1.12 vs 0.58 s per step). Evaluation and the
-    latency rows always use the kdfast attention with the unpadded encoder."""
+    training (4 x 128 BERT, B=16, L=216, 2 threads: 0.78 vs 0.50 s per step). Evaluation and the
+    latency rows use SDPA too (see :func:`kdfast.distill.models.load_qa_model`)."""
     return "kdfast" if gates or distill.layer_losses else "sdpa"
 STATE_FILE = "recipe_state.json"
 
@@ -113,7 +113,7 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
         raise ValueError(f"unknown recipe stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     state = read_state(cfg.output_dir)
-    teacher = load_qa_model(teacher_dir).eval()
+    teacher = load_qa_model(teacher_dir, attn_implementation=training_attention(cfg.distill)).eval()
     with main_process_first():  # torchrun: windows and the teacher cache are made once, then read
         windows = train_features(train_questions, tokenizer, max_seq_length=cfg.max_seq_length,
                                  doc_stride=cfg.doc_stride)

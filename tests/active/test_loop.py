@@ -63,7 +63,7 @@ def _loop(data, out, **kw):
 
 def _load(path):
     from kdfast.distill.models import load_qa_model
-    return load_qa_model(path)
+    return load_qa_model(path, attn_implementation="kdfast")
 
 
 # ------------------------------------------------------------------ pool scoring
@@ -368,8 +368,8 @@ def _shard_worker(rank, world_size, init_file, model_dir, teacher_dir, pool_file
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         pool = load_squad(pool_file)
-        view = score_pool(load_qa_model(model_dir), load_tokenizer(model_dir), pool.select(range(0, 24)),
-                          labeled_questions=pool.select(range(24, 29)), teacher=load_qa_model(teacher_dir),
+        view = score_pool(load_qa_model(model_dir, attn_implementation="kdfast"), load_tokenizer(model_dir), pool.select(range(0, 24)),
+                          labeled_questions=pool.select(range(24, 29)), teacher=load_qa_model(teacher_dir, attn_implementation="kdfast"),
                           strategy="disagreement", fields=("nbest", "embeddings"), max_seq_length=L_MAX,
                           doc_stride=STRIDE, progress=False)
         assert (view is None) == (rank != 0)

@@ -132,7 +132,7 @@ def teacher_dir(tmp_path_factory, tok, windows):
 def teacher(teacher_dir):
     """A fresh copy of the session teacher (eval mode, kdfast attention)."""
     from kdfast.distill.models import load_qa_model
-    return load_qa_model(teacher_dir)
+    return load_qa_model(teacher_dir, attn_implementation="kdfast")
 
 
 @pytest.fixture(scope="session")

@@ -272,7 +272,7 @@ def test_resume_gives_the_same_weights_and_restores_layer_kd(tok, teacher_dir, t
     # hidden 16 vs the teacher's 32: LayerKD has learnable projections to restore
     opts = train_options(num_train_epochs=2, save_total_limit=None)
     a = train_stage(random_student(tok, hidden_size=16, intermediate_size=32), ds, tok, str(tmp_path / "a"), opts,
-                    teacher=load_qa_model(teacher_dir), distill=kd_config(**kd))
+                    teacher=load_qa_model(teacher_dir, attn_implementation="kdfast"), distill=kd_config(**kd))
     steps = a.state.global_step
     assert steps == 4  # 16 windows, batch 8, 2 epochs
     ck = tmp_path / "a" / "checkpoints" / "checkpoint-2"
@@ -304,7 +304,7 @@ def test_resume_gives_the_same_weights_and_restores_layer_kd(tok, teacher_dir, t
 
     monkeypatch.setattr(stage_mod, "DistillationTrainer", Keep)
     b = train_stage(random_student(tok, hidden_size=16, intermediate_size=32), ds, tok, str(tmp_path / "b"),
-                    opts, teacher=load_qa_model(teacher_dir), distill=kd_config(**kd), callbacks=[Snapshot()])
+                    opts, teacher=load_qa_model(teacher_dir, attn_implementation="kdfast"), distill=kd_config(**kd), callbacks=[Snapshot()])
     assert restored["step"] == 2 and b.state.global_step == steps
     for k, v in saved.items():
         torch.testing.assert_close(restored["layer_kd"][k], v, atol=0, rtol=0)
