@@ -9,7 +9,7 @@ Names are imported lazily (``import kdfast.active`` does not load transformers).
 """
 from __future__ import annotations
 
-import importlib
+from kdfast.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "PoolView": "strategies", "Strategy": "strategies", "register": "strategies",
@@ -22,15 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kdfast.active' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kdfast.active.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
