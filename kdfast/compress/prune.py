@@ -194,13 +194,36 @@ def _ffn_hook(gates, i):
     return hook
 
 
+
+_SWITCH_WARNED = False
+
+
+def _use_kdfast_attention(model: nn.Module, impl) -> None:
+    """Head gates act inside the kdfast attention: switch ``model`` to it (said once per process)."""
+    global _SWITCH_WARNED
+    import warnings
+
+    import kdfast.hf  # noqa: F401  (registers attn_implementation="kdfast")
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ValueError(f"head gates act inside the kdfast attention, but the model uses attn_implementation="
+                         f"{impl!r} and cannot switch; build it with attn_implementation='kdfast'")
+    setter("kdfast")
+    if getattr(model.config, "_attn_implementation", None) != "kdfast":
+        raise ValueError(f"add_gates: could not switch the model from attn_implementation={impl!r} to 'kdfast'")
+    if not _SWITCH_WARNED:
+        _SWITCH_WARNED = True
+        warnings.warn(f"add_gates: head gates act inside the kdfast attention; switched the model from "
+                      f"attn_implementation={impl!r} to 'kdfast'", stacklevel=3)
+
+
 def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers: bool = False,
               hidden: bool = False, init_keep: float = 0.9) -> PruningGates:
     """Add L0 gates to a BERT-family HF model in place; returns the :class:`PruningGates`.
 
     The gates become ``model.kdfast_gates`` (parameters of the model). Head
-    gates act through the ``"kdfast"`` attention (``import kdfast.hf`` and
-    ``attn_implementation="kdfast"``); FFN gates through a forward hook on
+    gates act through the ``"kdfast"`` attention: a model built with another
+    attention is switched to it (with a warning, once); FFN gates through a forward hook on
     each ``intermediate`` module; the hidden gate (``hidden=True``, one gate
     ``[d_model]``) through hooks on the residual writers and gated LayerNorms
     (:mod:`kdfast.compress.hidden`). Call again after :func:`remove_gates` only.
@@ -212,9 +235,7 @@ def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers:
     enc = encoder_layers(model)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if (heads or layers) and impl != "kdfast":
-        raise ValueError(f"head gates act inside the kdfast attention, but the model uses attn_implementation="
-                         f"{impl!r}; build it with attn_implementation='kdfast' (after import kdfast.hf) or call "
-                         "model.set_attn_implementation('kdfast')")
+        _use_kdfast_attention(model, impl)
     base = base_model(model) if hidden else None
     if hidden and any(not hasattr(layer.attention.self, "query") for layer in enc):
         raise ValueError("add_gates(hidden=True) needs every layer's attention (compact after training, not before)")

@@ -22,10 +22,10 @@ from torch import nn
 
 from kdfast.ops.attention_kl import attention_kl
 from kdfast.ops.attention_score_mse import attention_score_mse
-from kdfast.ops.hidden_mse import hidden_cosine, hidden_mse
+from kdfast.nn.layer_mapping import MAPPINGS, LayerMapping, layer_mapping  # noqa: F401 (re-exported)
+from kdfast.ops.hidden_mse import hidden_cosine, hidden_loss_reference, hidden_mse
 
 TERMS = ("embedding", "hidden", "hidden_cosine", "attention_score", "attention_kl", "value_relation")
-MAPPINGS = ("uniform", "last_k", "skip")
 _DEFAULT_LOSSES = {"embedding": 1.0, "hidden": 1.0, "attention_score": 1.0}
 
 
@@ -39,63 +39,27 @@ def _cfg(config, name):
     return getattr(config, name)
 
 
-def layer_mapping(num_student: int, num_teacher: int, mapping="uniform", *, k: int | None = None,
-                  stride: int | None = None) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs, layers numbered from 1.
-
-    - ``"uniform"``: m -> m * N // M (TinyBERT's g(m) = m N / M; the last layers meet).
-    - ``"last_k"``: the last ``k`` student layers -> the last ``k`` teacher layers
-      (m -> m + N - M; default k = M).
-    - ``"skip"``: m -> m * stride (default stride = N // M), for m with m * stride <= N.
-    - a list of M teacher layers (``None`` skips a student layer), or of (student, teacher) pairs.
-    """
-    M, N = int(num_student), int(num_teacher)
-    if M < 1 or N < 1:
-        raise ValueError(f"layer_mapping: layer counts must be >= 1, got student {M}, teacher {N}")
-    if isinstance(mapping, str):
-        if mapping == "uniform":
-            return [(m, m * N // M) for m in range(1, M + 1) if m * N // M >= 1]
-        if mapping == "last_k":
-            k = M if k is None else int(k)
-            if not 1 <= k <= min(M, N):
-                raise ValueError(f"layer_mapping: k must be in [1, {min(M, N)}], got {k}")
-            return [(m, m + N - M) for m in range(M - k + 1, M + 1)]
-        if mapping == "skip":
-            stride = max(1, N // M) if stride is None else int(stride)
-            if stride < 1:
-                raise ValueError(f"layer_mapping: stride must be >= 1, got {stride}")
-            return [(m, m * stride) for m in range(1, M + 1) if m * stride <= N]
-        raise ValueError(f"layer_mapping: mapping must be one of {', '.join(MAPPINGS)} or a list, got {mapping!r}")
-    items = list(mapping)
-    if items and all(isinstance(x, (tuple, list)) for x in items):
-        pairs = [(int(a), int(b)) for a, b in items]
-    else:
-        if len(items) != M:
-            raise ValueError(f"layer_mapping: an explicit list must give one teacher layer per student layer "
-                             f"({M}), got {len(items)}")
-        pairs = [(m, int(t)) for m, t in zip(range(1, M + 1), items) if t is not None]
-    for s, t in pairs:
-        if not (1 <= s <= M and 1 <= t <= N):
-            raise ValueError(f"layer_mapping: pair ({s}, {t}) out of range (student 1..{M}, teacher 1..{N})")
-    return pairs
-
-
 class LayerKD(nn.Module):
     """Weighted sum of layer distillation terms; returns ``(total, {term: value})``.
 
     Args:
         student_config, teacher_config: HF configs (or dicts) with ``num_hidden_layers`` and
             ``hidden_size``.
-        mapping: ``"uniform"``, ``"last_k"``, ``"skip"`` or an explicit list (see :func:`layer_mapping`).
+        mapping: one of ``kdfast.nn.layer_mapping.MAPPINGS`` (``"uniform"``, ``"skip"``,
+            ``"first_k"``, ``"last_k"``, ``"random"``, ``"mean"``, ``"learned"``) or an explicit list
+            (see :mod:`kdfast.nn.layer_mapping`).
+        attention_mapping, hidden_mapping: the mapping of the attention terms (attention_score,
+            attention_kl, value_relation) and of the hidden terms (hidden, hidden_cosine); None: ``mapping``.
         losses: term -> weight. Terms: ``"embedding"`` (hidden MSE of layer 0 -> 0),
             ``"hidden"`` (hidden MSE of mapped layer outputs), ``"hidden_cosine"``,
             ``"attention_score"`` (TinyBERT score MSE), ``"attention_kl"`` (MiniLM attention
             KL), ``"value_relation"`` (MiniLM value KL). Default: TinyBERT (embedding, hidden,
-            attention_score, weight 1). Each term is summed over the mapped layers.
-        k, stride: parameters of ``"last_k"`` and ``"skip"``.
+            attention_score, weight 1). Each term is summed over the mapped student layers.
+        k, stride: parameters of ``"first_k"`` / ``"last_k"`` and ``"skip"``.
+        seed: seed of a ``"random"`` mapping (call :meth:`resample` at each epoch start).
         projection: learnable ``nn.Linear(D_s, D_t)`` projections when hidden sizes differ
             (``"shared"``: one for all layers and one for the embeddings, as TinyBERT;
-            ``"per_layer"``: one per mapped layer). Unused when sizes are equal.
+            ``"per_layer"``: one per mapped student layer). Unused when sizes are equal.
 
     forward(student_hidden_states, teacher_hidden_states, student_qkv, teacher_qkv, attention_mask):
         hidden_states: sequences of ``[B, L, D]`` (HF ``output_hidden_states``), M+1 / N+1 entries.
@@ -105,7 +69,7 @@ class LayerKD(nn.Module):
     """
 
     def __init__(self, student_config, teacher_config, mapping="uniform", losses=None, *, k=None, stride=None,
-                 projection="shared"):
+                 projection="shared", attention_mapping=None, hidden_mapping=None, seed: int = 0):
         super().__init__()
         self.num_student = int(_cfg(student_config, "num_hidden_layers"))
         self.num_teacher = int(_cfg(teacher_config, "num_hidden_layers"))
@@ -120,17 +84,41 @@ class LayerKD(nn.Module):
         if projection not in ("shared", "per_layer"):
             raise ValueError(f"LayerKD: projection must be 'shared' or 'per_layer', got {projection!r}")
         self.losses = {n: float(w) for n, w in losses.items()}
-        self.pairs = layer_mapping(self.num_student, self.num_teacher, mapping, k=k, stride=stride)
+        M, N = self.num_student, self.num_teacher
+        self.hidden_map = LayerMapping(M, N, mapping if hidden_mapping is None else hidden_mapping, k=k,
+                                       stride=stride, seed=seed)
+        self.attention_map = LayerMapping(M, N, mapping if attention_mapping is None else attention_mapping, k=k,
+                                          stride=stride, seed=seed)
         self.projection = projection
         need = self.d_student != self.d_teacher
         hidden_terms = {"hidden", "hidden_cosine"} & set(self.losses)
         self.embedding_proj = nn.Linear(self.d_student, self.d_teacher) if need and "embedding" in self.losses \
             else None
         if need and hidden_terms:
-            n = 1 if projection == "shared" else len(self.pairs)
+            n = 1 if projection == "shared" else len(self.hidden_map.groups())
             self.hidden_proj = nn.ModuleList(nn.Linear(self.d_student, self.d_teacher) for _ in range(n))
         else:
             self.hidden_proj = None
+
+    @property
+    def pairs(self):
+        """(student, teacher) pairs of the hidden terms' mapping (see ``attention_map.pairs``)."""
+        return self.hidden_map.pairs
+
+    def resample(self, epoch: int) -> None:
+        """Call at the start of each epoch: ``"random"`` mappings draw that epoch's layers."""
+        self.hidden_map.resample(epoch)
+        self.attention_map.resample(epoch)
+
+    def learned_mapping_weights(self) -> dict:
+        """``{"hidden": [M, N], "attention": [M, N]}`` softmax weights of the ``"learned"`` mappings
+        (row m: student layer m over teacher layers 1..N), detached; only the learned ones."""
+        out = {}
+        for name, m in (("hidden", self.hidden_map), ("attention", self.attention_map)):
+            w = m.weights()
+            if w is not None:
+                out[name] = w.detach().cpu()
+        return out
 
     def _proj(self, i):
         if self.hidden_proj is None:
@@ -162,8 +150,9 @@ class LayerKD(nn.Module):
 
     def capture_args(self, side: str) -> dict:
         """``layers=`` and ``keep=`` for ``kdfast.hf.capture`` of the ``"student"`` or ``"teacher"``:
-        the 0-based layers the mapping uses and the tensors the attention terms read (q and k for
-        attention_score / attention_kl, v for value_relation).
+        the 0-based layers the attention mapping uses and the tensors the attention terms read (q and k
+        for attention_score / attention_kl, v for value_relation). A ``"random"`` mapping changes its
+        layers at :meth:`resample`: take these per step.
 
             with capture(teacher, **layer_kd.capture_args("teacher")) as ct: ...
         """
@@ -174,8 +163,20 @@ class LayerKD(nn.Module):
             keep += "qk"
         if "value_relation" in self.losses:
             keep += "v"
-        layers = sorted({(s if side == "student" else t) - 1 for s, t in self.pairs})
+        pairs = self.attention_map.pairs
+        layers = sorted({(s if side == "student" else t) - 1 for s, t in pairs})
         return {"layers": layers if keep else [], "keep": keep or "q"}
+
+    @staticmethod
+    def _mix(values, weights):
+        """One student layer's term over its teacher layers: the value (one layer), the mean / the
+        weighted sum (soft mappings)."""
+        if weights is None:
+            return values[0]
+        total = 0
+        for v, w in zip(values, weights):
+            total = total + w * v
+        return total
 
     def forward(self, student_hidden_states=None, teacher_hidden_states=None, student_qkv=None, teacher_qkv=None,
                 attention_mask=None):
@@ -188,16 +189,23 @@ class LayerKD(nn.Module):
             p = self.embedding_proj
             terms["embedding"] = hidden_mse(hs[0], ht[0].detach(), None if p is None else p.weight,
                                             None if p is None else p.bias, mask)
-        for name, fn in (("hidden", hidden_mse), ("hidden_cosine", hidden_cosine)):
+        for name, fn, kind in (("hidden", hidden_mse, "mse"), ("hidden_cosine", hidden_cosine, "cosine")):
             if name not in self.losses:
                 continue
             hs = self._need(student_hidden_states, "student_hidden_states", name)
             ht = self._need(teacher_hidden_states, "teacher_hidden_states", name)
             total = 0
-            for i, (s, t) in enumerate(self.pairs):
-                w, b = self._proj(i)
-                total = total + fn(self._layer(hs, s, "student_hidden_states", L_s + 1),
-                                   self._layer(ht, t, "teacher_hidden_states", L_t + 1).detach(), w, b, mask)
+            for i, (s, ts, w) in enumerate(self.hidden_map.groups()):
+                pw, pb = self._proj(i)
+                h_s = self._layer(hs, s, "student_hidden_states", L_s + 1)
+                targets = [self._layer(ht, t, "teacher_hidden_states", L_t + 1).detach() for t in ts]
+                if w is None:
+                    total = total + fn(h_s, targets[0], pw, pb, mask)
+                elif isinstance(w, torch.Tensor):  # learned: the gradient must reach the mixing weights
+                    target = self._mix(targets, w.to(targets[0].dtype))
+                    total = total + hidden_loss_reference(h_s, target, pw, pb, mask, kind=kind)
+                else:  # mean of the block's hidden states (a constant target: the fused op)
+                    total = total + fn(h_s, self._mix(targets, w), pw, pb, mask)
             terms[name] = total
         for name in ("attention_score", "attention_kl", "value_relation"):
             if name not in self.losses:
@@ -205,27 +213,31 @@ class LayerKD(nn.Module):
             qs = self._need(student_qkv, "student_qkv (per-layer (q, k, v), e.g. from kdfast.hf.capture)", name)
             qt = self._need(teacher_qkv, "teacher_qkv (per-layer (q, k, v), e.g. from kdfast.hf.capture)", name)
             total = 0
-            for s, t in self.pairs:
-                q_s, k_s, v_s = self._layer(qs, s - 1, "student_qkv", L_s)
-                q_t, k_t, v_t = self._layer(qt, t - 1, "teacher_qkv", L_t)
-                if name == "value_relation":
-                    v_s = self._part(v_s, "v", "student_qkv", s - 1)
-                    v_t = self._part(v_t, "v", "teacher_qkv", t - 1).detach()
-                    total = total + attention_kl(v_s, v_s, v_t, v_t, mask)
-                    continue
-                parts = [self._part(x, n, w, i) for x, n, w, i in ((q_s, "q", "student_qkv", s - 1),
-                                                                    (k_s, "k", "student_qkv", s - 1),
-                                                                    (q_t, "q", "teacher_qkv", t - 1),
-                                                                    (k_t, "k", "teacher_qkv", t - 1))]
-                q_s, k_s, q_t, k_t = parts[0], parts[1], parts[2].detach(), parts[3].detach()
-                fn = attention_score_mse if name == "attention_score" else attention_kl
-                total = total + fn(q_s, k_s, q_t, k_t, mask)
+            for s, ts, w in self.attention_map.groups():
+                per_teacher = [self._attention_term(name, qs, qt, s, t, mask) for t in ts]
+                total = total + self._mix(per_teacher, w)
             terms[name] = total
         total = sum(self.losses[n] * v for n, v in terms.items())
         if not terms:
             total = torch.zeros((), dtype=torch.float32)
         return total, terms
 
+    def _attention_term(self, name, qs, qt, s, t, mask):
+        q_s, k_s, v_s = self._layer(qs, s - 1, "student_qkv", self.num_student)
+        q_t, k_t, v_t = self._layer(qt, t - 1, "teacher_qkv", self.num_teacher)
+        if name == "value_relation":
+            v_s = self._part(v_s, "v", "student_qkv", s - 1)
+            v_t = self._part(v_t, "v", "teacher_qkv", t - 1).detach()
+            return attention_kl(v_s, v_s, v_t, v_t, mask)
+        parts = [self._part(x, n, w, i) for x, n, w, i in ((q_s, "q", "student_qkv", s - 1),
+                                                            (k_s, "k", "student_qkv", s - 1),
+                                                            (q_t, "q", "teacher_qkv", t - 1),
+                                                            (k_t, "k", "teacher_qkv", t - 1))]
+        q_s, k_s, q_t, k_t = parts[0], parts[1], parts[2].detach(), parts[3].detach()
+        fn = attention_score_mse if name == "attention_score" else attention_kl
+        return fn(q_s, k_s, q_t, k_t, mask)
+
     def extra_repr(self):
-        return (f"student_layers={self.num_student}, teacher_layers={self.num_teacher}, pairs={self.pairs}, "
+        return (f"student_layers={self.num_student}, teacher_layers={self.num_teacher}, "
+                f"hidden_pairs={self.hidden_map.pairs}, attention_pairs={self.attention_map.pairs}, "
                 f"losses={self.losses}")

@@ -51,10 +51,23 @@ def test_gates_train_and_report():
     assert any(p is model.kdfast_gates.head[0].log_alpha for p in model.parameters())
 
 
-def test_add_gates_needs_kdfast_attention():
-    with pytest.raises(ValueError, match="attn_implementation"):
-        kc.add_gates(_model("sdpa"))
-    kc.add_gates(_model("sdpa"), heads=False, ffn=True)  # FFN-only gates work with any attention
+def test_add_gates_switches_to_kdfast_attention():
+    import kdfast.compress.prune as prune
+    prune._SWITCH_WARNED = False
+    model = _model("sdpa").eval()
+    ids, am = _batch()
+    with pytest.warns(UserWarning, match="switched the model"):
+        gates = kc.add_gates(model)
+    assert model.config._attn_implementation == "kdfast"
+    with torch.no_grad():  # head gates now act: closing every head changes the output
+        before = model(input_ids=ids, attention_mask=am).start_logits
+        for g in gates.head:
+            g.log_alpha.fill_(-20.0)
+        after = model(input_ids=ids, attention_mask=am).start_logits
+    assert not torch.allclose(before, after)
+    ffn_only = _model("sdpa")
+    kc.add_gates(ffn_only, heads=False, ffn=True)  # FFN-only gates work with any attention
+    assert ffn_only.config._attn_implementation == "sdpa"
 
 
 def test_remove_gates_restores_model():
