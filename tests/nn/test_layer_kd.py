@@ -106,3 +106,117 @@ def test_errors():
     hs = [torch.randn(1, 3, 8)] * 3
     with pytest.raises(ValueError, match="teacher_hidden_states has 3 entries"):
         kd(hs, hs)
+
+
+# --- mappings of issue 15: hand-made depths ------------------------------------------------------
+from kdfast.nn.layer_mapping import LayerMapping, mean_blocks, random_monotone  # noqa: E402
+
+DEPTHS = [(2, 6), (3, 12), (4, 12), (1, 1)]
+EXPECTED = {
+    "uniform": {(2, 6): [(1, 3), (2, 6)], (3, 12): [(1, 4), (2, 8), (3, 12)],
+                (4, 12): [(1, 3), (2, 6), (3, 9), (4, 12)], (1, 1): [(1, 1)]},
+    "skip": {(2, 6): [(1, 3), (2, 6)], (3, 12): [(1, 4), (2, 8), (3, 12)],
+             (4, 12): [(1, 3), (2, 6), (3, 9), (4, 12)], (1, 1): [(1, 1)]},
+    "first_k": {(2, 6): [(1, 1), (2, 2)], (3, 12): [(1, 1), (2, 2), (3, 3)],
+                (4, 12): [(1, 1), (2, 2), (3, 3), (4, 4)], (1, 1): [(1, 1)]},
+    "last_k": {(2, 6): [(1, 5), (2, 6)], (3, 12): [(1, 10), (2, 11), (3, 12)],
+               (4, 12): [(1, 9), (2, 10), (3, 11), (4, 12)], (1, 1): [(1, 1)]},
+}
+BLOCKS = {(2, 6): [[1, 2, 3], [4, 5, 6]], (3, 12): [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]],
+          (4, 12): [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], (1, 1): [[1]]}
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_hand_made_depths(depth):
+    M, N = depth
+    for name, table in EXPECTED.items():
+        assert layer_mapping(M, N, name) == table[depth], name
+        assert [g[:2] for g in LayerMapping(M, N, name).groups()] == [(s, [t]) for s, t in table[depth]]
+    assert layer_mapping(M, N, "first_k", k=1) == [(1, 1)]
+    assert mean_blocks(M, N) == BLOCKS[depth]
+    groups = LayerMapping(M, N, "mean").groups()
+    assert [(s, ts) for s, ts, _ in groups] == list(enumerate(BLOCKS[depth], 1))
+    assert all(abs(sum(w) - 1) < 1e-12 for _, _, w in groups)
+    learned = LayerMapping(M, N, "learned").groups()
+    assert [(s, ts) for s, ts, _ in learned] == [(m, list(range(1, N + 1))) for m in range(1, M + 1)]
+    for seed in range(3):
+        for epoch in range(3):
+            pick = random_monotone(M, N, seed, epoch)
+            assert pick == sorted(set(pick)) and len(pick) == M and 1 <= pick[0] and pick[-1] <= N
+            assert pick == random_monotone(M, N, seed, epoch)  # reproducible
+
+
+def test_random_mapping_resamples_per_epoch():
+    m = LayerMapping(3, 12, "random", seed=7)
+    seen = set()
+    for epoch in range(6):
+        m.resample(epoch)
+        assert m.pairs == list(zip([1, 2, 3], random_monotone(3, 12, 7, epoch)))
+        seen.add(tuple(m.pairs))
+    assert len(seen) > 1
+    kd = LayerKD(_cfg(3, 8), _cfg(12, 8), mapping="uniform", attention_mapping="random", seed=7,
+                 losses={"attention_kl": 1.0, "hidden": 1.0})
+    kd.resample(4)
+    assert kd.attention_map.pairs == list(zip([1, 2, 3], random_monotone(3, 12, 7, 4)))
+    assert kd.pairs == [(1, 4), (2, 8), (3, 12)]  # hidden terms keep their own mapping
+    assert kd.capture_args("teacher")["layers"] == [t - 1 for t in random_monotone(3, 12, 7, 4)]
+    assert LayerMapping(2, 6, "random").pairs != [] and LayerMapping(1, 1, "random").pairs == [(1, 1)]
+
+
+def _masked_mse(a, b, mask):
+    keep = mask.bool()
+    return ((a - b) ** 2)[keep].sum() / (keep.sum() * a.shape[-1])
+
+
+def test_mean_mapping_equals_hand_computed_average():
+    B, L, H = 2, 7, 2
+    s_hs, s_qkv = _fake_model(2, 8, H, 4, B, L, 3)
+    t_hs, t_qkv = _fake_model(6, 8, H, 4, B, L, 4)
+    mask = torch.ones(B, L)
+    mask[0, 5:] = 0
+    kd = LayerKD(_cfg(2, 8), _cfg(6, 8), mapping="mean", losses={"hidden": 1.0, "attention_score": 1.0})
+    _, terms = kd(s_hs, t_hs, s_qkv, t_qkv, attention_mask=mask)
+    d = torch.float64
+    want_h = (_masked_mse(s_hs[1].to(d), (t_hs[1] + t_hs[2] + t_hs[3]).to(d) / 3, mask)
+              + _masked_mse(s_hs[2].to(d), (t_hs[4] + t_hs[5] + t_hs[6]).to(d) / 3, mask))
+    assert abs(terms["hidden"].item() - want_h.item()) <= 1e-5 * want_h.item()
+
+    def att(s, t):
+        return attention_score_mse_reference(*(x.to(d) for x in (s_qkv[s - 1][0], s_qkv[s - 1][1],
+                                                                   t_qkv[t - 1][0], t_qkv[t - 1][1])), mask)
+    want_a = sum(att(1, t) for t in (1, 2, 3)) / 3 + sum(att(2, t) for t in (4, 5, 6)) / 3
+    assert abs(terms["attention_score"].item() - want_a.item()) <= 1e-5 * want_a.item()
+
+
+def test_learned_mapping_gradient_reaches_its_weights():
+    B, L, H = 2, 6, 2
+    s_hs, s_qkv = _fake_model(2, 8, H, 4, B, L, 5)
+    t_hs, t_qkv = _fake_model(4, 12, H, 4, B, L, 6)
+    for x in s_hs:
+        x.requires_grad_()
+    kd = LayerKD(_cfg(2, 8), _cfg(4, 12), mapping="learned", losses={"hidden": 1.0, "attention_kl": 1.0})
+    assert {n for n, _ in kd.named_parameters()} >= {"hidden_map.logits", "attention_map.logits"}
+    w = kd.learned_mapping_weights()
+    assert set(w) == {"hidden", "attention"} and w["hidden"].shape == (2, 4)
+    assert torch.allclose(w["hidden"].sum(-1), torch.ones(2))
+    total, terms = kd(s_hs, t_hs, s_qkv, t_qkv)
+    # zero logits: the uniform mix of all teacher layers
+    W, b = kd.hidden_proj[0].weight, kd.hidden_proj[0].bias
+    mix = sum(t_hs[1:]) / 4
+    want = sum(hidden_loss_reference(s_hs[m].detach(), mix, W.detach(), b.detach()) for m in (1, 2))
+    assert abs(terms["hidden"].item() - want.item()) <= 1e-4 * want.item()
+    total.backward()
+    for p in (kd.hidden_map.logits, kd.attention_map.logits):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert LayerKD(_cfg(2, 8), _cfg(4, 8), mapping="uniform").learned_mapping_weights() == {}
+
+
+def test_separate_mappings_and_state_dict_unchanged_for_hard_mappings():
+    kd = LayerKD(_cfg(2, 8), _cfg(6, 8), mapping="uniform", attention_mapping="last_k", hidden_mapping="first_k",
+                 losses={"hidden": 1.0, "attention_score": 1.0})
+    assert kd.hidden_map.pairs == [(1, 1), (2, 2)] and kd.attention_map.pairs == [(1, 5), (2, 6)]
+    assert kd.capture_args("teacher") == {"layers": [4, 5], "keep": "qk"}
+    assert list(LayerKD(_cfg(2, 8), _cfg(6, 16), losses={"hidden": 1.0}).state_dict()) == \
+        ["hidden_proj.0.weight", "hidden_proj.0.bias"]
+    with pytest.raises(ValueError, match="mapping must be one of"):
+        LayerKD(_cfg(2, 8), _cfg(6, 8), attention_mapping="middle")
