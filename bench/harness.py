@@ -237,7 +237,13 @@ class Bench:
                 w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
 
     def table(self, ours="kdfast", file=sys.stdout):
-        """Print this run's results, with speed and memory ratios of `ours` against each baseline."""
+        """Print this run's results with one ratio convention for every row.
+
+        In each group (kernel, mode, x, config) the reference is the first baseline
+        provider (the first whose name does not start with ``ours``); every row shows
+        ``speedup`` = reference time / row time and ``mem x`` = reference peak / row peak,
+        so > 1 always means "this row is faster / smaller than the reference".
+        """
         groups: dict[tuple, dict] = {}
         for r in self.rows:
             key = (r["kernel"], r["mode"], r["x_name"], r["x_value"], r["config"])
@@ -246,14 +252,16 @@ class Bench:
         print(f"{'kernel':22s} {'config':28s} {'provider':18s} {'time ms':>10s} {'peak MiB':>9s} "
               f"{'speedup':>8s} {'mem x':>7s}", file=file)
         for key, provs in groups.items():
-            mine = provs.get(ours)
+            ref_name = next((p for p in provs if not p.startswith(ours) and "time" in provs[p]), None)
+            ref = provs.get(ref_name, {})
             for p, d in provs.items():
                 sp = mx = ""
-                if mine and p != ours and "time" in d:
-                    sp = f"{d['time'] / mine['time']:.2f}x"
-                    if mine.get("peak_memory", 0) > 0:
-                        mx = f"{d['peak_memory'] / mine['peak_memory']:.1f}x"
+                if ref and "time" in d and d["time"] > 0:
+                    sp = "ref" if p == ref_name else f"{ref['time'] / d['time']:.2f}x"
+                    if p != ref_name and ref.get("peak_memory", 0) > 0 and d.get("peak_memory", 0) > 0:
+                        mx = f"{ref['peak_memory'] / d['peak_memory']:.1f}x"
                 cfg = f"{key[4]} {key[2]}={key[3]}" if key[2] else key[4]
                 print(f"{key[0]:22s} {cfg[:28]:28s} {p:18s} {d.get('time', float('nan')):10.2f} "
                       f"{d.get('peak_memory', float('nan')):9.1f} {sp:>8s} {mx:>7s}", file=file)
-        print("(speedup / mem x: baseline time or memory divided by kdfast's; >1 means kdfast is better)", file=file)
+        print("(speedup / mem x: the group's reference row (a baseline, marked ref) divided by this row's time or "
+              "peak memory; > 1 means this row is faster / smaller)", file=file)
