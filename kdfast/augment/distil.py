@@ -56,7 +56,7 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
             done += 1
             if done >= steps:
                 break

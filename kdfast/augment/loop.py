@@ -325,7 +325,7 @@ class AugmentLoop:
                     loss.backward()
                     popt.step()
                     entry.update(reward=p["reward"], advantage=adv, dev_f1=st["dev_f1"], baseline=base.value,
-                                 keep_prob=float(self.policy.keep_prob(p["states"]).mean()))
+                                 keep_prob=float(self.policy.keep_prob(p["states"]).detach().mean()))
                 st["kept"] += [w for w, a in zip(p["windows"], p["actions"]) if a > 0.5]
                 st["log"].append(entry)
                 self.log(f"[{c.method}] episode {e}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else

@@ -68,7 +68,7 @@ def train_mlm(model, tokenizer, texts, *, steps=300, batch_size=16, max_length=1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     tail = losses[-20:]
     return sum(tail) / len(tail)

@@ -1,0 +1,95 @@
+"""Answer spans survive every manipulation: text at the recomputed offsets."""
+import random
+
+import pytest
+import torch
+
+from kdfast.augment.baselines import EmbeddingNeighbours, tinybert_replace
+from kdfast.augment.generator import Strategy, manipulate, rebuild, strategy_grid, words
+
+EDGE = [
+    ("Zoë Ångström was born in São Paulo, Brazil (in 1901). She moved to Köln—later.", "São Paulo, Brazil"),
+    ("Élodie, née Müller, wrote “Les Misérables”; it sold 1,200,000 copies.", "“Les Misérables”"),
+    ("1901 was the year. Nothing else happened here at all, really.", "1901"),
+    ("The capital is far away from the sea, and its name is Ærøskøbing.", "Ærøskøbing."),
+    ("He lived at No. 10's gate (the west one) until 1950.", "10's gate"),
+    ("An answer inside a word: the word is unbelievable today.", "believ"),
+    ("  Leading   spaces\tand\ttabs, then the answer: Smith  ", "Smith"),
+]
+
+
+def _rec(ctx, ans, i=0):
+    return {"id": f"q{i}", "title": "t", "question": "Where?", "context": ctx,
+            "answers": {"text": [ans], "answer_start": [ctx.index(ans)]}}
+
+
+def _ok(rec):
+    a = rec["answers"]
+    t, s = a["text"][0], a["answer_start"][0]
+    return rec["context"][s:s + len(t)] == t
+
+
+def test_rebuild_keeps_separators_and_anchor():
+    text = "a  b, c"
+    segs = words(text)
+    new, anchor = rebuild(text, segs, {0: "xyz"}, text.index("c"))
+    assert new == "xyz  b, c" and new[anchor] == "c"
+    with pytest.raises(ValueError):
+        rebuild(text, segs, {0: "q"}, 0)
+
+
+@pytest.mark.parametrize("ctx,ans", EDGE)
+def test_answer_survives_every_strategy(ctx, ans, aug_tok, aug_filler):
+    rec = _rec(ctx, ans)
+    src = "The river Tamsa flows through Orvel, a city of 12,000 inhabitants, near the Bay of Kerro."
+    gen = torch.Generator().manual_seed(0)
+    for j, s in enumerate(strategy_grid(["geo"], mask_rates=(0.0, 0.3, 1.0), mix_rates=(0.0, 0.5, 1.0),
+                                        steps=(1, 3))):
+        for filler in (aug_filler, None):
+            out = manipulate(rec, s, source_text=src, filler=filler, tokenizer=aug_tok, rng=random.Random(j),
+                             generator=gen)
+            assert _ok(out), (s, out["context"])
+            assert out["question"] == rec["question"] and out["origin"] == "q0"
+
+
+def test_manipulation_changes_the_passage_and_uses_source(aug_tok, aug_filler):
+    rec = _rec(*EDGE[0])
+    src = "zzqq " * 30
+    out = manipulate(rec, Strategy(1.0, 1.0, 1, "geo"), source_text=src, filler=aug_filler, tokenizer=aug_tok,
+                     rng=random.Random(0))
+    assert "zzqq" in out["context"] and _ok(out)
+    out = manipulate(rec, Strategy(0.5, 0.0, 2, "geo"), source_text=src, filler=aug_filler, tokenizer=aug_tok,
+                     rng=random.Random(0), generator=torch.Generator().manual_seed(0))
+    assert "zzqq" not in out["context"] and out["context"] != rec["context"] and _ok(out)
+
+
+def test_answer_survives_on_generated_data(aug_data, aug_tok, aug_filler):
+    src = aug_data["source"][0]["context"]
+    gen = torch.Generator().manual_seed(0)
+    for i, rec in enumerate(aug_data["target"][:12]):
+        out = manipulate(rec, Strategy(0.5, 0.5, 2, "g"), source_text=src, filler=aug_filler, tokenizer=aug_tok,
+                         rng=random.Random(i), generator=gen)
+        assert _ok(out)
+
+
+def test_unanswerable_record_is_fine(aug_tok):
+    rec = {"id": "u", "title": "", "question": "?", "context": "Some text, here.", "answers": {"text": [],
+                                                                                                "answer_start": []}}
+    out = manipulate(rec, Strategy(1.0, 1.0, 1), source_text="other words entirely", tokenizer=aug_tok)
+    assert out["answers"] == {"text": [], "answer_start": []}
+
+
+@pytest.mark.parametrize("ctx,ans", EDGE)
+def test_tinybert_replacement_keeps_answer(ctx, ans, aug_tok, aug_filler, aug_teacher):
+    nb = EmbeddingNeighbours(aug_teacher.get_input_embeddings().weight, aug_filler.allowed)
+    for s in range(4):
+        out = tinybert_replace(_rec(ctx, ans), tokenizer=aug_tok, filler=aug_filler, neighbours=nb, rate=0.8,
+                               rng=random.Random(s), generator=torch.Generator().manual_seed(s))
+        assert _ok(out)
+
+
+def test_strategy_validation():
+    with pytest.raises(ValueError, match="mask_rate"):
+        Strategy(mask_rate=1.5)
+    with pytest.raises(ValueError, match="steps"):
+        Strategy(steps=0)
