@@ -8,8 +8,10 @@ needs eager attention and ``output_attentions`` maps for the attention term.
 kdfast: ``kdfast.distill.DistillationTrainer``: teacher logits cached once
 (``TeacherCache``; its build time is reported separately and included in the
 "incl. cache" ratio), dynamic padding with length-grouped batches, the fused
-``qa_kd_loss`` over the span tokens, kdfast attention; layer losses through
-``kdfast.hf.capture`` + ``LayerKD`` (live teacher).
+``qa_kd_loss`` over the span tokens, the attention ``kdfast distill`` picks
+(``recipe.training_attention``: kdfast attention with layer losses, SDPA otherwise;
+``--attention`` forces one); layer losses through ``kdfast.hf.capture`` + ``LayerKD``
+(live teacher).
 
 Both students start from the same teacher layers with the same seed and see the
 same windows for the same number of epochs; both are then scored on the same dev
@@ -110,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--layer-losses", action="store_true", help="hidden MSE + attention KL layer terms too")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--only", choices=("stock", "kdfast"), default=None)
+    ap.add_argument("--attention", choices=("kdfast", "sdpa"), default=None,
+                    help="kdfast side's attention (default: what kdfast distill picks, recipe.training_attention)")
     a = ap.parse_args(argv)
 
     from datasets import Dataset
@@ -173,8 +177,10 @@ def main(argv=None):
                 tr.optimizer.add_param_group({"params": list(kd.parameters()), "weight_decay": 0.0})
             cache_s = 0.0
         else:
-            teacher = load_teacher(tdir, "kdfast")
-            student = student_from_teacher(teacher, layers, attn_implementation="kdfast")
+            from kdfast.distill.recipe import training_attention
+            impl = a.attention or training_attention(DistillConfig(layer_losses=losses))
+            teacher = load_teacher(tdir, impl)
+            student = student_from_teacher(teacher, layers, attn_implementation=impl)
             t0 = time.perf_counter()
             cache = TeacherCache.build(teacher, dynamic, tok, os.path.join(tmp, "cache"), progress=False)
             windows = cache.attach(dynamic)
@@ -199,7 +205,8 @@ def main(argv=None):
     cfg = (f"{data_name}; {len(train)} questions, {len(padded)} windows ({valid:.0%} valid at L={a.max_seq_length}); "
            f"student layers {a.student_layers}; batch {a.batch}; epochs {a.epochs}; "
            f"{'hidden+attention_kl layer losses' if a.layer_losses else 'logit KD only'}; "
-           f"{'bf16' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads")
+           f"{'bf16' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads; kdfast side attention "
+           f"{a.attention or ('kdfast' if a.layer_losses else 'sdpa')}")
     for name, r in results.items():
         for metric, unit, v in (("epoch_time", "s", r["train_s"]), ("cache_time", "s", r["cache_s"]),
                                 ("f1", "F1", r["f1"]), ("em", "EM", r["em"])):
