@@ -24,6 +24,7 @@ COMMANDS = {
     "demo": "the whole recipe on built-in data, offline: ends with the results table",
     "active": "active learning: choose which questions to label (see kdfast active --help)",
     "active-plot": "overlay the F1-vs-labels curves of several kdfast active runs in one PNG",
+    "augment": "learning to augment for data-scarce QA distillation (see kdfast augment --help)",
 }
 
 
@@ -326,8 +327,17 @@ def cmd_active_plot(argv):
     return main_plot(argv)
 
 
+def cmd_augment(argv):
+    try:
+        from kdfast.augment.cli import main as augment_main
+    except ImportError as e:  # pragma: no cover
+        raise CLIError(f"augmentation is not available: {e}") from None
+    return augment_main(argv)
+
+
 HANDLERS = {"eval": cmd_eval, "generate-data": cmd_generate, "fine-tune": cmd_fine_tune, "distill": cmd_distill,
-            "compress": cmd_compress, "demo": cmd_demo, "active": cmd_active, "active-plot": cmd_active_plot}
+            "compress": cmd_compress, "demo": cmd_demo, "active": cmd_active, "active-plot": cmd_active_plot,
+            "augment": cmd_augment}
 
 
 def main(argv=None) -> int:
