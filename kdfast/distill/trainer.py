@@ -39,6 +39,10 @@ _BATCH_ONLY = ("cls_index", "context_start", "context_end", "teacher_start_logit
 _LAYER_KD_FILE = "kdfast_layer_kd.pt"
 
 
+LOGIT_LOSSES = ("kl", "reverse_kl", "jsd", "mse")
+TERM_WEIGHTINGS = ("fixed", "ema")
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """What the student learns from.
@@ -46,18 +50,113 @@ class DistillConfig:
     temperature: softmax temperature of the soft term (T^2-scaled, Hinton).
     alpha: weight of the soft term; the hard (gold span) term gets ``1 - alpha``.
     layer_losses: ``{term: weight}`` for :class:`kdfast.nn.LayerKD` (None: logits only).
-    layer_mapping: LayerKD mapping (``"uniform"``, ``"last_k"``, ``"skip"`` or a list of pairs).
+    layer_mapping: LayerKD mapping of every layer term (``"uniform"``, ``"skip"``, ``"first_k"``,
+        ``"last_k"``, ``"random"``, ``"mean"``, ``"learned"`` or a list; :mod:`kdfast.nn.layer_mapping`).
+    attention_mapping, hidden_mapping: the mapping of the attention / hidden terms (None: ``layer_mapping``).
+    mapping_k: k of ``first_k`` / ``last_k``; mapping_seed: seed of ``random`` (resampled each epoch).
+    mapping_learning_rate: learning rate of the ``learned`` mapping's logits (no weight decay).
+    logit_loss: the soft term over the span tokens (CLS + context), start and end heads averaged,
+        per question (batch mean): ``"kl"`` KL(teacher || student) T^2 (the fused ``qa_kd_loss``),
+        ``"reverse_kl"`` KL(student || teacher) T^2, ``"jsd"`` Jensen-Shannon divergence T^2
+        (0.5 KL(p_s || m) + 0.5 KL(p_t || m), m the average), ``"mse"`` mean squared difference of the
+        raw logits over the span tokens (temperature unused).
+    layer_weight_schedule: ``"constant"`` (every term every step) or ``"two_stage:F"`` (TinyBERT's two
+        stages in one run: the first ``F`` of the training steps optimise the layer terms only, the rest
+        the prediction term (soft + hard) only).
+    term_weighting: ``"fixed"`` (the weights as given) or ``"ema"`` / ``"ema:<decay>"``: each term (the
+        prediction term and each layer term) is divided by a running, bias-corrected exponential
+        average of its own detached value (decay 0.9 by default) before its weight is applied, so every
+        term contributes about ``weight`` whatever its scale (the averages are not checkpointed).
     """
     temperature: float = 2.0
     alpha: float = 0.5
     layer_losses: dict | None = None
     layer_mapping: object = "uniform"
+    attention_mapping: object = None
+    hidden_mapping: object = None
+    mapping_k: int | None = None
+    mapping_seed: int = 0
+    mapping_learning_rate: float = 0.05
+    logit_loss: str = "kl"
+    layer_weight_schedule: str = "constant"
+    term_weighting: str = "fixed"
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.logit_loss not in LOGIT_LOSSES:
+            raise ValueError(f"logit_loss must be one of {', '.join(LOGIT_LOSSES)}, got {self.logit_loss!r}")
+        self.two_stage_fraction()
+        self.ema_decay()
+
+    def two_stage_fraction(self) -> float | None:
+        """F of ``"two_stage:F"`` (None for ``"constant"``)."""
+        spec = str(self.layer_weight_schedule)
+        if spec == "constant":
+            return None
+        name, _, frac = spec.partition(":")
+        try:
+            f = float(frac) if name == "two_stage" else None
+        except ValueError:
+            f = None
+        if f is None or not 0.0 <= f <= 1.0:
+            raise ValueError(f"layer_weight_schedule must be 'constant' or 'two_stage:F' with F in [0, 1], "
+                             f"got {spec!r}")
+        return f
+
+    def ema_decay(self) -> float | None:
+        """The decay of ``"ema"`` / ``"ema:<decay>"`` term weighting (None for ``"fixed"``)."""
+        spec = str(self.term_weighting)
+        if spec == "fixed":
+            return None
+        name, _, d = spec.partition(":")
+        try:
+            decay = (float(d) if d else 0.9) if name == "ema" else None
+        except ValueError:
+            decay = None
+        if decay is None or not 0.0 <= decay < 1.0:
+            raise ValueError(f"term_weighting must be 'fixed', 'ema' or 'ema:<decay in [0, 1)>', got {spec!r}")
+        return decay
+
+
+def logit_kd_loss(student_start, student_end, teacher_start, teacher_end, mask, *, kind="reverse_kl",
+                  temperature=2.0):
+    """The soft term of the non-default ``logit_loss`` choices (plain PyTorch, float32 or float64).
+
+    student_*, teacher_*: ``[B, L]`` logits; mask: ``[B, L]`` bool (the span tokens). Start and end
+    heads averaged, summed over tokens, mean over the B rows (as ``qa_kd_loss``'s ``batchmean``).
+    """
+    keep = mask.bool()
+    T = float(temperature)
+
+    def head(s, t):
+        acc = torch.promote_types(s.dtype, torch.float32)
+        s, t = s.to(acc), t.to(acc)
+        if kind == "mse":
+            return ((s - t) ** 2 * keep).sum() / keep.sum().clamp(min=1)
+        ls = torch.log_softmax((s / T).masked_fill(~keep, float("-inf")), -1)
+        lt = torch.log_softmax((t / T).masked_fill(~keep, float("-inf")), -1)
+        ps, pt = ls.exp(), lt.exp()
+        # masked tokens: p = 0 and log p = -inf; zero the logs there so no -inf - -inf (NaN) reaches
+        # the gradient of the untaken branch
+        ls, lt = ls.masked_fill(~keep, 0.0), lt.masked_fill(~keep, 0.0)
+
+        def kl(p, logp, logq):  # sum p (log p - log q) over kept tokens
+            return (p * (logp - logq)).masked_fill(~keep, 0.0).sum(-1)
+        if kind == "reverse_kl":
+            rows = kl(ps, ls, lt)
+        elif kind == "jsd":
+            lm = torch.log((0.5 * (ps + pt)).masked_fill(~keep, 1.0))
+            rows = 0.5 * kl(ps, ls, lm) + 0.5 * kl(pt, lt, lm)
+        elif kind == "kl":
+            rows = kl(pt, lt, ls)
+        else:
+            raise ValueError(f"logit_kd_loss: kind must be one of {', '.join(LOGIT_LOSSES)}, got {kind!r}")
+        return T * T * rows.mean()
+
+    return 0.5 * (head(student_start, teacher_start) + head(student_end, teacher_end))
 
 
 def parse_layer_losses(spec: str | None) -> dict | None:
@@ -97,6 +196,9 @@ class _LayerKDSync(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.layer_kd.zero_grad(set_to_none=True)
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.layer_kd.resample(int(round(state.epoch or 0)))  # "random" mappings: this epoch's layers
+
 
 class DistillationTrainer(Trainer):
     """See the module docstring. Extra arguments besides ``Trainer``'s:
@@ -128,8 +230,11 @@ class DistillationTrainer(Trainer):
             if teacher is None:
                 raise ValueError("layer losses need a teacher (--teacher_name_or_path)")
             from kdfast.nn import LayerKD
-            self.layer_kd = LayerKD(self.model.config, teacher.config, mapping=self.distill.layer_mapping,
-                                    losses=self.distill.layer_losses).to(self.args.device)
+            d = self.distill
+            self.layer_kd = LayerKD(self.model.config, teacher.config, mapping=d.layer_mapping,
+                                    losses=d.layer_losses, attention_mapping=d.attention_mapping,
+                                    hidden_mapping=d.hidden_mapping, k=d.mapping_k,
+                                    seed=d.mapping_seed).to(self.args.device)
             self.add_callback(_LayerKDSync(self.layer_kd))
             for m, who in ((self.model, "student"), (teacher, "teacher")):
                 impl = getattr(m.config, "_attn_implementation", None)
@@ -146,6 +251,7 @@ class DistillationTrainer(Trainer):
         # compute_loss returns a per-batch mean: Trainer must divide by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._parts = {}
+        self._ema = {}
 
     # --- data ---------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -173,10 +279,14 @@ class DistillationTrainer(Trainer):
             if not p.requires_grad or id(p) in gate_ids:
                 continue
             (decay if n in decay_names else no_decay).append(p)
+        mapping_logits = []
         if self.layer_kd is not None:
-            decay += list(self.layer_kd.parameters())
+            for n, p in self.layer_kd.named_parameters():
+                (mapping_logits if n.endswith("_map.logits") else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.args.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if mapping_logits:
+            groups.append({"params": mapping_logits, "weight_decay": 0.0, "lr": self.distill.mapping_learning_rate})
         if special:
             groups.append({"params": special, "weight_decay": 0.0, "lr": self.gate_learning_rate})
         opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
@@ -217,15 +327,27 @@ class DistillationTrainer(Trainer):
         if t_start is None:  # fine-tune: hard labels only, over the same span tokens
             loss = qa_kd_loss(s_start, s_end, s_start.detach(), s_end.detach(), sp, ep, soft_weight=0.0,
                               hard_weight=1.0, attention_mask=mask)
-        else:
+        elif self.distill.logit_loss == "kl":
             a = self.distill.alpha
             loss = qa_kd_loss(s_start, s_end, t_start.to(s_start.device), t_end.to(s_end.device), sp, ep,
                               temperature=self.distill.temperature, soft_weight=a, hard_weight=1.0 - a,
                               attention_mask=mask)
+        else:
+            a = self.distill.alpha
+            loss = a * logit_kd_loss(s_start, s_end, t_start.to(s_start.device), t_end.to(s_end.device), mask,
+                                     kind=self.distill.logit_loss, temperature=self.distill.temperature)
+            if a < 1.0 and sp is not None:
+                loss = loss + qa_kd_loss(s_start, s_end, s_start.detach(), s_end.detach(), sp, ep, soft_weight=0.0,
+                                         hard_weight=1.0 - a, attention_mask=mask)
         parts = {"span_loss": loss.detach()}
         if layer_total is not None:
-            loss = loss + layer_total
             parts.update({f"layer_{k}": v.detach() for k, v in terms.items()})
+            if self.distill.two_stage_fraction() is None and self.distill.ema_decay() is None:
+                loss = loss + layer_total
+            else:
+                loss = self._combine(loss, terms)
+        elif self.distill.ema_decay() is not None:
+            loss = self._normalised("span", loss)
         if self.pruning is not None:
             gates, ctl = self.pruning
             exp_sparsity = gates.expected_sparsity()
@@ -236,6 +358,29 @@ class DistillationTrainer(Trainer):
             s, n = self._parts.get(k, (0.0, 0))
             self._parts[k] = (s + float(v), n + 1)
         return (loss, out) if return_outputs else loss
+
+    def _normalised(self, name, value):
+        """``value`` over the bias-corrected EMA of its detached magnitude (``term_weighting="ema"``)."""
+        decay = self.distill.ema_decay()
+        if decay is None:
+            return value
+        avg, n = self._ema.get(name, (0.0, 0))
+        avg, n = decay * avg + (1 - decay) * abs(float(value.detach())), n + 1
+        self._ema[name] = (avg, n)
+        return value / max(avg / (1 - decay ** n), 1e-12)
+
+    def _combine(self, span_loss, terms):
+        """Prediction term + weighted layer terms under ``layer_weight_schedule`` and ``term_weighting``."""
+        frac = self.distill.two_stage_fraction()
+        span_on = layers_on = 1.0
+        if frac is not None:
+            max_steps = max(int(getattr(self.state, "max_steps", 0) or 0), 1)
+            first = self.state.global_step < frac * max_steps
+            span_on, layers_on = (0.0, 1.0) if first else (1.0, 0.0)
+        total = span_on * self._normalised("span", span_loss)
+        for k, v in terms.items():
+            total = total + layers_on * self.layer_kd.losses[k] * self._normalised(k, v)
+        return total
 
     def log(self, logs, *args, **kwargs):
         if self._parts and "loss" in logs:
