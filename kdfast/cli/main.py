@@ -25,6 +25,7 @@ COMMANDS = {
     "active": "active learning: choose which questions to label (see kdfast active --help)",
     "active-plot": "overlay the F1-vs-labels curves of several kdfast active runs in one PNG",
     "augment": "learning to augment for data-scarce QA distillation (see kdfast augment --help)",
+    "study": "distillation design study: layer mappings x losses x weights x seeds (see kdfast study --help)",
 }
 
 
@@ -335,9 +336,17 @@ def cmd_augment(argv):
     return augment_main(argv)
 
 
+def cmd_study(argv):
+    try:
+        from kdfast.study.cli import main as study_main
+    except ImportError as e:  # pragma: no cover
+        raise CLIError(f"the study is not available: {e}") from None
+    return study_main(argv)
+
+
 HANDLERS = {"eval": cmd_eval, "generate-data": cmd_generate, "fine-tune": cmd_fine_tune, "distill": cmd_distill,
             "compress": cmd_compress, "demo": cmd_demo, "active": cmd_active, "active-plot": cmd_active_plot,
-            "augment": cmd_augment}
+            "study": cmd_study, "augment": cmd_augment}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,68 @@
+"""`kdfast study` end to end on the tiny synthetic set: 2 configurations x 2 seeds."""
+import json
+import os
+
+import pytest
+
+from kdfast.study.grid import GridError, load_grid, make_grid
+
+TRAIN = dict(student_layers="1,3", max_steps=2, batch_size=8, learning_rate=1e-3, max_seq_length=128, doc_stride=48,
+             max_train_questions=12, max_eval_questions=6)
+
+
+def test_grid_runs_and_errors(tmp_path):
+    g = make_grid({"grid": {"mapping": ["uniform", "mean"], "attention_weight": [0, 1], "seed": [0, 1]},
+                   "train": {"include_default": True}})
+    names = {r.config_name for r in g.runs()}
+    assert len(names) == 4 and len(g.runs()) == 8  # the default equals uniform/attention 1: no duplicate
+    assert "map=uniform,att=attention_score:1,hid=hidden:1,emb=1,logit=kl" in names
+    for data, key in (({"grid": {"mapings": ["uniform"]}}, "'mapings'"),
+                      ({"grid": {"max_steps": [3]}}, "'max_steps'"),
+                      ({"train": {"seed": 1}}, "'seed'"),
+                      ({"grid": {"mapping": ["middle"]}}, "'mapping'"),
+                      ({"grid": {"hidden_weight": ["x"]}}, "'hidden_weight'"),
+                      ({"grid": {"layer_weight_schedule": ["two_stage"]}}, "'layer_weight_schedule'"),
+                      ({"train": {"max_steps": 0}}, "'max_steps'"),
+                      ({"grids": {}}, "'grids'")):
+        with pytest.raises(GridError, match=key):
+            make_grid(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  mapping: [uniform\n")
+    with pytest.raises(GridError, match="cannot parse"):
+        load_grid(str(bad))
+    with pytest.raises(GridError, match="no such file"):
+        load_grid(str(tmp_path / "none.yaml"))
+
+
+def test_study_outputs_and_resume(tmp_path, squad_files, teacher_dir, capsys):
+    from kdfast.cli.main import main
+    from kdfast.distill.trainer import DistillConfig
+    grid = tmp_path / "study.yaml"
+    grid.write_text("grid:\n  mapping: [uniform, learned]\n  attention_loss: [attention_score]\n"
+                    "  hidden_loss: [hidden]\n  seed: [0, 1]\ntrain:\n" +
+                    "".join(f"  {k}: {json.dumps(v)}\n" for k, v in TRAIN.items()))
+    out = tmp_path / "out"
+    argv = ["study", "--grid", str(grid), "--train_file", squad_files[0], "--validation_file", squad_files[1],
+            "--teacher_name_or_path", teacher_dir, "--output_dir", str(out), "--disable_tqdm"]
+    assert main(argv) == 0
+    for f in ("runs.csv", "results.md", "heatmap.png", "best_config.json"):
+        assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    from kdfast.study.runner import read_runs
+    rows = read_runs(str(out))
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {0, 1}
+    assert all(0 <= r["f1"] <= 100 and r["train_seconds"] > 0 and r["steps"] == 2 for r in rows)
+    assert all(r["learned_weights"] for r in rows if r["mapping"] == "learned")
+    md = (out / "results.md").read_text()
+    assert "± " in md and "learned" in md and "Learned mapping weights" in md
+    best = json.loads((out / "best_config.json").read_text())
+    DistillConfig(**best["distill"])  # usable as a distillation config
+    assert "--layer_losses" in best["kdfast_distill_args"]
+    mtime = os.path.getmtime(out / "runs.csv")
+    capsys.readouterr()
+    assert main(argv) == 0  # rerun: every run is skipped
+    assert "4 done, 0 to run" in capsys.readouterr().out
+    assert os.path.getmtime(out / "runs.csv") == mtime and len(read_runs(str(out))) == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  mapings: [uniform]\n")
+    with pytest.raises(SystemExit, match="unknown grid key 'mapings'"):
+        main(["study", "--grid", str(bad), *argv[3:]])
