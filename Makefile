@@ -1,7 +1,7 @@
 # kdfast: two commands do all the set-up.
 #   make demo   create the environment, build kdfast._C, run the main job (kdfast demo:
 #               the QA distillation recipe on built-in data; DEMO_ARGS=--fresh starts over)
-#   make test   same set-up, then every test tier (prints which ran / skipped)
+#   make test   same set-up, then ruff check (errors only) and every test tier (prints which ran / skipped)
 #
 # Variables: TORCH_SPEC (torch to install when the environment lacks one),
 # VENV (default .venv; an active virtualenv is used as it is), MAX_JOBS.
@@ -45,6 +45,7 @@ demo: build
 	$(PY) -m kdfast demo --output_dir $(DEMO_OUT) $(DEMO_ARGS)
 
 test: build
+	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest tests -q -rs -p no:cacheprovider
 
 bench: build

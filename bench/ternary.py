@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harness import Bench  # noqa: E402
 
-import kdfast  # noqa: E402
 from kdfast import cpu_isa  # noqa: E402
 from kdfast.compress import quantize  # noqa: E402
 from kdfast.ops import pack_ternary, ternarize, ternary_linear  # noqa: E402

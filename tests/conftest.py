@@ -16,7 +16,7 @@ import torch
 if torch.version.cuda is None and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import kdfast  # noqa: E402
+import kdfast  # noqa: E402,F401  (imported first: builds / loads the extension once)
 from kdfast import _ext, backends  # noqa: E402
 
 _tiers = {}

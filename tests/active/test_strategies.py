@@ -89,8 +89,10 @@ def test_bald_text_absent_in_a_pass_has_probability_zero():
 
 # ---------------------------------------------------------------- disagreement
 def np_kl(t, s):
-    p = np.exp(t - t.max()); p /= p.sum()
-    q = np.exp(s - s.max()); q /= q.sum()
+    p = np.exp(t - t.max())
+    p /= p.sum()
+    q = np.exp(s - s.max())
+    q /= q.sum()
     return float((p * (np.log(p) - np.log(q))).sum())
 
 

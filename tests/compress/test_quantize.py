@@ -19,9 +19,9 @@ class Tiny(nn.Module):
         self.qa_outputs = nn.Linear(d, 2)
 
     def forward(self, x):
-        for l in self.layers:
-            x = x + l["q"](x)
-            x = x + l["ff2"](torch.relu(l["ff1"](x)))
+        for layer in self.layers:
+            x = x + layer["q"](x)
+            x = x + layer["ff2"](torch.relu(layer["ff1"](x)))
         return self.qa_outputs(x)
 
 
