@@ -76,14 +76,15 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, labels, grad_rows, kd_args, chunk, backe
     gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if want and need[1] else sw.new_empty(0)
     gb = (torch.zeros(V, dtype=acc, device=sw.device) if want and need[2] and sb is not None
           else sw.new_empty(0))
+    fused = want and backend == "cpu" and backends.choose("kd_loss_fwd_grad", sh[:1], th[:1]) == "cpu"
     for i in range(0, N, chunk):
         j = min(i + chunk, N)
         h = sh[i:j]
         s = F.linear(h, sw, sb)
         t = F.linear(th[i:j], tw, tb)
         lab = None if labels is None else labels[i:j]
-        if want and backend == "cpu":  # loss and logit gradient in one visit of each row
-            r, _, g = torch.ops.kdfast_C.kd_loss_fwd_grad(s, t, lab, *kd_args, 0.0, 0.0, grad_rows[i:j])
+        if fused:  # loss and logit gradient in one visit of each row
+            r, _, g = backends.run("kd_loss_fwd_grad", s, t, lab, *kd_args, 0.0, 0.0, grad_rows[i:j], backend="cpu")
             rows[i:j] = r
         else:
             r, stats = backends.run("kd_loss_fwd", s, t, lab, *kd_args, backend=backend)

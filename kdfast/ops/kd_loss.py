@@ -288,6 +288,26 @@ def _bwd_triton(*args):
     return k.kd_loss_bwd(*args)
 
 
+# Loss rows and the student gradient at given row weights in one visit of each row: what the fused CPU
+# autograd paths of kd_loss, qa_kd_loss and fused_linear_kd_loss call (reference: forward, then backward).
+@backends.register("kd_loss_fwd_grad", "reference")
+def _fwd_grad_reference(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, soft_grad,
+                        hard_grad, row_weights=None):
+    rows, stats = _fwd_reference(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard)
+    if row_weights is None:
+        row_weights = torch.tensor([soft_grad, hard_grad], dtype=torch.float32).expand(student.shape[0], 2)
+    grad = _bwd_reference(student, teacher, labels, stats, row_weights.float().contiguous(), temperature, div,
+                          beta, ignore_index, compute_hard)
+    return rows, stats, grad
+
+
+@backends.register("kd_loss_fwd_grad", "cpu", check=_kernel_check, kernel="kd_loss_fwd_grad")
+def _fwd_grad_cpu(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, soft_grad,
+                  hard_grad, row_weights=None):
+    return torch.ops.kdfast_C.kd_loss_fwd_grad(student, teacher, labels, temperature, div, beta, ignore_index,
+                                               compute_hard, soft_grad, hard_grad, row_weights)
+
+
 # The loss as a whole is what users dispatch on; forward and backward follow it.
 backends.register("kd_loss", "reference")(_fwd_reference)
 backends.register("kd_loss", "cpu", check=_kernel_check, kernel="kd_loss_fwd")(_fwd_cpu)
@@ -357,8 +377,8 @@ class _KDLossFusedCPU(torch.autograd.Function):
         count = student.shape[0] if labels is None else int((labels != ignore_index).sum())
         soft_scale = soft_weight * (temperature * temperature if scale_by_t2 else 1.0)
         weights = _row_grad_weights(reduction, soft_scale, hard_weight if compute_hard else 0.0, count, V)
-        rows, stats, grad = torch.ops.kdfast_C.kd_loss_fwd_grad(student, teacher, labels, temperature, div, beta,
-                                                               ignore_index, compute_hard, *weights)
+        rows, stats, grad = backends.run("kd_loss_fwd_grad", student, teacher, labels, temperature, div, beta,
+                                         ignore_index, compute_hard, *weights, backend="cpu")
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.grad, ctx.weights, ctx.reduction = grad, weights, reduction
         ctx.args = (temperature, div, beta, ignore_index, compute_hard)
@@ -388,7 +408,7 @@ class _KDLossFusedCPU(torch.autograd.Function):
 
 def _fused_cpu_ok(s, t):
     return (torch.is_grad_enabled() and s.requires_grad and not torch.compiler.is_compiling()
-            and backends.choose("kd_loss", s, t) == "cpu" and hasattr(torch.ops.kdfast_C, "kd_loss_fwd_grad"))
+            and backends.choose("kd_loss", s, t) == "cpu" and backends.choose("kd_loss_fwd_grad", s, t) == "cpu")
 
 
 def kd_rows(student, teacher, labels, *, temperature, divergence, beta, ignore_index, compute_hard):

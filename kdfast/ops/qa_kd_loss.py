@@ -78,8 +78,8 @@ class _QAKDFusedCPU(torch.autograd.Function):
                 with_hard):
         s = _stack(student_start, student_end, keep2)
         t = _stack(teacher_start, teacher_end, keep2)
-        rows, stats, grad = torch.ops.kdfast_C.kd_loss_fwd_grad(s, t, labels, T, 0, 0.5, -100, with_hard, 0.0,
-                                                               0.0, weights)
+        rows, stats, grad = backends.run("kd_loss_fwd_grad", s, t, labels, T, 0, 0.5, -100, with_hard, 0.0, 0.0,
+                                         weights, backend="cpu")
         ctx.save_for_backward(s, t, labels, stats, weights)
         ctx.grad, ctx.T, ctx.with_hard, ctx.B = grad, T, with_hard, student_start.shape[0]
         return (rows * weights).sum()
@@ -185,7 +185,8 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
 
     if (torch.is_grad_enabled() and (student_start.requires_grad or student_end.requires_grad)
             and student_start.dtype == student_end.dtype and not torch.compiler.is_compiling()
-            and backends.choose("kd_loss", student_start, teacher_start) == "cpu"):
+            and backends.choose("kd_loss", student_start, teacher_start) == "cpu"
+            and backends.choose("kd_loss_fwd_grad", student_start, teacher_start) == "cpu"):
         weights = _row_weights(B, T, soft_weight, hard_weight, counted, with_hard)
         return _QAKDFusedCPU.apply(student_start, student_end, teacher_start, teacher_end, keep2, labels, weights,
                                    T, with_hard)

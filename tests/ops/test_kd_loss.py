@@ -348,3 +348,21 @@ def test_fused_cpu_path_per_row_grad_output_and_no_grad_forward(monkeypatch):
         out = kd_loss(s.float().requires_grad_(), t.float(), lab, temperature=2.0)
     assert out.grad_fn is None
     assert torch.allclose(out, l2.sum() / (lab != -100).sum(), rtol=1e-5)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("row_weights", [False, True])
+def test_fwd_grad_op_cpu_equals_reference_and_explain_names_it(row_weights):
+    from kdfast import backends
+    s, t, lab = make_inputs(n=9, v=257, seed=41)
+    s, t = s.float(), t.float()
+    w = torch.rand(9, 2) if row_weights else None
+    args = (s, t, lab, 2.0, 0, 0.5, -100, True, 0.7, 0.3, w)
+    assert backends.explain("kd_loss_fwd_grad", s, t).backend == "cpu"
+    rows_c, stats_c, grad_c = backends.run("kd_loss_fwd_grad", *args, backend="cpu")
+    rows_r, _, grad_r = backends.run("kd_loss_fwd_grad", *args, backend="reference")
+    assert torch.allclose(rows_c, rows_r, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad_c, grad_r.to(grad_c.dtype), rtol=1e-4, atol=1e-6)
+    with kdfast.use_backend("reference"):  # a forced backend turns the fused CPU path off
+        x = s.clone().requires_grad_(True)
+        assert "_KDLossFusedCPU" not in type(kd_loss(x, t, lab, hard_weight=0.3).grad_fn).__name__
