@@ -23,9 +23,14 @@ Meaning (the reference below is the specification):
   positions output 0 and are not computed (what FlashAttention varlen does);
   by default they are computed over the valid keys like SDPA with a padding
   mask, so outputs equal SDPA's everywhere.
-- ``dropout_p > 0`` (training with attention dropout) runs PyTorch SDPA, which
-  draws the dropout mask, plus the gates and zero rows above (the reference
-  when a block mask is given: SDPA cannot skip blocks).
+- ``dropout_p > 0`` (training with attention dropout): the CPU kernel drops
+  attention probabilities with a counter-based RNG (Philox-4x32-10, the
+  numbers of Triton's ``tl.rand``) keyed by (seed, offset, b, h, i, j); seed
+  and offset are drawn from torch's default generator per call
+  (``torch.manual_seed`` reproduces a run), and the backward regenerates the
+  mask instead of storing it. :func:`attention_dropout_mask` returns that mask
+  and ``attention_reference(..., dropout_mask=)`` takes it. With a block mask
+  the reference runs (same mask); CUDA tensors run PyTorch SDPA's dropout.
 
 Equivalent PyTorch (no gates, no block mask)::
 
@@ -67,10 +72,12 @@ def allowed_pairs(B, H, Lq, Lk, mask, active, block_mask, block_size, zero_padde
 
 def attention_reference(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_mask=None,
                         block_size=DEFAULT_BLOCK_SIZE, scale=None, dropout_p=0.0, zero_padded_queries=False,
-                        return_lse=False):
+                        return_lse=False, dropout_mask=None):
     """Readable reference (differentiable through plain PyTorch); also the float64 oracle.
 
-    Materialises the [B, H, Lq, Lk] scores. Returns out ``[B, H, Lq, D]`` in
+    Materialises the [B, H, Lq, Lk] scores. ``dropout_mask`` (bool ``[B, H, Lq, Lk]``, True = kept)
+    applies that dropout mask (kept probabilities scaled by ``1 / (1 - dropout_p)``) instead of
+    drawing one with ``F.dropout``. Returns out ``[B, H, Lq, D]`` in
     q's dtype (computed in float32, or float64 for float64 inputs) and, with
     ``return_lse``, the row log-sum-exp (-inf for empty rows).
     """
@@ -85,7 +92,9 @@ def attention_reference(q, k, v, *, mask=None, head_gates=None, active_heads=Non
     live = allow.any(-1, keepdim=True)
     lse = torch.logsumexp(torch.where(live, s, torch.zeros_like(s)), -1, keepdim=True)
     p = torch.where(allow, torch.exp(s - torch.where(live, lse, torch.zeros_like(lse))), torch.zeros_like(s))
-    if dropout_p > 0:
+    if dropout_p > 0 and dropout_mask is not None:  # the kernels' mask (attention_dropout_mask), kept = True
+        p = torch.where(dropout_mask.bool(), p / (1.0 - dropout_p), torch.zeros_like(p))
+    elif dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, v.to(acc))
     if head_gates is not None:
@@ -113,9 +122,10 @@ def _active_mask(active_heads, H, device):
 def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               head_gates: torch.Tensor | None, active: torch.Tensor | None, block_mask: torch.Tensor | None,
               block_size: int, scale: float, zero_padded_queries: bool, keep_ungated: bool,
+              dropout_p: float, rng: torch.Tensor | None,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.run("attention_fwd", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
-                        zero_padded_queries, keep_ungated, backend=backend or None)
+                        zero_padded_queries, keep_ungated, dropout_p, rng, backend=backend or None)
 
 
 def _out_like(q, v):
@@ -125,7 +135,8 @@ def _out_like(q, v):
 
 
 @_attn_fwd.register_fake
-def _(q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries, keep_ungated, backend):
+def _(q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries, keep_ungated,
+      dropout_p, rng, backend):
     B, H, Lq, _ = q.shape
     ung = _out_like(q, v) if keep_ungated else q.new_empty((0,))
     return _out_like(q, v), q.new_empty((B, H, Lq), dtype=torch.float32), ung
@@ -135,42 +146,100 @@ def _(q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_pad
 def _attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               ungated: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, head_gates: torch.Tensor | None,
               active: torch.Tensor | None, block_mask: torch.Tensor | None, block_size: int, scale: float,
-              zero_padded_queries: bool, backend: str
+              zero_padded_queries: bool, dropout_p: float, rng: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.run("attention_bwd", grad_out, q, k, v, out, ungated, lse, mask, head_gates, active,
-                        block_mask, block_size, scale, zero_padded_queries, backend=backend or None)
+                        block_mask, block_size, scale, zero_padded_queries, dropout_p, rng,
+                        backend=backend or None)
 
 
 @_attn_bwd.register_fake
 def _(grad_out, q, k, v, out, ungated, lse, mask, head_gates, active, block_mask, block_size, scale,
-      zero_padded_queries, backend):
+      zero_padded_queries, dropout_p, rng, backend):
     dg = torch.empty_like(head_gates, dtype=torch.float32) if head_gates is not None else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, backend = inputs
+    q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p, rng, backend = inputs
     out, lse, ung = output
-    ctx.save_for_backward(q, k, v, out, ung, lse, mask, gates, active, bm)
-    ctx.args = (bs, scale, zpq, backend)
+    ctx.save_for_backward(q, k, v, out, ung, lse, mask, gates, active, bm, rng)
+    ctx.args = (bs, scale, zpq, dropout_p, backend)
 
 
 def _backward(ctx, grad_out, _g_lse, _g_ung):
-    q, k, v, out, ung, lse, mask, gates, active, bm = ctx.saved_tensors
-    bs, scale, zpq, backend = ctx.args
+    q, k, v, out, ung, lse, mask, gates, active, bm, rng = ctx.saved_tensors
+    bs, scale, zpq, dropout_p, backend = ctx.args
     dq, dk, dv, dg = _attn_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq,
-                               backend)
+                               dropout_p, rng, backend)
     dgates = dg.to(gates.dtype) if (gates is not None and ctx.needs_input_grad[4]) else None
-    return dq, dk, dv, None, dgates, None, None, None, None, None, None, None
+    return dq, dk, dv, None, dgates, None, None, None, None, None, None, None, None, None
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------
+# Dropout mask: Philox-4x32-10 as Triton's tl.rand(seed, offset), element
+# (b, h, i, j) at counter offset + ((b * H + h) * Lq + i) * Lk + j; kept when
+# u >= p. The CPU kernel draws the same numbers inside its loops.
+# --------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _philox_uniform(seed: int, ctr: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms of Philox-4x32-10 (Triton's tl.rand) for int64 counters (wrapping as uint64)."""
+    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        pa, pb = 0xD2511F53 * c0, 0xCD9E8D57 * c2  # int64 products wrap: the low 64 bits are exact
+        c0, c2, c1, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, ((pa >> 32) & _M32) ^ c3 ^ k1, pb & _M32, pa & _M32
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    x = torch.where(c0 >= (1 << 31), c0 - (1 << 32), c0)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_keep_reference(rng, B, H, Lq, Lk, p):
+    """The kernels' keep mask (bool ``[B, H, Lq, Lk]``) in plain PyTorch (the specification)."""
+    seed, offset = (int(x) for x in rng.cpu().tolist())
+    ctr = torch.arange(B * H * Lq * Lk, dtype=torch.int64) + offset
+    u = _philox_uniform(seed, ctr).view(B, H, Lq, Lk)
+    return (u >= torch.tensor(p, dtype=torch.float32)).to(rng.device)
+
+
+def attention_dropout_mask(rng, B, H, Lq, Lk, p):
+    """The dropout keep mask (bool ``[B, H, Lq, Lk]``, True = kept) the kernels use for ``rng``
+    (int64 ``[seed, offset]``, see :func:`draw_dropout_rng`) and rate ``p``: pass it to
+    ``attention_reference(..., dropout_p=p, dropout_mask=...)`` to reproduce a kernel's output.
+    Packed (varlen) input uses Lq/Lk = max_seqlen_q/k and sequence-local positions."""
+    if rng.device.type == "cpu" and hasattr(getattr(torch.ops, "kdfast_C", None), "attention_dropout_mask"):
+        try:
+            return torch.ops.kdfast_C.attention_dropout_mask(rng, B, H, Lq, Lk, float(p))
+        except (AttributeError, RuntimeError):
+            pass
+    return dropout_keep_reference(rng, B, H, Lq, Lk, p)
+
+
+def draw_dropout_rng(device=None) -> torch.Tensor:
+    """int64 ``[seed, offset]`` drawn from torch's default generator (``torch.manual_seed`` reproduces it)."""
+    return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, device=device)
+
+
+def _keep(rng, q, k, p):
+    B, H, Lq, _ = q.shape
+    return attention_dropout_mask(rng, B, H, Lq, k.shape[2], p).to(q.device)
+
+
 @backends.register("attention_fwd", "reference")
-def _fwd_reference(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
+def _fwd_reference(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
+    keep = _keep(rng, q, k, dropout_p) if dropout_p > 0 else None
     o, lse = attention_reference(q, k, v, mask=mask, active_heads=active, block_mask=bm, block_size=bs,
-                                 scale=scale, zero_padded_queries=zpq, return_lse=True)
+                                 scale=scale, zero_padded_queries=zpq, return_lse=True, dropout_p=dropout_p,
+                                 dropout_mask=keep)
     out = _out_like(q, v)
     if gates is not None:
         g = gates if gates.dim() == 2 else gates[None, :]
@@ -185,12 +254,13 @@ def _fwd_reference(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungate
 
 
 @backends.register("attention_bwd", "reference")
-def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0,
+                   rng=None):
     """Gradients written out from the saved row log-sum-exp (probabilities recomputed).
 
-    With P = exp(S - lse) on allowed pairs, O the ungated output, g the gate:
-      dO = g * grad_out,  dV = P^T dO,  dS = P * (dO V^T - rowsum(dO * O)),
-      dQ = scale * dS K,  dK = scale * dS^T Q,  d g = sum(grad_out * O).
+    With P = exp(S - lse) on allowed pairs, Z the dropout mask (0 or 1/(1-p)), g the gate:
+      dO = g * grad_out,  dV = (P Z)^T dO,  dP = Z (dO V^T),  dS = P * (dP - rowsum(P * dP)),
+      dQ = scale * dS K,  dK = scale * dS^T Q,  d g = sum(grad_out * O) (O ungated).
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -203,19 +273,23 @@ def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs
     live = torch.isfinite(lse_a)
     p = torch.where(allow & live, torch.exp(s - torch.where(live, lse_a, torch.zeros_like(lse_a))),
                     torch.zeros_like(s))
+    z = None
+    if dropout_p > 0:
+        z = _keep(rng, q, k, dropout_p).to(acc) / (1.0 - dropout_p)
+    pd = p if z is None else p * z
     go = grad_out.to(acc)
     dg = q.new_empty((0,))
     if gates is not None:
         g = (gates if gates.dim() == 2 else gates[None, :]).to(acc)
-        o = ung.to(acc) if ung.numel() else torch.matmul(p, vf)
+        o = ung.to(acc) if ung.numel() else torch.matmul(pd, vf)
         dgf = (go * o).sum((-1, -2))  # [B, H]
         dg = (dgf if gates.dim() == 2 else dgf.sum(0)).float()
         go = go * g[:, :, None, None]
-    else:
-        o = out.to(acc)
-    dv = torch.matmul(p.transpose(-1, -2), go)
+    dv = torch.matmul(pd.transpose(-1, -2), go)
     dp = torch.matmul(go, vf.transpose(-1, -2))
-    d = (go * o).sum(-1, keepdim=True)
+    if z is not None:
+        dp = dp * z
+    d = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - d)
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
@@ -233,22 +307,41 @@ def _kernel_check(q, k, v, *rest):
     return None
 
 
-@backends.register("attention_fwd", "cpu", check=_kernel_check, kernel="attention_fwd")
-def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
-    return torch.ops.kdfast_C.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
+def _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
+    r = _kernel_check(q, k, v)
+    if r is None and dropout_p > 0 and bm is not None:
+        r = "dropout with a block mask is not in the CPU kernels"
+    return r
 
 
-# The CPU backward recomputes probabilities with ATen matmuls (the reference
+def _cpu_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0,
+                   rng=None):
+    return _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, False, dropout_p, rng)
+
+
+@backends.register("attention_fwd", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd")
+def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
+    if bm is not None:  # block-sparse: the broadcast-FMA kernel of attention.cpp skips masked blocks
+        return torch.ops.kdfast_C.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
+    return torch.ops.kdfast_C.attention_train_fwd(q, k, v, mask, None, None, 0, 0, gates, active, scale, zpq,
+                                                  keep_ungated, float(dropout_p), rng)
+
+
+# The block-sparse CPU backward recomputes probabilities with ATen matmuls (the reference
 # backward), a few examples at a time: its [b, H, Lq, Lk] maps (scores,
 # probabilities, their gradient and the masks, ~6 live at once) stay near
-# CPU_BWD_CHUNK_BYTES each instead of B times one example's. Training on the
-# CPU is not the target of the compiled kernel, but its peak memory counts
-# (B=8, L=384, H=12: one map is 57 MB, a chunk of 2 examples 14 MB).
+# CPU_BWD_CHUNK_BYTES each instead of B times one example's (B=8, L=384, H=12:
+# one map is 57 MB, a chunk of 2 examples 14 MB). Without a block mask the
+# compiled flash-style backward (attention_train.cpp) runs instead: one m x n tile per thread.
 CPU_BWD_CHUNK_BYTES = 16 << 20
 
 
-@backends.register("attention_bwd", "cpu", check=_kernel_check, kernel="attention_fwd")
-def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+@backends.register("attention_bwd", "cpu", check=_cpu_bwd_check, kernel="attention_train_fwd")
+def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0, rng=None):
+    if bm is None:
+        return torch.ops.kdfast_C.attention_train_bwd(
+            grad_out, q, k, v, ung, lse, mask, None, None, 0, 0, gates, active, scale, zpq, float(dropout_p), rng,
+            gates is not None and ung.numel() > 0)
     B, H, Lq, _ = q.shape
     per = max(1, CPU_BWD_CHUNK_BYTES // max(1, H * Lq * k.shape[2] * 4))
     if per >= B:
@@ -275,33 +368,37 @@ def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scal
     return dq, dk, dv, dg
 
 
-def _triton_check(q, k, v, mask, gates, active, bm, bs, *rest):
+def _triton_check(q, k, v, mask, gates, active, bm, bs, scale=None, zpq=False, keep_ungated=False, dropout_p=0.0,
+                  rng=None):
     r = _kernel_check(q, k, v, mask, gates, active, bm, bs)
     if r is None and bm is not None:
         from kdfast.kernels.triton.attention import block_size_ok
         if not block_size_ok(bs):
             r = f"block_size {bs} is not a Triton tile size (16, 32, 64 or 128)"
+    if r is None and dropout_p > 0:
+        r = "dropout is not in the Triton kernels"
     return r
 
 
-def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, *rest):
-    return _triton_check(q, k, v, mask, gates, active, bm, bs)
+def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale=None, zpq=False,
+                      dropout_p=0.0, rng=None):
+    return _triton_check(q, k, v, mask, gates, active, bm, bs, dropout_p=dropout_p)
 
 
 @backends.register("attention_fwd", "triton", check=_triton_check)
-def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated):
+def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
 
 
 @backends.register("attention_bwd", "triton", check=_triton_bwd_check)
-def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq):
+def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq)
 
 
 backends.register("attention", "reference")(_fwd_reference)
-backends.register("attention", "cpu", check=_kernel_check, kernel="attention_fwd")(_fwd_cpu)
+backends.register("attention", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd")(_fwd_cpu)
 backends.register("attention", "triton", check=_triton_check)(_fwd_triton)
 backends.set_gpu_order("attention", ("triton",))
 backends.set_gpu_order("attention_fwd", ("triton",))
@@ -393,7 +490,7 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
         active_heads: ``[H]`` bool or int64 indices of the heads to compute; the others give 0.
         block_mask: ``[1|B, 1|H, ceil(Lq/block_size), ceil(Lk/block_size)]`` bool.
         scale: defaults to ``1/sqrt(D)``.
-        dropout_p: attention-probability dropout (runs SDPA, or the reference with a block mask).
+        dropout_p: attention-probability dropout, in the kernel (see the module docstring).
         zero_padded_queries: padded query rows output 0 instead of attending.
 
     Returns ``[B, H, Lq, D]`` in q's dtype (stored as ``[B, Lq, H, D]``, so
@@ -406,21 +503,21 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
     if zero_padded_queries and mask is not None and q.shape[2] != k.shape[2]:
         raise ValueError("zero_padded_queries needs self-attention (Lq == Lk) so that mask also marks queries")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if dropout_p > 0 and block_mask is None:
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and block_mask is None and q.device.type != "cpu":
+        # No GPU kernel draws dropout masks yet: SDPA (fused, padding mask included).
         return _attention_dropout(q, k, v, mask, head_gates, active_heads, scale, dropout_p, zero_padded_queries)
-    if dropout_p > 0:
-        # No kernel draws dropout masks and SDPA cannot skip blocks: autograd through the reference.
-        return attention_reference(q, k, v, mask=mask, head_gates=head_gates, active_heads=active_heads,
-                                   block_mask=block_mask, block_size=block_size, scale=scale,
-                                   dropout_p=dropout_p, zero_padded_queries=zero_padded_queries)
     active = _active_mask(active_heads, q.shape[1], q.device) if active_heads is not None else None
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
+    # Seed and offset of the kernels' counter-based dropout RNG, from torch's generator.
+    rng = draw_dropout_rng(q.device) if dropout_p > 0 else None
+    keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
     # Eager: choose here so forward and backward surely use one backend. Under
     # torch.compile the op body chooses at run time (same rules, opaque to the tracer).
     backend = "" if torch.compiler.is_compiling() else backends.explain(
-        "attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries).backend
-    keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
+        "attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale, zero_padded_queries,
+        keep_ungated, dropout_p, rng).backend
     out, _, _ = _attn_fwd(q, k, v, mask, head_gates, active, block_mask, block_size, scale,
-                          bool(zero_padded_queries), keep_ungated, backend)
+                          bool(zero_padded_queries), keep_ungated, dropout_p, rng, backend)
     return out

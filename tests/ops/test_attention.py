@@ -156,11 +156,11 @@ def test_gradients_match_oracle(backend, case):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("examples", [1, 2])
-@pytest.mark.parametrize("case", ["padding", "gates", "gates_bh", "active_bool", "blocks", "blocks_pad_zpq",
-                                  "blocks64"])
+@pytest.mark.parametrize("case", ["blocks", "blocks_pad_zpq", "blocks64"])
 def test_cpu_backward_in_example_chunks(monkeypatch, examples, case):
-    # The CPU backward runs a few examples at a time (chunks of 1 and 2 of B=3 here: uneven), with
-    # per-example and shared gates and block masks; same gradients as the oracle.
+    # The block-sparse CPU backward runs a few examples at a time (chunks of 1 and 2 of B=3 here:
+    # uneven), with per-example and shared block masks; same gradients as the oracle. (Without a
+    # block mask the compiled flash-style backward runs: see test_gradients_match_oracle.)
     import importlib
     att = importlib.import_module("kdfast.ops.attention")
     monkeypatch.setattr(att, "CPU_BWD_CHUNK_BYTES", examples * 2 * 37 * 37 * 4)
@@ -209,16 +209,19 @@ def test_dropout_runs_reference_with_grad():
     assert not torch.allclose(out, attention(q, k, v))
 
 
-def test_dropout_is_sdpa_dropout_with_gates():
-    # With dropout the op is SDPA (same RNG stream, so the same dropout mask) times the head gates.
+def test_dropout_is_the_reference_with_the_kernel_mask_and_gates():
+    # With dropout the op is the reference given the kernels' mask (drawn from the seed / offset the
+    # op takes from torch's generator), times the head gates.
+    from kdfast.ops.attention import attention_dropout_mask, draw_dropout_rng
     q, k, v = make_qkv(3, 4, 29, 16, seed=5)
     m = pad_mask(3, 29, [29, 11, 5])
     gates = torch.tensor([1.0, 0.3, 0.0, 0.8])
     torch.manual_seed(1)
     got = attention(q, k, v, mask=m, head_gates=gates, dropout_p=0.25)
     torch.manual_seed(1)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :], dropout_p=0.25)
-    assert torch.allclose(got, want * gates[None, :, None, None], rtol=1e-5, atol=1e-5)
+    keep = attention_dropout_mask(draw_dropout_rng(), 3, 4, 29, 29, 0.25)
+    want = attention_reference(q, k, v, mask=m, head_gates=gates, dropout_p=0.25, dropout_mask=keep)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     # zero_padded_queries: the padded query rows are 0, the others unchanged
     torch.manual_seed(1)
     zq = attention(q, k, v, mask=m, head_gates=gates, dropout_p=0.25, zero_padded_queries=True)
@@ -258,8 +261,11 @@ def test_opcheck(backend):
     m = pad_mask(2, 19, [19, 7])
     gates = torch.rand(2, requires_grad=True)
     bm = torch.tensor([[True, False], [True, True]])[None, None]
-    args = (q, k, v, m, gates, None, bm, 16, 0.25, False, True, backend)
+    args = (q, k, v, m, gates, None, bm, 16, 0.25, False, True, 0.0, None, backend)
     torch.library.opcheck(_attn_fwd, args)
+    if backend != "triton":  # dropout (no block mask) through the kernels' RNG
+        rng = torch.tensor([12345, 678], dtype=torch.int64)
+        torch.library.opcheck(_attn_fwd, (q, k, v, m, gates, None, None, 16, 0.25, True, True, 0.2, rng, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -296,3 +302,122 @@ def test_bad_inputs(bad, err):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises((ValueError, TypeError), match=err):
         attention(q, k, v, **args)
+
+
+# --------------------------------------------------------------------------
+# Dropout inside the kernels (counter-based RNG), the compiled backward
+# --------------------------------------------------------------------------
+def _dropout_case(B=3, H=2, L=37, D=24, seed=9):
+    q, k, v = [x.detach().requires_grad_() for x in make_qkv(B, H, L, D, seed=seed)]
+    m = pad_mask(B, L, [L, 17, 0][:B])  # odd lengths, one fully padded example
+    return q, k, v, m
+
+
+@pytest.mark.parametrize("backend", _backend_params(triton=False))
+@pytest.mark.parametrize("extra", ["plain", "gates_bh", "zpq_active"])
+def test_dropout_grads_match_oracle_with_the_kernel_mask(backend, extra):
+    from kdfast.ops.attention import attention_dropout_mask, draw_dropout_rng
+    q, k, v, m = _dropout_case()
+    B, H, L, _ = q.shape
+    kw = {"mask": m}
+    if extra == "gates_bh":
+        kw["head_gates"] = (torch.rand(B, H) * 2).requires_grad_()
+    if extra == "zpq_active":
+        kw.update(zero_padded_queries=True, active_heads=torch.tensor([True, False]))
+    p = 0.3
+    torch.manual_seed(4)
+    with kdfast.use_backend(backend):
+        out = attention(q, k, v, dropout_p=p, **kw)
+    torch.manual_seed(4)
+    keep = attention_dropout_mask(draw_dropout_rng(), B, H, L, L, p)
+    ins = [q, k, v] + ([kw["head_gates"]] if "head_gates" in kw else [])
+    go = torch.randn_like(out) * 3
+    got = torch.autograd.grad(out, ins, go)
+    ins64 = [x.detach().double().requires_grad_() for x in ins]
+    kw64 = dict(kw, head_gates=ins64[3]) if "head_gates" in kw else dict(kw)
+    ref64 = attention_reference(*ins64[:3], dropout_p=p, dropout_mask=keep, **kw64)
+    want = torch.autograd.grad(ref64, ins64, go.double())
+    ins32 = [x.detach().requires_grad_() for x in ins]
+    kw32 = dict(kw, head_gates=ins32[3]) if "head_gates" in kw else dict(kw)
+    ref32 = attention_reference(*ins32[:3], dropout_p=p, dropout_mask=keep, **kw32)
+    tref = torch.autograd.grad(ref32, ins32, go)
+    assert_close_to_oracle(out, ref64, ref32, torch.float32, what="out")
+    for name, a, b, c in zip("qkvg", got, want, tref):
+        assert_close_to_oracle(a, b, c, torch.float32, what=f"grad {name}")
+
+
+def test_dropout_mask_kernel_equals_torch_philox_and_statistics():
+    from kdfast.ops.attention import attention_dropout_mask, dropout_keep_reference
+    rng = torch.tensor([0x1234_5678_9ABC_DEF, (1 << 33) + 5], dtype=torch.int64)
+    keep = attention_dropout_mask(rng, 2, 3, 40, 50, 0.1)
+    assert torch.equal(keep, dropout_keep_reference(rng, 2, 3, 40, 50, 0.1))
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.9) < 4 * math.sqrt(0.09 / keep.numel())
+    other = attention_dropout_mask(rng + torch.tensor([0, 7]), 2, 3, 40, 50, 0.1)  # another offset
+    agree = (keep == other).float().mean().item()  # independent masks agree with prob 0.82
+    assert abs(agree - 0.82) < 0.02
+    assert not torch.equal(keep, attention_dropout_mask(rng + torch.tensor([1, 0]), 2, 3, 40, 50, 0.1))
+
+
+def test_dropout_same_seed_same_output_and_grads():
+    q, k, v, m = _dropout_case()
+    res = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        out = attention(q, k, v, mask=m, dropout_p=0.2)
+        res.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    out3 = attention(q, k, v, mask=m, dropout_p=0.2)  # next draw: another mask
+    assert not torch.equal(out3, res[0][0])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_vnni"])
+def test_dropout_kernel_isa_paths(isa):
+    from kdfast import cpu_isa
+    if isa not in cpu_isa.available_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    q, k, v, m = _dropout_case(B=2, L=29, D=64)
+    res = {}
+    for name, path in (("cpu", isa), ("reference", None)):
+        torch.manual_seed(5)
+        with kdfast.use_backend(name), (cpu_isa.use_cpu_isa(path) if path else _nullctx()):
+            out = attention(q, k, v, mask=m, dropout_p=0.15)
+            res[name] = (out,) + torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(res["cpu"], res["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def _nullctx():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+@pytest.mark.cpu
+def test_bf16_forward_backward_with_dropout():
+    q, k, v, m = _dropout_case(B=2, L=33, D=32)
+    qb, kb, vb = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    torch.manual_seed(3)
+    with kdfast.use_backend("cpu"):
+        out = attention(qb, kb, vb, mask=m, dropout_p=0.1)
+        g = torch.autograd.grad(out.float().sum(), (qb, kb, vb))
+    assert out.dtype == torch.bfloat16 and all(x.dtype == torch.bfloat16 for x in g)
+    torch.manual_seed(3)
+    with kdfast.use_backend("reference"):
+        ref = attention(qb.detach().float().requires_grad_(), kb.detach().float(), vb.detach().float(), mask=m,
+                        dropout_p=0.1)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    q, k, v, m = _dropout_case(B=2, L=19, D=8)
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, mask=m, dropout_p=0.2), fullgraph=True,
+                       backend="aot_eager")
+    torch.manual_seed(8)
+    a = fn(q, k, v)
+    torch.manual_seed(8)
+    b = fn(q, k, v)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    assert torch.isfinite(q.grad).all()
