@@ -32,6 +32,8 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
     torch.manual_seed(seed)  # dropout masks
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    warm = max(1, int(0.1 * steps))  # linear warm-up over 10% of the steps, then linear decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, 1 - s / steps))
     model.train()
     done, total = 0, 0.0
     while done < steps:
@@ -56,6 +58,7 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             total += float(loss.detach())
             done += 1
             if done >= steps:
