@@ -16,9 +16,10 @@ layer; each layer's kernel call only lists the valid key indices, O(B * L)
 integer work, and never touches padded keys).
 
 Training note: with ``model.train()`` BERT passes its attention dropout
-(0.1) and the op then runs its reference path (dropout masks are drawn only
-there), which materialises the scores; set
-``config.attention_probs_dropout_prob = 0`` to keep the fused kernels. Any other pattern (causal, sliding, custom ``or/and`` mask functions)
+(0.1); on CPU tensors the kdfast kernel applies it itself (counter-based
+Philox RNG seeded from torch's generator, mask regenerated in the backward,
+padded keys still skipped), so training keeps the kernels; CUDA tensors run
+SDPA's dropout until a GPU kernel draws masks. Any other pattern (causal, sliding, custom ``or/and`` mask functions)
 falls back to transformers' SDPA mask, and the attention then runs
 ``F.scaled_dot_product_attention`` with the same gates applied.
 

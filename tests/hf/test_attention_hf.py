@@ -137,3 +137,36 @@ def test_module_gates_and_active_heads_applied():
         a = ref(input_ids=ids, attention_mask=am).start_logits
         b = fast(input_ids=ids, attention_mask=am).start_logits
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.cpu
+def test_train_mode_dropout_runs_the_kdfast_kernel_not_sdpa(monkeypatch):
+    # BERT's default attention dropout (0.1) in train mode: the kdfast CPU kernel draws the mask
+    # (no SDPA call anywhere); torch.manual_seed reproduces loss and gradients.
+    import importlib
+    opa = importlib.import_module("kdfast.ops.attention")
+    fast = _model("kdfast").train()
+    assert fast.config.attention_probs_dropout_prob > 0
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("SDPA called")
+    monkeypatch.setattr(hfa.F, "scaled_dot_product_attention", no_sdpa)
+    monkeypatch.setattr(opa.F, "scaled_dot_product_attention", no_sdpa)
+    calls = []
+    orig = torch.ops.kdfast_C.attention_train_fwd
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[13])  # dropout_p
+            return orig(*a)
+    monkeypatch.setattr(opa.torch.ops.kdfast_C, "attention_train_fwd", Spy(), raising=False)
+    ids, am = _batch()
+    res = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = fast(input_ids=ids, attention_mask=am)
+        loss = out.start_logits.square().mean()
+        grads = torch.autograd.grad(loss, [fast.bert.encoder.layer[0].attention.self.query.weight])
+        res.append((loss.detach(), grads[0]))
+    assert calls and all(p == pytest.approx(0.1) for p in calls)
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
