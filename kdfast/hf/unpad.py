@@ -12,13 +12,17 @@ valid tokens of its input ``[B, L, hidden]`` once into a packed
 token-wise parts on the packed tokens only: the query/key/value projections,
 the attention output dense + dropout + LayerNorm, the intermediate dense +
 activation and the output dense + dropout + LayerNorm. Padded tokens cost
-no matmul work at all. For the attention itself the packed q/k/v are
-scattered into zero-filled ``[B, H, L, D]`` tensors and passed to the very
-function the registered ``"kdfast"`` attention runs
-(:func:`kdfast.hf.attention.kdfast_attention_forward`) with the ``[B, L]``
-padding mask and ``zero_padded_queries=True``: padded keys are never read and
-padded query rows are not computed; its output is gathered back to packed
-tokens. At the end the packed tokens are scattered back to ``[B, L, hidden]``.
+no matmul work at all. The attention itself runs on the packed q/k/v
+``[T, H, d]`` with cumulative sequence lengths
+(:func:`kdfast.ops.attention.attention_varlen`, forward and backward, dropout
+included): padded tokens are never materialised, training included. That
+needs right-padded rows (each row's valid tokens one run), CPU tensors and no
+attention observer; otherwise the packed q/k/v are scattered into zero-filled
+``[B, H, L, D]`` tensors and passed to the very function the registered
+``"kdfast"`` attention runs (:func:`kdfast.hf.attention.kdfast_attention_forward`)
+with the ``[B, L]`` padding mask and ``zero_padded_queries=True``, and its
+output is gathered back to packed tokens. At the end the packed tokens are
+scattered back to ``[B, L, hidden]``.
 
 What the outputs contain:
 
@@ -69,7 +73,8 @@ import types
 import torch
 from torch import nn
 
-from kdfast.hf.attention import NAME, kdfast_attention_forward
+from kdfast.hf.attention import NAME, _module_gates, _observers, kdfast_attention_forward
+from kdfast.ops.attention import attention_varlen
 
 _MARK = "_kdfast_unpadded"
 
@@ -143,25 +148,41 @@ def _pad_heads(t, idx, B, L, d):
     return buf.view(B, L, -1, d).transpose(1, 2)
 
 
-def _attention_packed(layer, x, idx, mask, B, L):
+def _attention_varlen(sa, x, cu, L, p):
+    """Attention of packed tokens ``[T, hidden]`` on packed q/k/v ``[T, H, d]``: nothing padded is built."""
+    d = sa.attention_head_size
+    T = x.shape[0]
+    q, k, v = (lin(x).view(T, -1, d) for lin in (sa.query, sa.key, sa.value))
+    gates, active = _module_gates(sa)
+    if active is None and gates is not None and gates.dim() == 1 and not (gates.requires_grad and
+                                                                          torch.is_grad_enabled()):
+        active = gates != 0  # as kdfast_attention_forward: heads whose gate is exactly 0 are skipped
+    out = attention_varlen(q, k, v, cu, cu, L, L, head_gates=gates, active_heads=active,
+                           scale=getattr(sa, "scaling", None), dropout_p=p)
+    return out.reshape(T, -1)
+
+
+def _attention_packed(layer, x, idx, mask, B, L, cu=None):
     sa = layer.attention.self
+    drop = getattr(sa, "dropout", None)
+    p = drop.p if (getattr(sa, "training", False) and drop is not None) else 0.0
     if getattr(sa, "num_attention_heads", 1) == 0 or not hasattr(sa, "query"):
         ctx = x.new_zeros(x.shape[0], 0)  # attention removed by compaction: output bias + residual + LN remain
-    else:
+    elif cu is not None and not _observers and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        ctx = _attention_varlen(sa, x, cu, L, p)
+    else:  # observers want [B, H, L, D] q/k/v; other devices: re-padded q/k/v through the kdfast attention
         d = sa.attention_head_size
         q = _pad_heads(sa.query(x), idx, B, L, d)
         k = _pad_heads(sa.key(x), idx, B, L, d)
         v = _pad_heads(sa.value(x), idx, B, L, d)
-        drop = getattr(sa, "dropout", None)
-        p = drop.p if (sa.training and drop is not None) else 0.0
         out, _ = kdfast_attention_forward(sa, q, k, v, mask, dropout=p, scaling=getattr(sa, "scaling", None),
                                           zero_padded_queries=True)
         ctx = out.reshape(B * L, -1).index_select(0, idx)  # [B, L, H, d] -> packed [T, H*d]
     return layer.attention.output(ctx, x)
 
 
-def _layer_packed(layer, x, idx, mask, B, L):
-    a = _attention_packed(layer, x, idx, mask, B, L)
+def _layer_packed(layer, x, idx, mask, B, L, cu=None):
+    a = _attention_packed(layer, x, idx, mask, B, L, cu)
     return layer.output(layer.intermediate(a), a)
 
 
@@ -180,6 +201,13 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
     idx = attention_mask.reshape(-1).nonzero().squeeze(1)  # unpad once per forward
     x = hidden_states.reshape(B * L, Hd).index_select(0, idx)
     record = bool(col) and "hidden_states" in col
+    # Packed q/k/v for the attention too when the valid tokens of each row are one run (right padding,
+    # the usual case; then packed order = sequence order); otherwise re-padded q/k/v.
+    cu = None
+    if hidden_states.device.type == "cpu":  # (the test reads the mask: no host sync on CPU tensors)
+        lengths = attention_mask.sum(1)
+        if torch.equal(attention_mask, torch.arange(L)[None, :] < lengths[:, None]):
+            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
 
     def scatter(t):
         return t.new_zeros(B * L, t.shape[1]).index_copy_(0, idx, t).view(B, L, -1)
@@ -188,9 +216,9 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
     for layer in self.layer:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
-            x = checkpoint(_layer_packed, layer, x, idx, attention_mask, B, L, use_reentrant=False)
+            x = checkpoint(_layer_packed, layer, x, idx, attention_mask, B, L, cu, use_reentrant=False)
         else:
-            x = _layer_packed(layer, x, idx, attention_mask, B, L)
+            x = _layer_packed(layer, x, idx, attention_mask, B, L, cu)
         if record:
             _record_hidden(col, lambda: scatter(x))
     out = scatter(x)

@@ -307,7 +307,8 @@ def _kernel_check(q, k, v, *rest):
     return None
 
 
-def _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
+def _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale=None, zpq=False, keep_ungated=False, dropout_p=0.0,
+                   rng=None):
     r = _kernel_check(q, k, v)
     if r is None and dropout_p > 0 and bm is not None:
         r = "dropout with a block mask is not in the CPU kernels"
@@ -520,4 +521,177 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
         keep_ungated, dropout_p, rng).backend
     out, _, _ = _attn_fwd(q, k, v, mask, head_gates, active, block_mask, block_size, scale,
                           bool(zero_padded_queries), keep_ungated, dropout_p, rng, backend)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Packed variable-length input (FlashAttention's varlen layout)
+# --------------------------------------------------------------------------
+@torch.library.custom_op("kdfast::attention_varlen_fwd", mutates_args=())
+def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_q: int, max_k: int, head_gates: torch.Tensor | None, active: torch.Tensor | None, scale: float,
+                keep_ungated: bool, dropout_p: float, rng: torch.Tensor | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run("attention_varlen_fwd", q, k, v, cu_q, cu_k, max_q, max_k, head_gates, active, scale,
+                        keep_ungated, dropout_p, rng, backend=backend or None)
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, head_gates, active, scale, keep_ungated, dropout_p, rng, backend):
+    T, H, _ = q.shape
+    ung = q.new_empty((T, H, v.shape[-1])) if keep_ungated else q.new_empty((0,))
+    return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32), ung
+
+
+@torch.library.custom_op("kdfast::attention_varlen_bwd", mutates_args=())
+def _varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ung: torch.Tensor,
+                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                head_gates: torch.Tensor | None, active: torch.Tensor | None, scale: float, dropout_p: float,
+                rng: torch.Tensor | None, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.run("attention_varlen_bwd", grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, head_gates,
+                        active, scale, dropout_p, rng, backend=backend or None)
+
+
+@_varlen_bwd.register_fake
+def _(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, head_gates, active, scale, dropout_p, rng, backend):
+    dg = torch.empty_like(head_gates, dtype=torch.float32) if head_gates is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p, rng, backend = inputs
+    _, lse, ung = output
+    ctx.save_for_backward(q, k, v, ung, lse, cu_q, cu_k, gates, active, rng)
+    ctx.args = (max_q, max_k, scale, dropout_p, backend)
+
+
+def _varlen_backward(ctx, grad_out, _g_lse, _g_ung):
+    q, k, v, ung, lse, cu_q, cu_k, gates, active, rng = ctx.saved_tensors
+    max_q, max_k, scale, dropout_p, backend = ctx.args
+    dq, dk, dv, dg = _varlen_bwd(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+                                 dropout_p, rng, backend)
+    dgates = dg.to(gates.dtype) if (gates is not None and ctx.needs_input_grad[7]) else None
+    return dq, dk, dv, None, None, None, None, dgates, None, None, None, None, None, None
+
+
+_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+def _varlen_index(cu, L):
+    """(batch, position) of every packed token, and the [B, L] validity mask."""
+    lengths = cu[1:] - cu[:-1]
+    B = lengths.numel()
+    b = torch.repeat_interleave(torch.arange(B, device=cu.device), lengths)
+    pos = torch.arange(b.numel(), device=cu.device) - cu[:-1].repeat_interleave(lengths)
+    valid = torch.arange(L, device=cu.device)[None, :] < lengths[:, None]
+    return b, pos, valid
+
+
+def _pad_packed(x, b, pos, B, L, fill=0.0):
+    """[T, H, D] -> [B, H, L, D]."""
+    out = x.new_full((B, L) + tuple(x.shape[1:]), fill)
+    out[b, pos] = x
+    return out.transpose(1, 2)
+
+
+@backends.register("attention_varlen_fwd", "reference")
+def _varlen_fwd_reference(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0,
+                          rng=None):
+    B = cu_q.numel() - 1
+    bq, pq, _ = _varlen_index(cu_q.long(), max_q)
+    bk, pk, kvalid = _varlen_index(cu_k.long(), max_k)
+    qp, kp, vp = _pad_packed(q, bq, pq, B, max_q), _pad_packed(k, bk, pk, B, max_k), _pad_packed(v, bk, pk, B, max_k)
+    out, lse, ung = _fwd_reference(qp, kp, vp, kvalid, gates, active, None, DEFAULT_BLOCK_SIZE, scale, False,
+                                   keep_ungated, dropout_p, rng)
+    T = q.shape[0]
+    o = torch.zeros_like(q)
+    o[: bq.numel()] = out.transpose(1, 2)[bq, pq]
+    ls = torch.full((q.shape[1], T), float("-inf"), dtype=torch.float32, device=q.device)
+    ls[:, : bq.numel()] = lse.transpose(1, 2)[bq, pq].T
+    u = q.new_empty((0,))
+    if keep_ungated:
+        u = torch.zeros_like(q)
+        u[: bq.numel()] = ung.transpose(1, 2)[bq, pq]
+    return o, ls, u
+
+
+@backends.register("attention_varlen_bwd", "reference")
+def _varlen_bwd_reference(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+                          dropout_p=0.0, rng=None):
+    B = cu_q.numel() - 1
+    bq, pq, _ = _varlen_index(cu_q.long(), max_q)
+    bk, pk, kvalid = _varlen_index(cu_k.long(), max_k)
+    n = bq.numel()
+    pad_q = lambda x: _pad_packed(x[:n], bq, pq, B, max_q)  # noqa: E731
+    qp, gp = pad_q(q), pad_q(grad_out)
+    kp, vp = _pad_packed(k, bk, pk, B, max_k), _pad_packed(v, bk, pk, B, max_k)
+    up = pad_q(ung) if ung.numel() else ung
+    lp = _pad_packed(lse[:, :n].T.contiguous(), bq, pq, B, max_q, fill=float("-inf"))  # [B, H, L]
+    dq, dk, dv, dg = _bwd_reference(gp, qp, kp, vp, None, up, lp, kvalid, gates, active, None, DEFAULT_BLOCK_SIZE,
+                                    scale, False, dropout_p, rng)
+    rq, rk, rv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rq[:n] = dq.transpose(1, 2)[bq, pq]
+    rk[: bk.numel()] = dk.transpose(1, 2)[bk, pk]
+    rv[: bk.numel()] = dv.transpose(1, 2)[bk, pk]
+    return rq, rk, rv, dg
+
+
+def _varlen_cpu_check(q, *rest):
+    return _kernel_check(q, q, q)
+
+
+@backends.register("attention_varlen_fwd", "cpu", check=_varlen_cpu_check, kernel="attention_train_fwd")
+def _varlen_fwd_cpu(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0, rng=None):
+    return torch.ops.kdfast_C.attention_train_fwd(q, k, v, None, cu_q, cu_k, max_q, max_k, gates, active, scale,
+                                                  True, keep_ungated, float(dropout_p), rng)
+
+
+@backends.register("attention_varlen_bwd", "cpu", check=lambda g, q, *r: _kernel_check(q, q, q),
+                   kernel="attention_train_fwd")
+def _varlen_bwd_cpu(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale, dropout_p=0.0,
+                    rng=None):
+    return torch.ops.kdfast_C.attention_train_bwd(grad_out, q, k, v, ung, lse, None, cu_q, cu_k, max_q, max_k,
+                                                  gates, active, scale, True, float(dropout_p), rng,
+                                                  gates is not None and ung.numel() > 0)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, head_gates=None,
+                     active_heads=None, scale=None, dropout_p=0.0):
+    """Attention on packed variable-length sequences (FlashAttention's varlen layout).
+
+    Args:
+        q: ``[Tq, H, D]`` the valid query tokens of all sequences, sequence after sequence;
+            k, v: ``[Tk, H, D]``.
+        cu_seqlens_q, cu_seqlens_k: int ``[B + 1]`` cumulative lengths (``cu[0] = 0``).
+        max_seqlen_q, max_seqlen_k: Python ints >= every length (the padded lengths: dropout
+            element (b, h, i, j) then draws the same number as in :func:`attention` with
+            ``[B, H, max_seqlen_q, max_seqlen_k]`` inputs, so packed equals padded).
+        head_gates, active_heads, scale, dropout_p: as in :func:`attention`.
+
+    Returns ``[Tq, H, D]`` (tokens past ``cu_seqlens_q[-1]`` are 0). Differentiable in q, k, v, head_gates.
+
+    Equivalent PyTorch: pad to ``[B, H, max_seqlen, D]``, :func:`attention` with the padding mask
+    and ``zero_padded_queries=True``, gather the valid rows back.
+    """
+    _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, ndim=3)
+    _checks.tensor("k", k, dtypes=(q.dtype,), ndim=3)
+    _checks.tensor("v", v, dtypes=(q.dtype,), ndim=3)
+    if k.shape[1:] != q.shape[1:] or v.shape != k.shape:
+        raise ValueError(f"attention_varlen: k, v must be [Tk, H, D] like q {tuple(q.shape)}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_k.shape != cu_seqlens_q.shape or cu_seqlens_q.dtype.is_floating_point:
+        raise ValueError("attention_varlen: cu_seqlens_q/k must be integer [B + 1] tensors of one length")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    H = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    active = _active_mask(active_heads, H, q.device) if active_heads is not None else None
+    rng = draw_dropout_rng(q.device) if dropout_p > 0 else None
+    keep_ungated = head_gates is not None and head_gates.requires_grad and torch.is_grad_enabled()
+    cu_q, cu_k = cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)
+    args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), head_gates, active, scale, keep_ungated,
+            dropout_p, rng)
+    backend = "" if torch.compiler.is_compiling() else backends.explain("attention_varlen_fwd", *args).backend
+    out, _, _ = _varlen_fwd(*args, backend)
     return out

@@ -347,3 +347,32 @@ def test_hidden_gate_and_hidden_compaction():
         d = fast(input_ids=ids, attention_mask=am).start_logits
     _close(d[keep], c[keep])
     _close(c[keep], a[keep])
+
+
+@pytest.mark.cpu
+def test_packed_attention_with_dropout_equals_dense_kdfast(monkeypatch):
+    # Right-padded rows: the attention runs on packed [T, H, d] q/k/v (attention_varlen; the
+    # re-padding helper is never called), attention dropout on; its masks are the dense model's
+    # (counters of (b, h, i, j) with the padded length), so with the same seed the loss and
+    # gradients equal the dense kdfast model with zero_padded_queries (hidden dropout off).
+    import importlib
+    unpad = importlib.import_module("kdfast.hf.unpad")
+    kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.2)
+    ref, fast = _model("kdfast", **kw).train(), _model("kdfast", **kw).train()
+    kdfast.hf.unpad_encoder(fast)
+    monkeypatch.setattr(unpad, "_pad_heads", lambda *a: (_ for _ in ()).throw(AssertionError("re-padded")))
+    ids, am = _batch()
+    prev = kdfast.hf.attention.set_options(zero_padded_queries=True)
+    try:
+        torch.manual_seed(7)
+        la = _valid_loss(ref(input_ids=ids, attention_mask=am), am)
+    finally:
+        kdfast.hf.attention.set_options(**prev)
+    torch.manual_seed(7)
+    lb = _valid_loss(fast(input_ids=ids, attention_mask=am), am)
+    _close(lb, la)
+    la.backward()
+    lb.backward()
+    ga, gb = _grads(ref), _grads(fast)
+    for n in ga:
+        _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
