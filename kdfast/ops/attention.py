@@ -30,7 +30,8 @@ Meaning (the reference below is the specification):
   (``torch.manual_seed`` reproduces a run), and the backward regenerates the
   mask instead of storing it. :func:`attention_dropout_mask` returns that mask
   and ``attention_reference(..., dropout_mask=)`` takes it. With a block mask
-  the reference runs (same mask); CUDA tensors run PyTorch SDPA's dropout.
+  the reference runs on the CPU (same mask); the Triton kernels draw the same
+  numbers with ``tl.rand`` (GPU tensors without Triton run SDPA's dropout).
 
 Equivalent PyTorch (no gates, no block mask)::
 
@@ -376,8 +377,6 @@ def _triton_check(q, k, v, mask, gates, active, bm, bs, scale=None, zpq=False, k
         from kdfast.kernels.triton.attention import block_size_ok
         if not block_size_ok(bs):
             r = f"block_size {bs} is not a Triton tile size (16, 32, 64 or 128)"
-    if r is None and dropout_p > 0:
-        r = "dropout is not in the Triton kernels"
     return r
 
 
@@ -389,13 +388,14 @@ def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm,
 @backends.register("attention_fwd", "triton", check=_triton_check)
 def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
-    return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
+    return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p, rng)
 
 
 @backends.register("attention_bwd", "triton", check=_triton_bwd_check)
 def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
-    return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq)
+    return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p,
+                            rng)
 
 
 backends.register("attention", "reference")(_fwd_reference)
@@ -505,8 +505,8 @@ def attention(q, k, v, *, mask=None, head_gates=None, active_heads=None, block_m
         raise ValueError("zero_padded_queries needs self-attention (Lq == Lk) so that mask also marks queries")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if dropout_p > 0 and block_mask is None and q.device.type != "cpu":
-        # No GPU kernel draws dropout masks yet: SDPA (fused, padding mask included).
+    if dropout_p > 0 and block_mask is None and q.device.type != "cpu" and backends.triton_available() is not None:
+        # Without Triton no GPU kernel draws dropout masks: SDPA (fused, padding mask included).
         return _attention_dropout(q, k, v, mask, head_gates, active_heads, scale, dropout_p, zero_padded_queries)
     active = _active_mask(active_heads, q.shape[1], q.device) if active_heads is not None else None
     if mask is not None and mask.dtype != torch.bool:

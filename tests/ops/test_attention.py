@@ -481,3 +481,25 @@ def test_varlen_cpu_matches_reference_and_opcheck():
     gates = torch.rand(2, requires_grad=True)
     torch.library.opcheck(_varlen_fwd, (qp.detach().requires_grad_(), kp.detach(), vp.detach(), cu.long(), cu.long(),
                                         L, L, gates, None, 0.25, True, 0.2, rng, "cpu"))
+
+
+@pytest.mark.triton
+def test_triton_dropout_uses_the_same_mask():
+    # tl.rand with the kernels' (seed, offset) counters: the Triton output and gradients are the
+    # reference's with attention_dropout_mask (tiny shapes: interpreter).
+    from kdfast.ops.attention import attention_dropout_mask, draw_dropout_rng
+    q, k, v = [x.detach().requires_grad_() for x in make_qkv(2, 2, 11, 16, seed=21)]
+    m = pad_mask(2, 11, [11, 6])
+    torch.manual_seed(9)
+    with kdfast.use_backend("triton"):
+        out = attention(q, k, v, mask=m, dropout_p=0.3)
+    torch.manual_seed(9)
+    keep = attention_dropout_mask(draw_dropout_rng(), 2, 2, 11, 11, 0.3)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = attention_reference(q64, k64, v64, mask=m, dropout_p=0.3, dropout_mask=keep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(out)
+    a = torch.autograd.grad(out, (q, k, v), go)
+    b = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())

@@ -10,7 +10,10 @@ is skipped rather than masked:
     shared memory and registers: a 128 x 128 tile with D = 128 needed 320 KiB of shared memory
     in the backward, over the 227 KiB of an H100),
   - inactive heads (empty loops; outputs 0).
-The head gate multiplies the output as it is written. Tests run these under
+The head gate multiplies the output as it is written. Attention dropout
+(DROPOUT) draws tl.rand(seed, offset + ((b * H + h) * Lq + i) * Lk + j) with
+seed/offset read from the int64 RNG tensor (no host sync), in the forward and
+again in both backward kernels (the mask is regenerated, never stored). Tests run these under
 TRITON_INTERPRET=1 on CPU tensors at small shapes.
 """
 from __future__ import annotations
@@ -23,9 +26,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
+def _dropout(x, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop):
+    """x * Z with Z = (u >= p) / (1 - p), u = tl.rand(seed, offset + ((b * H + h) * Lq + i) * Lk + j):
+    the numbers of the CPU kernel and kdfast.ops.attention.attention_dropout_mask."""
+    seed = tl.load(RNG)
+    off = tl.load(RNG + 1) + (bh * Lq + offs_m.to(tl.int64))[:, None] * Lk + offs_n.to(tl.int64)[None, :]
+    u = tl.rand(seed, off)
+    return tl.where(u >= p_drop, x * (1.0 / (1.0 - p_drop)), 0.0)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK, RNG,
                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale,
+                g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale, p_drop,
+                DROPOUT: tl.constexpr,
                 HAS_KMASK: tl.constexpr, HAS_GATES: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                 HAS_BMASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, KEEP_UNGATED: tl.constexpr,
                 IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
@@ -73,6 +87,8 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = _dropout(p, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop)
             if IEEE:
                 pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -97,9 +113,9 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, RNG, DK, DV,
                      sqb, sqh, sql, skb, skh, skl, H, Lq, Lk, D, scale,
-                     bm_sb, bm_sh, bm_sq,
+                     bm_sb, bm_sh, bm_sq, p_drop, DROPOUT: tl.constexpr,
                      HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
                      IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
@@ -144,12 +160,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, D
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
             p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            pd = p
+            if DROPOUT:  # the forward's mask, regenerated: Z = keep / (1 - p_drop)
+                pd = _dropout(p, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop)
             if IEEE:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dv += tl.dot(tl.trans(pd), do, input_precision="ieee")
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             else:
-                dv += tl.dot(tl.trans(p), do)
+                dv += tl.dot(tl.trans(pd), do)
                 dp = tl.dot(do, tl.trans(v))
+            if DROPOUT:
+                dp = _dropout(dp, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop)
             ds = p * (dp - delta[:, None])
             if IEEE:
                 dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
@@ -160,9 +181,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DK, D
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, RNG, DQ,
                    sqb, sqh, sql, skb, skh, skl, H, Lq, Lk, D, scale,
-                   bm_sb, bm_sh, bm_sq,
+                   bm_sb, bm_sh, bm_sq, p_drop, DROPOUT: tl.constexpr,
                    HAS_KMASK: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_BMASK: tl.constexpr,
                    IEEE: tl.constexpr, LQ_LOOP: tl.constexpr, LK_LOOP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
@@ -206,6 +227,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, DQ,
                 s = tl.dot(q, tl.trans(k)) * scale
                 dp = tl.dot(do, tl.trans(v))
             p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            if DROPOUT:
+                dp = _dropout(dp, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop)
             ds = p * (dp - delta[:, None])
             if IEEE:
                 dq += tl.dot(ds, k, input_precision="ieee")
@@ -267,7 +290,8 @@ def _bm_strides(bmc, H):
     return (0 if bb == 1 else bh * nq * nk), (0 if bh == 1 else nq * nk), nk
 
 
-def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queries, keep_ungated):
+def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queries, keep_ungated, dropout_p=0.0,
+                  rng=None):
     B, H, Lq, Lk, D, kmask, kvlen, act, bmc = _prep(q, k, v, mask, active, bm)
     out = q.new_empty((B, Lq, H, D)).transpose(1, 2)
     ung = q.new_empty((B, Lq, H, D)).transpose(1, 2) if keep_ungated else q.new_empty((0,))
@@ -286,9 +310,10 @@ def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queri
         q, k, v, out, ung if keep_ungated else out, lse,
         kmask if kmask is not None else dummy, kvlen if kvlen is not None else dummy,
         g if g is not None else dummy, act if act is not None else dummy, bmc if bmc is not None else dummy,
+        rng if dropout_p > 0 else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale,
+        g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale, float(dropout_p), DROPOUT=dropout_p > 0,
         HAS_KMASK=mask is not None, HAS_GATES=gates is not None, HAS_ACTIVE=active is not None,
         HAS_BMASK=bm is not None, ZERO_PAD_Q=bool(zero_padded_queries and mask is not None),
         KEEP_UNGATED=bool(keep_ungated), IEEE=_ieee(q),
@@ -297,7 +322,8 @@ def attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zero_padded_queri
     return out, lse, ung
 
 
-def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zero_padded_queries):
+def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zero_padded_queries,
+                  dropout_p=0.0, rng=None):
     B, H, Lq, Lk, D, kmask, kvlen, act, bmc = _prep(q, k, v, mask, active, bm)
     go = grad_out.float()
     dg = q.new_empty((0,))
@@ -322,7 +348,7 @@ def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs,
     BD = max(16, triton.next_power_of_2(D))
     bm_sb, bm_sh, bm_sq = _bm_strides(bmc, H)
     dummy = lse_b
-    common = dict(HAS_KMASK=mask is not None, HAS_ACTIVE=active is not None, HAS_BMASK=bm is not None,
+    common = dict(DROPOUT=dropout_p > 0, HAS_KMASK=mask is not None, HAS_ACTIVE=active is not None, HAS_BMASK=bm is not None,
                   IEEE=_ieee(q), LQ_LOOP=_loop_bound(Lq), LK_LOOP=_loop_bound(Lk),
                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BS=bs if bm is not None else BM,
                   num_warps=_warps(_ieee(q), BD))
@@ -330,11 +356,11 @@ def attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs,
     ac = act if act is not None else dummy
     bmp = bmc if bmc is not None else dummy
     _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * H)](
-        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, dk, dv,
+        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, rng if dropout_p > 0 else dummy, dk, dv,
         qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, **common)
+        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, float(dropout_p), **common)
     _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
-        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, dq,
+        qc, kc, vc, do, lse_b, delta, km, kvlen if kvlen is not None else dummy, ac, bmp, rng if dropout_p > 0 else dummy, dq,
         qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, **common)
+        H, Lq, Lk, D, scale, bm_sb, bm_sh, bm_sq, float(dropout_p), **common)
     return dq, dk, dv, dg.float() if gates is not None else dg
