@@ -131,9 +131,14 @@ def _worker_init():
 
 
 def run_study(grid: StudyGrid, train_file: str, validation_file: str, teacher_dir: str, output_dir: str, *,
-              num_workers: int = 1, progress: bool = True, log=print, max_runs: int | None = None) -> list[dict]:
+              num_workers: int = 1, progress: bool = True, log=print, max_runs: int | None = None,
+              seed_major: bool = False, deadline: float | None = None) -> list[dict]:
     """Run the unfinished runs of ``grid`` (at most ``max_runs`` of them), append their rows to
-    ``runs.csv`` and return every row of the study."""
+    ``runs.csv`` and return every row of the study.
+
+    seed_major: run every configuration's first seed before any second seed (a study cut short
+    still covers every configuration). deadline: a ``time.time()`` after which no new run starts.
+    """
     for flag, path in (("--train_file", train_file), ("--validation_file", validation_file),
                        ("--teacher_name_or_path", teacher_dir)):
         if not path or not os.path.exists(path):
@@ -144,6 +149,9 @@ def run_study(grid: StudyGrid, train_file: str, validation_file: str, teacher_di
     runs = grid.runs()
     done = {r["run_id"] for r in read_runs(output_dir)}
     todo = [r for r in runs if r.run_id not in done]
+    if seed_major:
+        order = {s: i for i, s in enumerate(grid.grid["seed"])}
+        todo.sort(key=lambda r: order[r.seed])  # stable: grid order within a seed
     if max_runs is not None:
         todo = todo[:max_runs]
     log(f"[kdfast study] {len(runs)} runs ({len(runs) // max(len(grid.grid['seed']), 1)} configurations x "
@@ -157,6 +165,9 @@ def run_study(grid: StudyGrid, train_file: str, validation_file: str, teacher_di
         bar = tqdm(total=len(todo), desc="kdfast study", unit="run", disable=not progress)
         if num_workers <= 1:
             for run in todo:
+                if deadline is not None and time.time() > deadline:
+                    log("[kdfast study] deadline reached: stopping (rerun to continue)")
+                    break
                 _append(output_dir, run_one(run, spec))
                 bar.update(1)
         else:
@@ -166,7 +177,13 @@ def run_study(grid: StudyGrid, train_file: str, validation_file: str, teacher_di
                                      initializer=_worker_init) as pool:
                 futures = [pool.submit(run_one, run, spec) for run in todo]
                 for f in as_completed(futures):
+                    if f.cancelled():
+                        continue
                     _append(output_dir, f.result())
                     bar.update(1)
+                    if deadline is not None and time.time() > deadline:
+                        log("[kdfast study] deadline reached: cancelling the runs not started (rerun to continue)")
+                        for other in futures:
+                            other.cancel()
         bar.close()
     return read_runs(output_dir)
