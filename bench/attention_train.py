@@ -18,7 +18,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Bench  # noqa: E402
 
-import kdfast  # noqa: E402
 from kdfast.ops import attention  # noqa: E402
 
 
