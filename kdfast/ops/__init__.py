@@ -12,7 +12,7 @@ from kdfast.ops.hidden_mse import hidden_cosine, hidden_loss_reference, hidden_m
 from kdfast.ops.attention_score_mse import attention_score_mse, attention_score_mse_reference
 from kdfast.ops.attention_kl import attention_kl, attention_kl_reference
 # Pruned attention
-from kdfast.ops.attention import attention, attention_reference
+from kdfast.ops.attention import attention, attention_dropout_mask, attention_reference, attention_varlen
 # Ternary weights
 from kdfast.ops.ternary_quant import dequantize_ternary, pack_ternary, quantize_activations, ternarize, unpack_ternary
 from kdfast.ops.ternary_linear import ternary_linear, ternary_linear_reference
@@ -22,7 +22,7 @@ __all__ = [
     "fused_linear_kd_loss_reference",
     "hidden_mse", "hidden_cosine", "hidden_loss_reference", "attention_score_mse", "attention_score_mse_reference",
     "attention_kl", "attention_kl_reference",
-    "attention", "attention_reference",
+    "attention", "attention_reference", "attention_varlen", "attention_dropout_mask",
     "ternarize", "pack_ternary", "unpack_ternary", "dequantize_ternary", "quantize_activations", "ternary_linear",
     "ternary_linear_reference",
 ]
