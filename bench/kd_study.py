@@ -74,8 +74,7 @@ def main(argv=None):
     from kdfast.qa.features import eval_features, train_features
     from kdfast.qa.load import load_squad
     from kdfast.qa.synthetic import write_generated
-    from kdfast.study import make_grid, run_study, write_report
-    from kdfast.study.report import markdown_table, summarize
+    from kdfast.study import run_study, write_report
 
     os.makedirs(a.work_dir, exist_ok=True)
     data = os.path.join(a.work_dir, "data")
@@ -166,7 +165,7 @@ def statement(summary, runs):
 
 
 def report(a, started=None):
-    from kdfast.study import make_grid, read_runs, write_report
+    from kdfast.study import read_runs, write_report
     from kdfast.study.report import markdown_table, summarize
     out = os.path.join(a.work_dir, "study")
     rows = read_runs(out)
@@ -178,7 +177,7 @@ def report(a, started=None):
     shutil.copy(os.path.join(out, "runs.csv"), os.path.join(RESULTS, "kd_study.csv"))
     summary = summarize(rows)
     total = len(grid.runs())
-    md = [f"# kd_study: distillation design study on the built-in synthetic data", "",
+    md = ["# kd_study: distillation design study on the built-in synthetic data", "",
           f"Machine: {machine()}. Teacher: 4 x 128 BERT trained from scratch for {teacher_steps} steps "
           f"(dev F1 {teacher_f1}, EM {teacher_em}); student: teacher layers 0, 2; each run {a.max_steps} steps "
           f"of batch {a.batch_size}, lr 1e-3, T = 2, alpha = 0.5, study windows of {L} tokens (stride {L // 2}; teacher trained on 192 / 64); {a.num_train} train / {a.num_dev} dev "

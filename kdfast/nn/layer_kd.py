@@ -15,7 +15,7 @@ from 0 (qkv[m - 1] belongs to layer m).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
