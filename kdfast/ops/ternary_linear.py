@@ -131,23 +131,8 @@ def _f32(t):
 # dtype (code * scale is exact in fp32; in bf16/fp16 it is scale rounded once,
 # as torch's own dequantized weight is). Smaller M keeps the register-unpack
 # kernel, which never materialises the weights.
-# Thresholds measured with `bench/ternary.py --crossover --threads 1` (2-core
-# Xeon with AVX-512 VNNI + AMX, load ~1.7, best of 3-15 runs, ms; "kern" =
-# register-unpack kernel, "dense" = decode + GEMM, "torch" = F.linear on the
-# dequantized weight in the same dtype):
-#                      M=16              M=64              M=128             M=384
-#   fp32 768x768    kern .154 dense .305  .553 / .630       1.18 / 1.04       3.50 / 2.67 (torch 2.47)
-#   fp32 768x3072        .847 / 1.53      3.20 / 2.80       4.44 / 4.68       17.2 / 11.5 (torch 9.9)
-#   fp32 3072x768        .836 / 1.64      2.31 / 3.06       7.44 / 5.35       15.4 / 12.7 (torch 10.0)
-#   fp32 4096x11008      17.5 / 29.1      43.6 / 54.5       97.2 / 87.2       291 / 226   (torch 196)
-#                      M=4               M=16              M=64              M=384
-#   bf16 768x768    kern .067 dense .121  .163 / .127       .740 / .173       3.69 / .485 (torch .370)
-#   bf16 768x3072        .248 / .686      .659 / .708       2.36 / .898       17.9 / 2.00 (torch 1.48)
-#   bf16 3072x768        .237 / .641      .716 / .692       2.38 / .894       15.9 / 2.23 (torch 1.73)
-#   bf16 4096x11008      4.42 / 11.5      17.5 / 12.4       44.5 / 16.2       298 / 38.1  (torch 36.8)
-# fp32: the kernel wins at M=64 on 3 of 4 shapes, the GEMM at M=128 on 3 of 4.
-# bf16/fp16 (this CPU has AMX-BF16 and AVX-512 FP16 for the GEMM): about even at M=16, clearly
-# the GEMM from M=64; fp16 timed like bf16 in an earlier run.
+# Crossover M (kernel vs decode + GEMM) measured with `bench/ternary.py --crossover --threads 1`:
+# the table is bench/results/ternary_crossover.md (fp32: GEMM from M=128; bf16/fp16: from M=16-64).
 DENSE_MIN_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.float16: 16}
 # A decoded weight larger than DENSE_SLICE_ABOVE bytes is decoded and
 # multiplied in equal row slices of about DENSE_SLICE bytes: a fresh block that
@@ -251,7 +236,7 @@ def _triton(x, packed, scale, bias, act_bits):
     return k.ternary_matmul(x.contiguous(), packed, sw, bias, x.shape[1], out_dtype=x.dtype)
 
 
-# Benchmarked choice on GPU is recorded in bench/ternary.py; CUDA C++ GEMV first.
+# GPU order: the CUDA C++ GEMV first, then Triton (not yet measured on a GPU).
 backends.set_gpu_order("ternary_linear", ("cuda", "triton"))
 
 
