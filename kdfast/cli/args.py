@@ -45,7 +45,18 @@ class DistillArguments:
     layer_losses: str | None = field(default=None, metadata={
         "help": "LayerKD terms, e.g. 'hidden:1,attention_kl:1' (embedding, hidden, hidden_cosine, attention_score, "
                 "attention_kl, value_relation)"})
-    layer_mapping: str = field(default="uniform", metadata={"help": "uniform, last_k or skip"})
+    layer_mapping: str = field(default="uniform", metadata={
+        "help": "teacher layers the student layers match: uniform, skip, first_k, last_k, random, mean, learned, "
+                "or one 1-based teacher layer per student layer ('2,4,6')"})
+    attention_mapping: str | None = field(default=None, metadata={
+        "help": "mapping of the attention terms only (default: --layer_mapping)"})
+    hidden_mapping: str | None = field(default=None, metadata={
+        "help": "mapping of the hidden-state terms only (default: --layer_mapping)"})
+    logit_loss: str = field(default="kl", metadata={"help": "kl (fused kernel), reverse_kl, jsd or mse"})
+    layer_weight_schedule: str = field(default="constant", metadata={
+        "help": "constant, or two_stage:F (layer terms only for the first fraction F of steps, then logits only)"})
+    term_weighting: str = field(default="fixed", metadata={
+        "help": "fixed, or ema[:decay] (each term divided by its running magnitude before its weight)"})
     teacher_top_k: int | None = field(default=None, metadata={"help": "cache only the teacher's top-k logits"})
     no_teacher_cache: bool = field(default=False, metadata={"help": "run the teacher every step (stock way)"})
 

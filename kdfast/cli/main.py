@@ -57,6 +57,30 @@ def _need_file(flag, path):
     return path
 
 
+
+def _mapping(flag, spec):
+    """--layer_mapping / --attention_mapping / --hidden_mapping: a mapping name or 1-based teacher layers."""
+    from kdfast.nn.layer_mapping import MAPPINGS
+    if spec is None or spec in MAPPINGS:
+        return spec
+    try:
+        return [int(x) for x in str(spec).split(",")]
+    except ValueError:
+        raise CLIError(f"{flag} {spec!r}: expected one of {', '.join(MAPPINGS)} or 1-based teacher layers "
+                       "like '2,4,6'") from None
+
+
+def _distill_config(kd: DistillArguments):
+    """DistillConfig from the distillation flags (ValueError names the bad flag)."""
+    from kdfast.distill.trainer import DistillConfig, parse_layer_losses
+    return DistillConfig(kd.temperature, kd.alpha, parse_layer_losses(kd.layer_losses),
+                         _mapping("--layer_mapping", kd.layer_mapping),
+                         attention_mapping=_mapping("--attention_mapping", kd.attention_mapping),
+                         hidden_mapping=_mapping("--hidden_mapping", kd.hidden_mapping),
+                         logit_loss=kd.logit_loss, layer_weight_schedule=kd.layer_weight_schedule,
+                         term_weighting=kd.term_weighting)
+
+
 def _questions(data: DataArguments, which: str):
     from kdfast.qa.load import SquadFormatError, load_squad
     path = data.train_file if which == "train" else data.validation_file
@@ -234,7 +258,6 @@ def cmd_distill(argv):
     from kdfast.distill.recipe import training_attention
     from kdfast.distill.stage import train_stage
     from kdfast.distill.teacher_cache import TeacherCache
-    from kdfast.distill.trainer import DistillConfig, parse_layer_losses
     from kdfast.qa.features import train_features
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required (fine-tune a teacher with kdfast fine-tune)")
@@ -243,7 +266,7 @@ def cmd_distill(argv):
                                 attn_implementation="kdfast" if kd.layer_losses else "sdpa").eval()
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
-        cfg = DistillConfig(kd.temperature, kd.alpha, parse_layer_losses(kd.layer_losses), kd.layer_mapping)
+        cfg = _distill_config(kd)
         student = _student(model_args, kd, teacher, tok, targs.seed, training_attention(cfg))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
@@ -267,7 +290,6 @@ def cmd_compress(argv):
     from kdfast.distill.models import load_qa_model
     from kdfast.distill.recipe import RecipeConfig, measure_row, run_recipe
     from kdfast.distill.report import markdown_table, with_speedup, write_results
-    from kdfast.distill.trainer import DistillConfig, parse_layer_losses
     from kdfast.qa.features import eval_features
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required")
@@ -275,7 +297,7 @@ def cmd_compress(argv):
         teacher = load_qa_model(kd.teacher_name_or_path)
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
-        dcfg = DistillConfig(kd.temperature, kd.alpha, parse_layer_losses(kd.layer_losses), kd.layer_mapping)
+        dcfg = _distill_config(kd)
         if kd.student_layers:
             from kdfast.distill.student import parse_student_layers
             parse_student_layers(kd.student_layers, teacher.config.num_hidden_layers)

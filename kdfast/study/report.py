@@ -113,17 +113,18 @@ def best_config(summary: list[dict], train: dict) -> dict:
     if distill["layer_losses"]:
         args += ["--layer_losses", ",".join(f"{k}:{v:g}" for k, v in distill["layer_losses"].items()),
                  "--layer_mapping", str(distill["layer_mapping"])]
-    no_flag = {k: distill[k] for k in ("logit_loss", "layer_weight_schedule", "term_weighting")
-               if distill[k] != {"logit_loss": "kl", "layer_weight_schedule": "constant",
-                                 "term_weighting": "fixed"}[k]}
-    if distill["layer_mapping"] in ("first_k", "random", "mean", "learned"):
-        no_flag["layer_mapping"] = distill["layer_mapping"]
+    defaults = {"logit_loss": "kl", "layer_weight_schedule": "constant", "term_weighting": "fixed"}
+    for k, default in defaults.items():
+        if distill[k] != default:
+            args += [f"--{k}", str(distill[k])]
+    # DistillConfig fields kdfast distill has no flag for.
+    no_flag = {k: distill[k] for k in ("mapping_k", "mapping_seed", "mapping_learning_rate") if k in distill}
     return {"config": best["config"], "f1_mean": best["f1_mean"], "f1_std": best["f1_std"], "n": best["n"],
             "distill": distill, "student_layers": str(train["student_layers"]),
             "train": {k: train[k] for k in ("max_steps", "learning_rate", "batch_size", "max_seq_length",
                                             "doc_stride")},
             "kdfast_distill_args": args,
-            "needs_python_api": no_flag,  # DistillConfig fields kdfast distill has no flag for (yet)
+            "needs_python_api": no_flag,
             **({"learned_weights": best["learned_weights"]} if best.get("learned_weights") else {})}
 
 

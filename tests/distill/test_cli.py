@@ -112,6 +112,30 @@ def test_unknown_layer_loss_term(squad_files, teacher_dir, tmp_path):
     assert "--layer_losses" in msg and "'bogus'" in msg and "attention_kl" in msg
 
 
+@pytest.mark.parametrize("flag,value,needle", [("--layer_mapping", "diagonal", "--layer_mapping 'diagonal'"),
+                                                ("--logit_loss", "hinge", "logit_loss"),
+                                                ("--layer_weight_schedule", "two_stage:2", "two_stage:F"),
+                                                ("--term_weighting", "ema:1.5", "term_weighting")])
+def test_bad_distillation_option(squad_files, teacher_dir, tmp_path, flag, value, needle):
+    msg = cli_error(["distill", "--teacher_name_or_path", teacher_dir, flag, value,
+                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
+                     "--output_dir", str(tmp_path / "o")])
+    assert needle in msg
+
+
+def test_distillation_flags_reach_the_config():
+    from kdfast.cli.args import DistillArguments
+    from kdfast.cli.main import _distill_config
+    kd = DistillArguments(layer_losses="hidden:2,attention_kl", layer_mapping="mean", attention_mapping="2,4",
+                          logit_loss="jsd", layer_weight_schedule="two_stage:0.25", term_weighting="ema:0.8",
+                          temperature=3.0, alpha=0.7)
+    cfg = _distill_config(kd)
+    assert (cfg.layer_losses, cfg.layer_mapping, cfg.attention_mapping, cfg.hidden_mapping) == (
+        {"hidden": 2.0, "attention_kl": 1.0}, "mean", [2, 4], None)
+    assert (cfg.logit_loss, cfg.two_stage_fraction(), cfg.ema_decay(), cfg.temperature, cfg.alpha) == (
+        "jsd", 0.25, 0.8, 3.0, 0.7)
+
+
 def test_bad_squad_file_names_the_record(squad_files, tmp_path):
     data = json.loads(Path(squad_files[0]).read_text())
     qas = data["data"][0]["paragraphs"][0]["qas"]
