@@ -21,7 +21,7 @@ if _ext.extension_error() is not None:
 
 # Subpackages the README names, imported on first use (``kdfast.compress.quantize(...)`` after
 # ``import kdfast``) so that ``import kdfast`` stays fast and does not load transformers.
-_SUBPACKAGES = ("compress", "hf", "qa", "distill", "active", "cli")
+_SUBPACKAGES = ("compress", "hf", "qa", "distill", "active", "augment", "study", "cli")
 
 
 def __getattr__(name):

@@ -11,7 +11,8 @@ import kdfast, kdfast.qa, kdfast.distill
 out = {"loaded_early": sorted(m for m in ("transformers", "datasets", "kdfast.qa.load", "kdfast.distill.trainer")
                               if m in sys.modules)}
 out["names"] = [kdfast.compress.quantize.__name__, kdfast.hf.capture.__name__, kdfast.qa.load_squad.__name__,
-                kdfast.distill.DistillationTrainer.__name__, kdfast.active.get_strategy.__name__]
+                kdfast.distill.DistillationTrainer.__name__, kdfast.active.get_strategy.__name__,
+                kdfast.augment.AugmentConfig.__name__, kdfast.study.run_study.__name__]
 errors = []
 for mod in (kdfast, kdfast.qa, kdfast.distill):
     try:
@@ -31,7 +32,8 @@ def probe():
 
 
 def test_subpackages_reachable_after_import_kdfast(probe):
-    assert probe["names"] == ["quantize", "capture", "load_squad", "DistillationTrainer", "get_strategy"]
+    assert probe["names"] == ["quantize", "capture", "load_squad", "DistillationTrainer", "get_strategy",
+                              "AugmentConfig", "run_study"]
 
 
 def test_import_kdfast_does_not_load_the_pipeline_stack(probe):
