@@ -15,7 +15,8 @@
 // broadcast-FMA loops over 64 keys (scores) or over the head dim (P V) so
 // that `omp simd` vectorises them; exp is vec_math.h's fast_exp.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>

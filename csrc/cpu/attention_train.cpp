@@ -22,7 +22,8 @@
 // the padded lengths (max_seqlen for packed input, so packed == padded).
 // An element is kept when u >= p and then scaled by 1 / (1 - p).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <cmath>

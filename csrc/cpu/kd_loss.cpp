@@ -7,7 +7,8 @@
 // Conventions (see kdfast/ops/kd_loss.py): a = s / T, b = t / T,
 // div 0 = KL(p_t || p_s), 1 = KL(p_s || p_t), 2 = JSD with weight beta on p_t.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

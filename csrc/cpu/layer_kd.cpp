@@ -39,7 +39,8 @@
 // and dtypes gather the valid rows into float32 thread-local buffers. Scores
 // are never scaled in memory: the scales enter the softmax pass.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>

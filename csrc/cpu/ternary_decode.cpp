@@ -14,7 +14,8 @@
 // bits 2i of byte j hold k = 64 b + 16 i + j; positions past K are never written.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
