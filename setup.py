@@ -70,7 +70,9 @@ def _build_extension():
     with open(os.path.join(ROOT, "kdfast", "_build_info.json"), "w") as f:
         json.dump(info, f, indent=1)
 
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's CFLAGS carry -g; debug info nearly doubles the compile time (kd_loss.cpp: 64 s -> 37 s on
+    # the 2-core EPYC) and a release build has no use for it.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx = opt + ["-fopenmp", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-DKDFAST_ISA_X86=%d" % int(x86)]
     if native:
         cxx.append("-march=native")
