@@ -104,8 +104,8 @@ class GenerateArguments:
 @dataclasses.dataclass
 class DemoArguments:
     output_dir: str = field(default="demo-output", metadata={"help": "where every stage writes its model"})
-    num_train: int = field(default=1600, metadata={"help": "generated training questions"})
-    num_dev: int = field(default=250, metadata={"help": "generated dev questions (unseen entities)"})
+    num_train: int = field(default=1200, metadata={"help": "generated training questions"})
+    num_dev: int = field(default=200, metadata={"help": "generated dev questions (unseen entities)"})
     seed: int = 0
     teacher_epochs: float = 2.0
     student_epochs: float = field(default=2.0, metadata={"help": "epochs of the no-KD baseline and of distillation"})
