@@ -108,8 +108,8 @@ class DemoArguments:
     num_dev: int = field(default=200, metadata={"help": "generated dev questions (unseen entities)"})
     seed: int = 0
     teacher_epochs: float = 2.0
-    student_epochs: float = field(default=2.0, metadata={"help": "epochs of the no-KD baseline and of distillation"})
-    prune_epochs: float = 1.0
+    student_epochs: float = field(default=1.5, metadata={"help": "epochs of the no-KD baseline and of distillation"})
+    prune_epochs: float = 1.5
     ternary_epochs: float = 1.0
     target_sparsity: float = 0.6
     fresh: bool = field(default=False, metadata={"help": "delete output_dir first (else a rerun resumes)"})
