@@ -69,8 +69,17 @@ def _log(msg):
     print(f"[bench active {time.perf_counter() - _T0:5.0f} s] {msg}", flush=True)
 
 
-def _data(mode, size, seed=0):
+def _data(mode, size, seed=0, data_dir=None):
     from datasets import Dataset
+    if data_dir:  # a `kdfast generate-data` / demo data directory: train.json, dev.json, tokenizer/
+        from kdfast.qa.load import load_squad
+        from transformers import AutoTokenizer
+        pool = load_squad(os.path.join(data_dir, "train.json"))
+        dev = load_squad(os.path.join(data_dir, "dev.json"))
+        if size["pool"]:
+            pool = pool.select(range(min(size["pool"], len(pool))))
+        dev = dev.select(range(min(size["dev"], len(dev))))
+        return pool, dev, AutoTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer")), data_dir
     if mode == "real":
         from kdfast.qa.load import load_squad
         from kdfast.qa.tokenizer import train_wordpiece_tokenizer
@@ -186,6 +195,14 @@ def main(argv=None):
     ap.add_argument("--teacher", default=None, help="a fine-tuned teacher directory (else one is trained)")
     ap.add_argument("--out", default=None, help="work directory (default /tmp/kdfast-bench-al-<mode>)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", default=None,
+                    help="synthetic data directory (train.json, dev.json, tokenizer/), e.g. the data of "
+                         "bench/qa_recipe.py --synthetic, whose teacher --teacher then gives; else generated")
+    ap.add_argument("--pool", type=int, default=None, help="pool size in questions (default: the mode's)")
+    ap.add_argument("--dev", type=int, default=None, help="dev questions (default: the mode's)")
+    ap.add_argument("--epochs", type=float, default=None, help="student epochs per round (default: the mode's)")
+    ap.add_argument("--kd_on_pool", action="store_true",
+                    help="also distil on the unlabeled pool from the teacher cache (costs no labels)")
     a = ap.parse_args(argv)
     mode = "real" if a.real else "quick" if a.quick else "full"
     if a.real and not os.path.exists(os.path.join(SQUAD_DIR, "dev-v1.1.json")):
@@ -196,6 +213,9 @@ def main(argv=None):
     size = dict(SIZES[mode])
     if a.max_pool:
         size["pool"] = a.max_pool
+    for key in ("pool", "dev", "epochs"):
+        if getattr(a, key) is not None:
+            size[key] = getattr(a, key)
     seeds = a.seeds or size["seeds"]
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     out = a.out or f"/tmp/kdfast-bench-al-{mode}"
@@ -206,11 +226,11 @@ def main(argv=None):
     bad = [s for s in strategies if s not in available_strategies()]
     if bad:
         raise SystemExit(f"unknown strategies {bad}; available: {', '.join(available_strategies())}")
-    pool, dev, tok, source = _data(mode, size)
+    pool, dev, tok, source = _data(mode, size, data_dir=a.data)
     teacher_dir = _teacher(out, pool, tok, size, a.teacher)
-    config = (f"{source} pool={len(pool)} dev={len(dev)} teacher={size['teacher']} student_layers="
+    config = (f"{source} pool={len(pool)} dev={len(dev)} teacher={a.teacher or size['teacher']} student_layers="
               f"{size['student_layers']} L={size['max_seq_length']} budget={a.budget} seed={size['seed_fraction']} "
-              f"query={size['query_fraction']} epochs={size['epochs']} mode={mode}")
+              f"query={size['query_fraction']} epochs={size['epochs']} kd_on_pool={a.kd_on_pool} mode={mode}")
     machine = device_name("cpu")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rows, final = [], {}
@@ -221,7 +241,7 @@ def main(argv=None):
                            seed_fraction=size["seed_fraction"], query_fraction=size["query_fraction"],
                            budget=a.budget, student_layers=size["student_layers"],
                            train=_options(size["epochs"], seed), max_seq_length=size["max_seq_length"],
-                           doc_stride=size["doc_stride"], progress=False)
+                           doc_stride=size["doc_stride"], kd_on_pool=a.kd_on_pool, progress=False)
             loop = ActiveLearningLoop(cfg, pool, dev, tok, teacher_dir=teacher_dir)
             res = loop.run()
             for r in res["rounds"]:

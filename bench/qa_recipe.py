@@ -122,11 +122,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--results", default=None,
+                    help="directory of the CSV (default bench/results; seeds run as separate processes can write "
+                         "elsewhere and one final call over all seeds, which resumes them, records)")
     a = ap.parse_args(argv)
     if a.real and not os.path.exists(os.path.join(a.data, "train-du-v1.1.json")):
         sys.exit(f"qa_recipe: the real SQuAD files are not in {a.data}")
     from kdfast.distill.report import machine, markdown_table, with_speedup
-    bench = Bench("qa_recipe")
+    bench = Bench("qa_recipe", **({"out_dir": a.results} if a.results else {}))
     per_model = {}
     for seed in a.seeds:
         out = os.path.join(a.output, f"{'real' if a.real else 'synthetic'}-seed{seed}")
