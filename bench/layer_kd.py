@@ -1,7 +1,8 @@
 """Layer distillation losses: kdfast (no L x L maps) vs the materialising eager losses.
 
-Times forward+backward of attention_score_mse, attention_kl, the value-relation
-loss and hidden_mse against the PyTorch code a user would write (materialise
+Times forward+backward of attention_score_mse, attention_kl (also as the MiniLM
+value relation, attention_kl(v, v, v_t, v_t): config "... value relation")
+and hidden_mse against the PyTorch code a user would write (materialise
 both [B, H, L, L] maps, mask, reduce; autograd), in the same process, with
 peak extra memory (RSS on CPU, allocator peak on GPU).
 
@@ -139,14 +140,15 @@ def main(argv=None):
                   f"(--eager-limit-gib {a.eager_limit_gib})", file=sys.stderr)
         cfg = f"B={B} H{H} D{D} {tag}"
         q_s, k_s, q_t, k_t, mask = inputs(B, H, L, D, a.device, dtype)
+        # Kernel column = op name; the MiniLM value relation is attention_kl(v, v, v_t, v_t), tagged in the config.
         cases = [
-            ("attention_score_mse", attention_score_mse, eager_score_mse, (q_s, k_s, q_t, k_t, mask)),
-            ("attention_kl", attention_kl, eager_kl, (q_s, k_s, q_t, k_t, mask)),
-            ("value_relation", lambda v, _, vt, __, m: attention_kl(v, v, vt, vt, m),
+            ("attention_score_mse", cfg, attention_score_mse, eager_score_mse, (q_s, k_s, q_t, k_t, mask)),
+            ("attention_kl", cfg, attention_kl, eager_kl, (q_s, k_s, q_t, k_t, mask)),
+            ("attention_kl", f"{cfg} value relation", lambda v, _, vt, __, m: attention_kl(v, v, vt, vt, m),
              lambda v, _, vt, __, m: eager_kl(v, v, vt, vt, m), (q_s, k_s, q_t, k_t, mask)),
         ]
-        for name, ours, eager, args in cases:
-            kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=cfg, warmup=1, reps=a.reps,
+        for name, case_cfg, ours, eager, args in cases:
+            kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=case_cfg, warmup=1, reps=a.reps,
                       setup=clear((q_s, k_s)))
             fns = {"kdfast": step(ours, args)}
             if run_eager:
@@ -159,8 +161,8 @@ def main(argv=None):
             for provider, m in (ms or {}).items():
                 work = max(0, m["peak_bytes"] - gb) / 2**20
                 bench.add_metric(name, provider, "working_memory", "MiB", work, mode="fwd+bwd", x_name="L",
-                                 x_value=L, config=cfg)
-                working.append((name, cfg, L, provider, m["peak_bytes"] / 2**20, gb / 2**20, work))
+                                 x_value=L, config=case_cfg)
+                working.append((name, case_cfg, L, provider, m["peak_bytes"] / 2**20, gb / 2**20, work))
         # hidden_mse with a projection (768 -> 768 style, on [B, L, H * D]).
         Dm = H * D
         hs = (torch.randn(B, L, Dm) * 2).to(a.device, dtype).requires_grad_()
@@ -177,12 +179,12 @@ def main(argv=None):
     if working:
         print("\nworking memory = peak extra memory minus the returned gradient tensors (MiB; the plain peak above "
               "includes them)")
-        print(f"{'kernel':22s} {'config':28s} {'provider':14s} {'peak':>8s} {'grads':>8s} {'working':>8s} {'x':>7s}")
+        print(f"{'kernel':22s} {'config':40s} {'provider':14s} {'peak':>8s} {'grads':>8s} {'working':>8s} {'x':>7s}")
         ours = {(n, c, L): w for n, c, L, p, _, _, w in working if p == "kdfast"}
         for n, c, L, p, peak, g, w in working:
             mine = ours.get((n, c, L))
             x = f"{w / mine:.1f}x" if p != "kdfast" and mine else ""
-            print(f"{n:22s} {(c + ' L=' + str(L))[:28]:28s} {p:14s} {peak:8.1f} {g:8.1f} {w:8.1f} {x:>7s}")
+            print(f"{n:22s} {(c + ' L=' + str(L))[:40]:40s} {p:14s} {peak:8.1f} {g:8.1f} {w:8.1f} {x:>7s}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 // AMX-INT8 GEMM for the W2A8 ternary matmul (Sapphire Rapids and later).
-// Included by ternary.cpp inside a `#pragma GCC target(... amx-tile,amx-int8)`
+// Included by ternary_linear.cpp inside a `#pragma GCC target(... amx-tile,amx-int8)`
 // region, after the avx512_vnni namespace whose helpers it reuses.
 //
 // Why: at M = 384 the VNNI register tile is bound by vpdpbusd throughput,

@@ -1,5 +1,5 @@
 // ISA-independent loops of the ternary matmul, included into each ISA
-// namespace of ternary.cpp after that ISA's primitives (int_rows_inreg,
+// namespace of ternary_linear.cpp after that ISA's primitives (int_rows_inreg,
 // int_tile, unpack_codes_row, f_rows_inreg, f_tile, unpack_weights_row,
 // kTileN, kTileM). One call handles the output features [n0, n1).
 //

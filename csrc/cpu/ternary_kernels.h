@@ -1,4 +1,4 @@
-// Ternary matmul inner loops for one x86 vector ISA. Included by ternary.cpp
+// Ternary matmul inner loops for one x86 vector ISA. Included by ternary_linear.cpp
 // once per ISA inside a `#pragma GCC target` region and its own namespace,
 // with TERNARY_ISA set to 1 (AVX2), 2 (AVX-512BW) or 3 (AVX-512 VNNI).
 //

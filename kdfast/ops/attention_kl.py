@@ -27,7 +27,7 @@ import torch
 
 from kdfast import _ext as kdfast_ext
 from kdfast import backends
-from kdfast.ops import _attention_inputs as _inputs
+from kdfast.ops import attention_map_loss as _inputs
 
 OP = "attention_kl"
 _MASKED = -1e30  # finite stand-in for -inf on padded keys: exp() gives exactly 0, never NaN
@@ -100,7 +100,7 @@ def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weig
 
 @backends.register(OP, "triton", check=_inputs.kernel_check)
 def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
-    from kdfast.kernels.triton import layer_kd as k
+    from kdfast.kernels.triton import attention_kl as k
     return k.attention_kl_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight)
 
 

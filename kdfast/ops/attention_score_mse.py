@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from kdfast import backends
-from kdfast.ops import _attention_inputs as _inputs
+from kdfast.ops import attention_map_loss as _inputs
 
 OP = "attention_score_mse"
 
@@ -92,7 +92,7 @@ def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weig
 
 @backends.register(OP, "triton", check=_inputs.kernel_check)
 def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
-    from kdfast.kernels.triton import layer_kd as k
+    from kdfast.kernels.triton import attention_score_mse as k
     return k.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight)
 
 

@@ -12,7 +12,7 @@ gradient as one fused epilogue in place over the projection. The loss is a
 sum, so its gradient is produced in the same run; autograd only scales it.
 16-bit hidden states get their gradient in their own dtype (the CPU kernel
 converts rows block by block: no float32 copy of h_s, h_t or dh exists), as
-for the attention losses (kdfast/ops/_attention_inputs.py, forward_grads).
+for the attention losses (kdfast/ops/attention_map_loss.py, forward_grads).
 A second backward through the same graph (retain_graph=True) reruns the
 forward kernel on the saved inputs with grad_output applied.
 """
@@ -22,9 +22,9 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops import _attention_inputs as _grads
+from kdfast.ops import attention_map_loss as _grads
 
-OP = "hidden_loss"
+OP = "hidden_mse"
 KINDS = {"mse": 0, "cosine": 1}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,7 +97,7 @@ def hidden_loss_reference(student_hidden, teacher_hidden, proj_weight=None, proj
 # of that sum for h_s, weight, bias (float32 units; with grad_weight, times it in
 # the inputs' dtypes; empty when not computed).
 # --------------------------------------------------------------------------
-@torch.library.custom_op("kdfast::hidden_loss_fwd", mutates_args=())
+@torch.library.custom_op("kdfast::hidden_mse_fwd", mutates_args=())
 def _fwd(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
          mask: torch.Tensor, kind: int, eps: float, compute_grad: bool, grad_weight: torch.Tensor | None,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,15 +159,15 @@ def _kernel_check(h_s, h_t, weight, bias, *rest):
     return None
 
 
-@backends.register(OP, "cpu", check=_kernel_check, kernel="hidden_loss_fwd")
+@backends.register(OP, "cpu", check=_kernel_check, kernel="hidden_mse_fwd")
 def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
-    return torch.ops.kdfast_C.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
+    return torch.ops.kdfast_C.hidden_mse_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
 
 
 @backends.register(OP, "triton", check=_kernel_check)
 def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
-    from kdfast.kernels.triton import layer_kd as k
-    return k.hidden_loss_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
+    from kdfast.kernels.triton import hidden_mse as k
+    return k.hidden_mse_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
 
 
 backends.set_gpu_order(OP, ("triton",))

@@ -14,8 +14,8 @@ Two activation modes:
   exact int32 sums ``acc[m, n] = sum_k q[m, k] * codes[n, k]`` and
   ``y = ((float(acc) * sx[m]) * scale[n]) + bias[n]`` in float32.
 
-Backends: ``reference`` (below), ``cpu`` (csrc/cpu/ternary.cpp), ``triton``
-(kdfast/kernels/triton/ternary.py), ``cuda`` (csrc/cuda/ternary.cu).
+Backends: ``reference`` (below), ``cpu`` (csrc/cpu/ternary_linear.cpp), ``triton``
+(kdfast/kernels/triton/ternary_linear.py), ``cuda`` (csrc/cuda/ternary_linear.cu).
 Gradients flow to ``x`` (straight through the activation quantizer) and to
 ``bias``; packed weights and scales are constants here (train them with
 :class:`kdfast.nn.TernaryLinear` in QAT mode).
@@ -227,7 +227,7 @@ def _cuda(x, packed, scale, bias, act_bits):
 
 @backends.register("ternary_linear", "triton", check=_kernel_check)
 def _triton(x, packed, scale, bias, act_bits):
-    from kdfast.kernels.triton import ternary as k
+    from kdfast.kernels.triton import ternary_linear as k
     N = packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
     if act_bits == 8:

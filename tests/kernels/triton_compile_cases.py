@@ -25,7 +25,7 @@ import time
 
 import torch
 
-MODULES = ("kd_loss", "ternary", "attention", "layer_kd")
+MODULES = ("kd_loss", "ternary_linear", "attention", "attention_kl", "attention_score_mse", "hidden_mse")
 # Per-block shared memory a launch may use (bytes): H100/H200 (sm_90) 227 KiB opt-in, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {90: 228 * 1024, 80: 164 * 1024}
 # CUDA grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
@@ -83,16 +83,16 @@ case("kd_loss", "bwd_kl_fp32_labels_soft_V10", BOTH)(
     lambda m: _kd(m, 10, torch.float32, torch.float16, True, 0, False, 1.0, True))
 
 
-# ternary: x [M, K] float (fp32/bf16/fp16) or int8; packed uint8 [N, 16 * K / 64].
+# ternary_linear: x [M, K] float (fp32/bf16/fp16) or int8; packed uint8 [N, 16 * K / 64].
 def _tern(m, M, dtype, path):
     K, N = 4096, 4096
     m.ternary_accumulate(_t(M, K, dtype=dtype), _t(N, 16 * K // 64, dtype=torch.uint8), K, path=path)
 
 
 for _dt, _name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.int8, "int8")):
-    case("ternary", f"gemm_{_name}", BOTH if _name in ("fp32", "int8") else (90,))(
+    case("ternary_linear", f"gemm_{_name}", BOTH if _name in ("fp32", "int8") else (90,))(
         lambda m, _dt=_dt: _tern(m, 512, _dt, "gemm"))
-    case("ternary", f"gemv_{_name}")(lambda m, _dt=_dt: _tern(m, 8, _dt, "gemv"))
+    case("ternary_linear", f"gemv_{_name}")(lambda m, _dt=_dt: _tern(m, 8, _dt, "gemv"))
 
 
 # attention: q, k, v [B, H, L, D] (fp32 -> IEEE fp32 dots; bf16/fp16 -> tensor-core dots), forward + backward.
@@ -120,32 +120,32 @@ case("attention", "bf16_d256_blockmask128")(lambda m: _attn(m, torch.bfloat16, 2
 case("attention", "fp32_d128_blockmask128", BOTH)(lambda m: _attn(m, torch.float32, 128, bs=128))
 
 
-# layer_kd: attention_kl / attention_score_mse on [B, H, L, D] q, k (any float dtype, student and teacher may
-# differ), float32 [B, L] mask (the op's checks make it so); hidden_loss on [N, D] rows.
+# attention_kl / attention_score_mse on [B, H, L, D] q, k (any float dtype, student and teacher may
+# differ), float32 [B, L] mask (the op's checks make it so); hidden_mse on [N, D] rows.
 def _qk(B, H, L, Ds, Dt, ds, dt):
     return _t(B, H, L, Ds, dtype=ds), _t(B, H, L, Ds, dtype=ds), _t(B, H, L, Dt, dtype=dt), _t(B, H, L, Dt, dtype=dt)
 
 
 # 16-bit students: the backward's launch, gradients weighted by grad_output [B, H] and stored in bf16.
-case("layer_kd", "attention_kl_bf16_fp16_L384_d64_d128_weighted")(
+case("attention_kl", "bf16_fp16_L384_d64_d128_weighted")(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 384, 64, 128, torch.bfloat16, torch.float16), _t(2, 384), 0.125,
                                  0.088, True, _t(2, 12)))
-case("layer_kd", "attention_kl_fp32_L512_d128_d128", BOTH)(
+case("attention_kl", "fp32_L512_d128_d128", BOTH)(
     lambda m: m.attention_kl_fwd(*_qk(2, 12, 512, 128, 128, torch.float32, torch.float32), _t(2, 512), 0.088,
                                  0.088, True))
-case("layer_kd", "attention_score_mse_bf16_fp32_L97_d48_d64_weighted")(
+case("attention_score_mse", "bf16_fp32_L97_d48_d64_weighted")(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 97, 48, 64, torch.bfloat16, torch.float32), _t(2, 97), 0.14,
                                         0.125, True, _t(2, 12)))
-case("layer_kd", "attention_score_mse_fp32_L512_d64_d128", BOTH)(
+case("attention_score_mse", "fp32_L512_d64_d128", BOTH)(
     lambda m: m.attention_score_mse_fwd(*_qk(2, 12, 512, 64, 128, torch.float32, torch.float32), _t(2, 512),
                                         0.125, 0.088, True))
 for _kind in (0, 1):
-    case("layer_kd", f"hidden_kind{_kind}_proj_bf16_768_1024")(
-        lambda m, _kind=_kind: m.hidden_loss_fwd(_t(4096, 768, dtype=torch.bfloat16), _t(4096, 1024,
+    case("hidden_mse", f"kind{_kind}_proj_bf16_768_1024")(
+        lambda m, _kind=_kind: m.hidden_mse_fwd(_t(4096, 768, dtype=torch.bfloat16), _t(4096, 1024,
                                                  dtype=torch.bfloat16), _t(1024, 768, dtype=torch.bfloat16),
                                                  _t(1024, dtype=torch.bfloat16), _t(4096), _kind, 1e-8, True))
-case("layer_kd", "hidden_kind0_noproj_fp32_1000")(
-    lambda m: m.hidden_loss_fwd(_t(4096, 1000), _t(4096, 1000, dtype=torch.float16), None, None, _t(4096), 0,
+case("hidden_mse", "kind0_noproj_fp32_1000")(
+    lambda m: m.hidden_mse_fwd(_t(4096, 1000), _t(4096, 1000, dtype=torch.float16), None, None, _t(4096), 0,
                                 1e-8, True))
 
 

@@ -38,6 +38,35 @@ def make_inputs(B, H, L, Ds, Dt, *, scale=3.0, seed=0, lengths=None):
     return q_s, k_s, q_t, k_t, mask
 
 
+def layout_inputs(B, H, L, Ds, Dt, layout, spans, seed=0):
+    """float64 q/k in `layout` and a [B, L] mask keeping tokens [start, stop) of each example.
+
+    For the CPU kernels' row access: they read q/k rows in place and write gradient rows in place
+    when an example's valid tokens form one run (right or left padding) and the input is float32
+    with unit stride in D; otherwise they gather rows into buffers (holes in the mask, other
+    dtypes, other strides).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def qk(D):
+        x = torch.randn(B, H, L, D, generator=g, dtype=torch.float64) * 3
+        if layout == "contiguous":
+            return x
+        if layout == "blhd":  # [B, L, H, D] storage, as HF attention modules hand over: row stride H * D
+            return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        if layout == "d_strided":  # stride in D != 1: gathered
+            return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        raise ValueError(layout)
+
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, (start, stop) in enumerate(spans):
+        mask[b, start:stop] = True
+    return qk(Ds), qk(Ds), qk(Dt), qk(Dt), mask
+
+
+SPANS = [(0, 23), (5, 23), (0, 1), (0, 0), (22, 23)]  # right pad, left pad, one token, none, last token only
+
+
 def run_case(op, ref, backend, inputs, dtype, *, grad_scale=2.5, value=False):
     q_s, k_s, q_t, k_t, mask = inputs
     if value:  # value relation: the same tensor as "q" and "k"

@@ -1,10 +1,10 @@
-// Torch glue of the ternary CUDA GEMV (csrc/cuda/ternary.cu): argument
+// Torch glue of the ternary CUDA GEMV (csrc/cuda/ternary_linear.cu): argument
 // checks, allocation, stream, dtype codes. Registers kdfast_C::ternary_linear_cuda.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include "cuda/ternary.cuh"
+#include "cuda/ternary_linear.cuh"
 
 namespace {
 

@@ -1,5 +1,5 @@
 // Ternary (2-bit) weight GEMV kernels for small M: raw-pointer launchers, no
-// torch headers (the torch glue is ternary_torch.cpp).
+// torch headers (the torch glue is ternary_linear_torch.cpp).
 //
 // Packed layout (kdfast/ops/ternary_quant.py): row n has KB = ceil(K / 64)
 // blocks of 16 bytes; bits 2i..2i+1 of byte j of block b hold code

@@ -1,4 +1,4 @@
-// Ternary GEMV on NVIDIA GPUs (see ternary.cuh for the layout and contracts).
+// Ternary GEMV on NVIDIA GPUs (see ternary_linear.cuh for the layout and contracts).
 //
 // One warp per output feature n: lane l streams 16-byte weight blocks
 // l, l + 32, ... of row n (one 128-bit load = 64 weights), unpacks them in
@@ -10,7 +10,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/float_convert.cuh"
-#include "cuda/ternary.cuh"
+#include "cuda/ternary_linear.cuh"
 
 namespace kdfast {
 namespace cuda {

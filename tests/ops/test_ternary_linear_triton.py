@@ -20,7 +20,7 @@ def make(M, N, K, seed=0):
 @pytest.mark.parametrize("M,N,K,path", [(1, 7, 1, "gemv"), (3, 70, 130, "gemv"), (16, 9, 65, "gemv"),
                                         (20, 9, 130, "gemm"), (5, 66, 70, "gemm")])
 def test_accumulators(M, N, K, path):
-    from kdfast.kernels.triton import ternary as k
+    from kdfast.kernels.triton import ternary_linear as k
     x, p, scale, bias, codes = make(M, N, K, seed=M + N + K)
     q, _ = quantize_activations(x)
     acc = k.ternary_accumulate(q, p, K, path=path)
@@ -41,7 +41,7 @@ def test_public_op_triton_backend(act_bits):
 
 
 def test_gemv_rejects_large_m():
-    from kdfast.kernels.triton import ternary as k
+    from kdfast.kernels.triton import ternary_linear as k
     x, p, _, _, _ = make(17, 4, 64)
     with pytest.raises(ValueError, match="M <= 16"):
         k.ternary_accumulate(x, p, 64, path="gemv")
