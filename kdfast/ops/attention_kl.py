@@ -28,6 +28,7 @@ import torch
 from kdfast import _ext as kdfast_ext
 from kdfast import backends
 from kdfast.ops import attention_map_loss as _inputs
+from kdfast.ops.loss_grad_autograd import forward_grads, grad_dtype, register_loss_grad_autograd
 
 OP = "attention_kl"
 _MASKED = -1e30  # finite stand-in for -inf on padded keys: exp() gives exactly 0, never NaN
@@ -70,7 +71,7 @@ def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Ten
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
-_inputs.register_unit_grad_autograd(_fwd)
+register_loss_grad_autograd(_fwd, grads_for=("q_s", "k_s"))
 
 
 @backends.register(OP, "reference")
@@ -139,10 +140,10 @@ def _(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight, backend)
     if not compute_grad:
         return x_s.new_empty((B, H), dtype=torch.float32), x_s.new_empty((0,), dtype=torch.float32)
     return (x_s.new_empty((B, H), dtype=torch.float32),
-            x_s.new_empty((B, H, L, D), dtype=_inputs.grad_dtype(x_s, grad_weight)))
+            x_s.new_empty((B, H, L, D), dtype=grad_dtype(x_s, grad_weight)))
 
 
-_inputs.register_unit_grad_autograd(_fwd_shared, grad_inputs=(0,), grad_flag=6)
+register_loss_grad_autograd(_fwd_shared, grads_for=("x_s",))
 
 
 def _same_tensor(a, b):
@@ -193,9 +194,9 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=None):
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
     count = (q_s.shape[1] * m.sum()).clamp(min=1)
     if _same_tensor(q_s, k_s):  # value relation: one gradient buffer
-        grad = _inputs.forward_grads((q_s,), count, q_s.shape[:2])
+        grad = forward_grads((q_s,), count, q_s.shape[:2])
         loss_bh, _ = _fwd_shared(q_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     else:
-        grad = _inputs.forward_grads((q_s, k_s), count, q_s.shape[:2])
+        grad = forward_grads((q_s, k_s), count, q_s.shape[:2])
         loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     return loss_bh.sum() / count

@@ -30,6 +30,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import attention_map_loss as _inputs
+from kdfast.ops.loss_grad_autograd import forward_grads, register_loss_grad_autograd
 
 OP = "attention_score_mse"
 
@@ -64,7 +65,7 @@ def _fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Ten
 
 
 _fwd.register_fake(_inputs.fake_pair_loss)
-_inputs.register_unit_grad_autograd(_fwd)
+register_loss_grad_autograd(_fwd, grads_for=("q_s", "k_s"))
 
 
 @backends.register(OP, "reference")
@@ -132,6 +133,6 @@ def attention_score_mse(q_s, k_s, q_t, k_t, mask=None, *, scale_s=None, scale_t=
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, q_s, k_s, q_t, k_t).backend
     n = m.sum(-1)
     count = (q_s.shape[1] * (n * n).sum()).clamp(min=1)
-    grad = _inputs.forward_grads((q_s, k_s), count, q_s.shape[:2])
+    grad = forward_grads((q_s, k_s), count, q_s.shape[:2])
     loss_bh, _, _ = _fwd(q_s, k_s, q_t, k_t, m, scale_s, scale_t, *grad, backend)
     return loss_bh.sum() / count

@@ -12,7 +12,7 @@ gradient as one fused epilogue in place over the projection. The loss is a
 sum, so its gradient is produced in the same run; autograd only scales it.
 16-bit hidden states get their gradient in their own dtype (the CPU kernel
 converts rows block by block: no float32 copy of h_s, h_t or dh exists), as
-for the attention losses (kdfast/ops/attention_map_loss.py, forward_grads).
+for the attention losses (kdfast/ops/loss_grad_autograd.py, forward_grads).
 A second backward through the same graph (retain_graph=True) reruns the
 forward kernel on the saved inputs with grad_output applied.
 """
@@ -22,7 +22,7 @@ import torch
 
 from kdfast import backends
 from kdfast.ops import _checks
-from kdfast.ops import attention_map_loss as _grads
+from kdfast.ops.loss_grad_autograd import forward_grads, grad_dtype, register_loss_grad_autograd
 
 OP = "hidden_mse"
 KINDS = {"mse": 0, "cosine": 1}
@@ -110,13 +110,13 @@ def _(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight, backen
     def grad_like(x):
         if not compute_grad or x is None:
             return h_s.new_empty((0,), dtype=torch.float32)
-        return x.new_empty(x.shape, dtype=_grads.grad_dtype(x, grad_weight))
+        return x.new_empty(x.shape, dtype=grad_dtype(x, grad_weight))
 
     return h_s.new_empty((), dtype=torch.float32), grad_like(h_s), grad_like(weight), grad_like(bias)
 
 
-# Gradients for h_s, weight, bias (inputs 0, 2, 3); the teacher h_t is a constant.
-_grads.register_unit_grad_autograd(_fwd, grad_inputs=(0, 2, 3), grad_flag=7)
+# The teacher h_t is a constant.
+register_loss_grad_autograd(_fwd, grads_for=("h_s", "weight", "bias"))
 
 
 @backends.register(OP, "reference")
@@ -147,7 +147,7 @@ def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_w
     dh = gy @ weight.to(acc) if weight is not None else gy
     dw = gy.t() @ h_s.to(acc) if weight is not None else empty
     db = gy.sum(0) if bias is not None else empty.clone()
-    return (loss, *(g.to(_grads.grad_dtype(x, grad_weight)) if x is not None else g.float()
+    return (loss, *(g.to(grad_dtype(x, grad_weight)) if x is not None else g.float()
                     for g, x in ((dh, h_s), (dw, weight), (db, bias))))
 
 
@@ -179,7 +179,7 @@ def _hidden_loss(h_s, h_t, weight, bias, mask, kind, eps, fn):
     hs2, ht2 = h_s.reshape(-1, Ds), h_t.reshape(-1, Dt)
     backend = "" if torch.compiler.is_compiling() else backends.explain(OP, hs2, ht2, weight, bias).backend
     count = (m.sum() * (Dt if kind == "mse" else 1)).clamp(min=1)
-    grad = _grads.forward_grads((h_s, weight, bias), count)
+    grad = forward_grads((h_s, weight, bias), count)
     loss, _, _, _ = _fwd(hs2, ht2, weight, bias, m, KINDS[kind], float(eps), *grad, backend)
     return loss / count
 
