@@ -101,3 +101,38 @@ def test_backward_runs_on_the_forward_backend(monkeypatch):
 def test_plan_without_inputs():
     assert kdfast.plan("kd_loss", "cpu").backend in ("cpu", "reference")
     assert kdfast.plan("kd_loss", "cuda").backend in ("triton", "cuda", "reference")
+
+
+def test_not_supported_reasons_lists_every_reason():
+    """Every broken limit is reported, not just the first: device, both dtypes, the argument value."""
+    x = torch.randn(3, 70, dtype=torch.float64)
+    p = kdfast.ops.pack_ternary(torch.zeros(5, 70, dtype=torch.int8))
+    reasons = backends.not_supported_reasons("ternary_linear", "cuda", x, p, torch.ones(5), None, 4)
+    assert any("cpu" in r for r in reasons)  # tensors are on the CPU
+    assert any("x dtype torch.float64" in r for r in reasons)
+    assert any("act_bits=4" in r for r in reasons)
+    assert backends.not_supported_reasons("ternary_linear", "reference", x, p, torch.ones(5), None, 4) == []
+    s, t = _logits()
+    both = backends.not_supported_reasons("kd_loss", "triton", s.double(), t.half().double())
+    assert sum("dtype torch.float64" in r for r in both) == 2  # student and teacher
+    with pytest.raises(KeyError):
+        backends.not_supported_reasons("nope", "cpu")
+
+
+def test_explain_reports_every_limit():
+    s, t = _logits()
+    c = kdfast.explain("kd_loss", s.double(), t.double())
+    assert c.backend == "reference"
+    for b in ("triton", "cuda"):
+        assert "student dtype torch.float64" in c.rejected[b] and "teacher dtype torch.float64" in c.rejected[b]
+
+
+def test_limits_shape_and_value_rules():
+    lim = backends.Limits(dtypes=backends.kernel_dtypes("q"), max_size={("q", -1): 8},
+                          same_size=((("q", -1), ("v", -1)),), values={"mode": (0, 1)})
+    args = {"q": torch.zeros(2, 16, dtype=torch.float64), "v": torch.zeros(2, 4), "mode": 2}
+    reasons = list(lim.reasons(args.get))
+    assert len(reasons) == 4, reasons
+    assert list(lim.reasons({"q": torch.zeros(2, 4), "v": torch.zeros(1, 4), "mode": 1}.get)) == []
+    with pytest.raises(ValueError, match="does not take"):
+        backends.register("test_limits_op", "cpu", limits=lim)(lambda q, v: None)

@@ -297,23 +297,18 @@ def _bwd_reference(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg
 
 
-def _kernel_check(q, k, v, *rest):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
-    if q.shape[-1] > 256 or v.shape[-1] > 256:
-        return f"head dim {q.shape[-1]}/{v.shape[-1]} > 256"
-    if q.shape[-1] != v.shape[-1]:
-        return "kernels need q, k, v with one head dim"
-    return None
+# What the cpu and triton kernels take (kdfast.backends checks it; explain() reports it): head dims up
+# to 256, one head dim for q, k and v. The varlen entry points check q only (k and v match it).
+KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("q", "k", "v"),
+                                max_size={("q", -1): 256, ("v", -1): 256}, same_size=((("q", -1), ("v", -1)),))
+VARLEN_KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("q"), max_size={("q", -1): 256})
 
 
 def _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale=None, zpq=False, keep_ungated=False, dropout_p=0.0,
                    rng=None):
-    r = _kernel_check(q, k, v)
-    if r is None and dropout_p > 0 and bm is not None:
-        r = "dropout with a block mask is not in the CPU kernels"
-    return r
+    if dropout_p > 0 and bm is not None:
+        return "dropout with a block mask is not in the CPU kernels"
+    return None
 
 
 def _cpu_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0,
@@ -321,7 +316,7 @@ def _cpu_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs
     return _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, False, dropout_p, rng)
 
 
-@backends.register("attention_fwd", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd")
+@backends.register("attention_fwd", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd", limits=KERNEL_LIMITS)
 def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     if bm is not None:  # block-sparse: the broadcast-FMA kernel of attention.cpp skips masked blocks
         return torch.ops.kdfast_C.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
@@ -338,7 +333,7 @@ def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dro
 CPU_BWD_CHUNK_BYTES = 16 << 20
 
 
-@backends.register("attention_bwd", "cpu", check=_cpu_bwd_check, kernel="attention_train_fwd")
+@backends.register("attention_bwd", "cpu", check=_cpu_bwd_check, kernel="attention_train_fwd", limits=KERNEL_LIMITS)
 def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0, rng=None):
     if bm is None:
         return torch.ops.kdfast_C.attention_train_bwd(
@@ -372,12 +367,11 @@ def _bwd_cpu(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scal
 
 def _triton_check(q, k, v, mask, gates, active, bm, bs, scale=None, zpq=False, keep_ungated=False, dropout_p=0.0,
                   rng=None):
-    r = _kernel_check(q, k, v, mask, gates, active, bm, bs)
-    if r is None and bm is not None:
+    if bm is not None:
         from kdfast.kernels.triton.attention import block_size_ok
         if not block_size_ok(bs):
-            r = f"block_size {bs} is not a Triton tile size (16, 32, 64 or 128)"
-    return r
+            return f"block_size {bs} is not a Triton tile size (16, 32, 64 or 128)"
+    return None
 
 
 def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale=None, zpq=False,
@@ -385,13 +379,13 @@ def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm,
     return _triton_check(q, k, v, mask, gates, active, bm, bs, dropout_p=dropout_p)
 
 
-@backends.register("attention_fwd", "triton", check=_triton_check)
+@backends.register("attention_fwd", "triton", check=_triton_check, limits=KERNEL_LIMITS)
 def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p, rng)
 
 
-@backends.register("attention_bwd", "triton", check=_triton_bwd_check)
+@backends.register("attention_bwd", "triton", check=_triton_bwd_check, limits=KERNEL_LIMITS)
 def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_bwd(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, scale, zpq, dropout_p,
@@ -399,8 +393,9 @@ def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, s
 
 
 backends.register("attention", "reference")(_fwd_reference)
-backends.register("attention", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd")(_fwd_cpu)
-backends.register("attention", "triton", check=_triton_check)(_fwd_triton)
+backends.register("attention", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd",
+                  limits=KERNEL_LIMITS)(_fwd_cpu)
+backends.register("attention", "triton", check=_triton_check, limits=KERNEL_LIMITS)(_fwd_triton)
 backends.set_gpu_order("attention", ("triton",))
 backends.set_gpu_order("attention_fwd", ("triton",))
 backends.set_gpu_order("attention_bwd", ("triton",))
@@ -637,18 +632,13 @@ def _varlen_bwd_reference(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k,
     return rq, rk, rv, dg
 
 
-def _varlen_cpu_check(q, *rest):
-    return _kernel_check(q, q, q)
-
-
-@backends.register("attention_varlen_fwd", "cpu", check=_varlen_cpu_check, kernel="attention_train_fwd")
+@backends.register("attention_varlen_fwd", "cpu", kernel="attention_train_fwd", limits=VARLEN_KERNEL_LIMITS)
 def _varlen_fwd_cpu(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0, rng=None):
     return torch.ops.kdfast_C.attention_train_fwd(q, k, v, None, cu_q, cu_k, max_q, max_k, gates, active, scale,
                                                   True, keep_ungated, float(dropout_p), rng)
 
 
-@backends.register("attention_varlen_bwd", "cpu", check=lambda g, q, *r: _kernel_check(q, q, q),
-                   kernel="attention_train_fwd")
+@backends.register("attention_varlen_bwd", "cpu", kernel="attention_train_fwd", limits=VARLEN_KERNEL_LIMITS)
 def _varlen_bwd_cpu(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale, dropout_p=0.0,
                     rng=None):
     return torch.ops.kdfast_C.attention_train_bwd(grad_out, q, k, v, ung, lse, None, cu_q, cu_k, max_q, max_k,

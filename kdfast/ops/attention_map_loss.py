@@ -1,5 +1,5 @@
 """What the attention-map losses (attention_kl, attention_score_mse) share: the checks of their
-q/k/mask arguments, the valid (query, key) pair mask, the fake impl of their forward op and the
+q/k/mask arguments and the kernels' limits, the valid (query, key) pair mask, the fake impl of their forward op and the
 reference backends' gradient weighting. Their autograd is kdfast/ops/loss_grad_autograd.py."""
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import math
 
 import torch
 
+from kdfast import backends
 from kdfast.ops import _checks
 from kdfast.ops.loss_grad_autograd import grad_dtype
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What the cpu and triton kernels of both ops take (kdfast.backends checks it; explain() reports it).
+KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("q_s", "k_s", "q_t", "k_t"))
 
 
 def check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, op):
@@ -44,13 +46,6 @@ def check(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, op):
     scale_s = 1.0 / math.sqrt(Ds) if scale_s is None else _checks.positive("scale_s", scale_s)
     scale_t = 1.0 / math.sqrt(q_t.shape[3]) if scale_t is None else _checks.positive("scale_t", scale_t)
     return m, float(scale_s), float(scale_t)
-
-
-def kernel_check(q_s, k_s, q_t, k_t, *rest):
-    for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
-        if x.dtype not in KERNEL_DTYPES:
-            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
-    return None
 
 
 def pair_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -85,13 +85,13 @@ def _fwd_reference(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, gra
     return (loss, *_inputs.weighted(dq, dk, q_s, k_s, grad_weight))
 
 
-@backends.register(OP, "cpu", check=_inputs.kernel_check, kernel="attention_score_mse_fwd")
+@backends.register(OP, "cpu", limits=_inputs.KERNEL_LIMITS, kernel="attention_score_mse_fwd")
 def _fwd_cpu(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     return torch.ops.kdfast_C.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
                                                       grad_weight)
 
 
-@backends.register(OP, "triton", check=_inputs.kernel_check)
+@backends.register(OP, "triton", limits=_inputs.KERNEL_LIMITS)
 def _fwd_triton(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
     from kdfast.kernels.triton import attention_score_mse as k
     return k.attention_score_mse_fwd(q_s, k_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight)

@@ -26,7 +26,6 @@ from kdfast.ops.loss_grad_autograd import forward_grads, grad_dtype, register_lo
 
 OP = "hidden_mse"
 KINDS = {"mse": 0, "cosine": 1}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _project(h_s, weight, bias, acc):
@@ -151,20 +150,16 @@ def _fwd_reference(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_w
                     for g, x in ((dh, h_s), (dw, weight), (db, bias))))
 
 
-def _kernel_check(h_s, h_t, weight, bias, *rest):
-    for name, x in (("student_hidden", h_s), ("teacher_hidden", h_t), ("proj_weight", weight),
-                    ("proj_bias", bias)):
-        if x is not None and x.dtype not in _KERNEL_DTYPES:
-            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
-    return None
+# What the cpu and triton kernels take (kdfast.backends checks it; explain() reports it).
+KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("h_s", "h_t", "weight", "bias"))
 
 
-@backends.register(OP, "cpu", check=_kernel_check, kernel="hidden_mse_fwd")
+@backends.register(OP, "cpu", limits=KERNEL_LIMITS, kernel="hidden_mse_fwd")
 def _fwd_cpu(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
     return torch.ops.kdfast_C.hidden_mse_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)
 
 
-@backends.register(OP, "triton", check=_kernel_check)
+@backends.register(OP, "triton", limits=KERNEL_LIMITS)
 def _fwd_triton(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight):
     from kdfast.kernels.triton import hidden_mse as k
     return k.hidden_mse_fwd(h_s, h_t, weight, bias, mask, kind, eps, compute_grad, grad_weight)

@@ -245,44 +245,41 @@ def _bwd_reference(student, teacher, labels, stats, grad_rows, temperature, div,
     return grad.to(student.dtype)
 
 
-def _kernel_check(student, teacher, *rest):
-    for name, x in (("student", student), ("teacher", teacher)):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"{name} dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
-    return None
+# What the cpu, cuda and triton kernels take (kdfast.backends checks it; explain() reports it).
+KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("student", "teacher"))
 
 
-@backends.register("kd_loss_fwd", "cpu", check=_kernel_check, kernel="kd_loss_fwd")
+@backends.register("kd_loss_fwd", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd")
 def _fwd_cpu(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_fwd(student, teacher, labels, temperature, div, beta, ignore_index,
                                           compute_hard)
 
 
-@backends.register("kd_loss_bwd", "cpu", check=_kernel_check, kernel="kd_loss_bwd")
+@backends.register("kd_loss_bwd", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_bwd")
 def _bwd_cpu(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_bwd(student, teacher, labels, stats, grad_rows, temperature, div, beta,
                                           ignore_index, compute_hard)
 
 
-@backends.register("kd_loss_fwd", "cuda", check=_kernel_check, kernel="kd_loss_fwd_cuda")
+@backends.register("kd_loss_fwd", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_cuda")
 def _fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index,
                                                compute_hard)
 
 
-@backends.register("kd_loss_bwd", "cuda", check=_kernel_check, kernel="kd_loss_bwd_cuda")
+@backends.register("kd_loss_bwd", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_bwd_cuda")
 def _bwd_cuda(student, teacher, labels, stats, grad_rows, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_bwd_cuda(student, teacher, labels, stats, grad_rows, temperature, div,
                                                beta, ignore_index, compute_hard)
 
 
-@backends.register("kd_loss_fwd", "triton", check=_kernel_check)
+@backends.register("kd_loss_fwd", "triton", limits=KERNEL_LIMITS)
 def _fwd_triton(*args):
     from kdfast.kernels.triton import kd_loss as k
     return k.kd_loss_fwd(*args)
 
 
-@backends.register("kd_loss_bwd", "triton", check=_kernel_check)
+@backends.register("kd_loss_bwd", "triton", limits=KERNEL_LIMITS)
 def _bwd_triton(*args):
     from kdfast.kernels.triton import kd_loss as k
     return k.kd_loss_bwd(*args)
@@ -301,7 +298,7 @@ def _fwd_grad_reference(student, teacher, labels, temperature, div, beta, ignore
     return rows, stats, grad
 
 
-@backends.register("kd_loss_fwd_grad", "cpu", check=_kernel_check, kernel="kd_loss_fwd_grad")
+@backends.register("kd_loss_fwd_grad", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_grad")
 def _fwd_grad_cpu(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard, soft_grad,
                   hard_grad, row_weights=None):
     return torch.ops.kdfast_C.kd_loss_fwd_grad(student, teacher, labels, temperature, div, beta, ignore_index,
@@ -310,9 +307,9 @@ def _fwd_grad_cpu(student, teacher, labels, temperature, div, beta, ignore_index
 
 # The loss as a whole is what users dispatch on; forward and backward follow it.
 backends.register("kd_loss", "reference")(_fwd_reference)
-backends.register("kd_loss", "cpu", check=_kernel_check, kernel="kd_loss_fwd")(_fwd_cpu)
-backends.register("kd_loss", "cuda", check=_kernel_check, kernel="kd_loss_fwd_cuda")(_fwd_cuda)
-backends.register("kd_loss", "triton", check=_kernel_check)(_fwd_triton)
+backends.register("kd_loss", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd")(_fwd_cpu)
+backends.register("kd_loss", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_cuda")(_fwd_cuda)
+backends.register("kd_loss", "triton", limits=KERNEL_LIMITS)(_fwd_triton)
 backends.set_gpu_order("kd_loss", ("triton", "cuda"))
 backends.set_gpu_order("kd_loss_fwd", ("triton", "cuda"))
 backends.set_gpu_order("kd_loss_bwd", ("triton", "cuda"))

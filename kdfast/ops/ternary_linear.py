@@ -30,9 +30,6 @@ from kdfast import backends
 from kdfast.ops import _checks
 from kdfast.ops.ternary_quant import packed_columns, quantize_activations, unpack_ternary
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 # --------------------------------------------------------------------------
 # Reference: the specification every backend is tested against.
 # --------------------------------------------------------------------------
@@ -111,12 +108,14 @@ def _reference(x, packed, scale, bias, act_bits):
     return ternary_linear_reference(x, packed, scale, bias, act_bits or None)
 
 
-def _kernel_check(x, packed, scale, bias, act_bits):
-    if x.dtype not in KERNEL_DTYPES:
-        return f"x dtype {x.dtype} not supported by kernels (float32/bfloat16/float16)"
-    if act_bits not in (0, 8):
-        return f"act_bits={act_bits} has no kernel (None or 8)"
-    return None
+CUDA_MAX_M = 16  # the CUDA C++ kernel is a GEMV; larger M goes to the Triton GEMM
+_FLOAT_OR_W2A8 = dict(dtypes=backends.kernel_dtypes("x"), values={"act_bits": (0, 8)})  # act_bits 0: float
+# What each backend's kernel takes (kdfast.backends checks it; explain() reports it).
+KERNEL_LIMITS = {
+    "cpu": backends.Limits(**_FLOAT_OR_W2A8),
+    "triton": backends.Limits(**_FLOAT_OR_W2A8),
+    "cuda": backends.Limits(**_FLOAT_OR_W2A8, max_size={("x", 0): CUDA_MAX_M}),
+}
 
 
 def _f32(t):
@@ -192,7 +191,7 @@ def _decoded_gemm(x, packed, sw, bias):
     return y
 
 
-@backends.register("ternary_linear", "cpu", check=_kernel_check, kernel="ternary_linear_f32")
+@backends.register("ternary_linear", "cpu", limits=KERNEL_LIMITS["cpu"], kernel="ternary_linear_f32")
 def _cpu(x, packed, scale, bias, act_bits):
     K, N = x.shape[1], packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
@@ -206,17 +205,7 @@ def _cpu(x, packed, scale, bias, act_bits):
     return y.to(x.dtype)
 
 
-CUDA_MAX_M = 16  # the CUDA C++ kernel is a GEMV; larger M goes to the Triton GEMM
-
-
-def _cuda_check(x, packed, scale, bias, act_bits):
-    r = _kernel_check(x, packed, scale, bias, act_bits)
-    if r is None and x.shape[0] > CUDA_MAX_M:
-        return f"cuda kernel is a GEMV for M <= {CUDA_MAX_M} rows, got M={x.shape[0]}"
-    return r
-
-
-@backends.register("ternary_linear", "cuda", check=_cuda_check, kernel="ternary_linear_cuda")
+@backends.register("ternary_linear", "cuda", limits=KERNEL_LIMITS["cuda"], kernel="ternary_linear_cuda")
 def _cuda(x, packed, scale, bias, act_bits):
     N = packed.shape[0]
     sw = scale.float().reshape(-1).expand(N).contiguous()
@@ -225,7 +214,7 @@ def _cuda(x, packed, scale, bias, act_bits):
                                                   act_bits)
 
 
-@backends.register("ternary_linear", "triton", check=_kernel_check)
+@backends.register("ternary_linear", "triton", limits=KERNEL_LIMITS["triton"])
 def _triton(x, packed, scale, bias, act_bits):
     from kdfast.kernels.triton import ternary_linear as k
     N = packed.shape[0]
