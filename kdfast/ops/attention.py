@@ -1,6 +1,14 @@
 """Pruned attention: padding-aware (variable length), head-gated, head-pruned
 and block-sparse scaled dot-product attention with forward and backward.
 
+Backends (dispatch names "attention_fwd" / "attention_bwd", varlen: "attention_varlen_fwd" / "_bwd"):
+
+    cpu:       csrc/cpu/attention_train.cpp (fwd, bwd; varlen too); with a block mask the fwd is
+               csrc/cpu/attention.cpp and the bwd is this file's reference backward, a few examples at a time
+    triton:    kdfast/kernels/triton/attention.py (fwd, bwd)
+    cuda:      none (Triton on GPU)
+    reference: this file (fwd, bwd)
+
     out = attention(q, k, v, mask=pad, head_gates=g, active_heads=a,
                     block_mask=bm, block_size=64)
 

@@ -1,5 +1,15 @@
 """MiniLM attention-distribution (and value-relation) loss without L x L maps.
 
+Backends:
+
+    cpu:       csrc/cpu/attention_kl.cpp (fwd writes the gradients; bwd scales them;
+               attention_kl_shared_fwd for the value relation)
+    triton:    kdfast/kernels/triton/attention_kl.py (same; value relation: both gradients added)
+    cuda:      none (Triton on GPU)
+    reference: this file
+    backward:  kdfast/ops/loss_grad_autograd.py (16-bit GPU inputs and a second backward rerun
+               the fwd kernel with grad_output as the gradient weight)
+
 loss = mean over heads and valid query rows of
 KL(softmax(q_t k_t^T * scale_t) || softmax(q_s k_s^T * scale_s)), the
 softmaxes taken over valid keys only:

@@ -1,5 +1,14 @@
 """TinyBERT attention-score loss without L x L maps.
 
+Backends:
+
+    cpu:       csrc/cpu/attention_score_mse.cpp (fwd writes the gradients; bwd scales them)
+    triton:    kdfast/kernels/triton/attention_score_mse.py (same)
+    cuda:      none (Triton on GPU)
+    reference: this file
+    backward:  kdfast/ops/loss_grad_autograd.py (16-bit GPU inputs and a second backward rerun
+               the fwd kernel with grad_output as the gradient weight)
+
 loss = mean over heads of the MSE between the pre-softmax scores
 S_s = q_s k_s^T * scale_s and S_t = q_t k_t^T * scale_t over the valid
 (query, key) pairs, i.e.

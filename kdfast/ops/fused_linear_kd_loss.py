@@ -1,5 +1,15 @@
 """Fused LM-head + distillation loss: never materialises the [N, V] logits.
 
+Backends: the logits matmuls are torch ``F.linear`` on every device; the rows run on
+the kd_loss kernels (dispatch name "kd_loss"):
+
+    cpu:       csrc/cpu/kd_loss.cpp (per chunk kd_loss_fwd_grad, loss and gradient in one pass;
+               kd_loss_fwd when no gradient is wanted)
+    triton:    kdfast/kernels/triton/kd_loss.py (fwd, then bwd, per chunk)
+    cuda:      csrc/cuda/kd_loss.cu (fwd, then bwd, per chunk)
+    reference: this file (fused_linear_kd_loss_reference); per chunk, kd_loss's reference
+    backward:  scales the gradients the forward wrote; reduction="none" reruns the chunks
+
 Rows are processed in chunks. For each chunk the student and teacher logits
 are computed with ``F.linear`` in the input dtype (the matmul accumulates in
 fp32), the kd_loss per-row forward and backward kernels run on the chunk, and

@@ -1,6 +1,15 @@
 """TinyBERT hidden/embedding loss with the student->teacher projection fused,
 and its cosine variant (DistilBERT).
 
+Backends (dispatch name "hidden_mse", for hidden_mse and hidden_cosine):
+
+    cpu:       csrc/cpu/hidden_mse.cpp (fwd writes the gradients; bwd scales them)
+    triton:    kdfast/kernels/triton/hidden_mse.py (fwd writes the gradients; bwd scales them)
+    cuda:      none (Triton on GPU)
+    reference: this file
+    backward:  kdfast/ops/loss_grad_autograd.py (16-bit GPU inputs and a second backward rerun
+               the fwd kernel with grad_output as the gradient weight)
+
     hidden_mse    = sum over valid tokens of ||h_s W^T + b - h_t||^2 / (n_valid * D_t)
     hidden_cosine = mean over valid tokens of 1 - cos(h_s W^T + b, h_t)
 

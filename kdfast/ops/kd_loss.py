@@ -1,6 +1,14 @@
 """Logit distillation loss: KL, reverse KL and JSD between temperature-scaled
 student and teacher distributions, plus an optional hard cross-entropy term.
 
+Backends (``kdfast.explain("kd_loss", student, teacher)`` says which runs):
+
+    cpu:       csrc/cpu/kd_loss.cpp (fwd kd_loss_fwd, or kd_loss_fwd_grad writing the
+               gradient with the loss; bwd kd_loss_bwd, or a scale of that gradient)
+    triton:    kdfast/kernels/triton/kd_loss.py (fwd, bwd)
+    cuda:      csrc/cuda/kd_loss.cu, glue csrc/cuda/kd_loss_torch.cpp (fwd, bwd); GPUs try triton first
+    reference: this file (fwd, bwd)
+
 Kernels work per row: a forward that returns per-row (soft, hard) terms and a
 few per-row statistics, and a backward that streams the row once more to write
 the student gradient. All weights, T^2 scaling and reductions happen here on

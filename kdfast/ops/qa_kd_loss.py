@@ -1,5 +1,12 @@
 """Extractive-QA (SQuAD) distillation loss over start and end logits.
 
+Backends: the kd_loss kernels on the stacked rows (dispatch name "kd_loss"):
+
+    cpu:       csrc/cpu/kd_loss.cpp (fwd + gradient in one pass, kd_loss_fwd_grad; bwd scales it)
+    triton:    kdfast/kernels/triton/kd_loss.py (fwd, bwd)
+    cuda:      csrc/cuda/kd_loss.cu (fwd, bwd)
+    reference: this file (qa_kd_loss_reference; the rows' math is kd_loss's reference)
+
 Built on the kd_loss per-row kernels: the start and end rows are stacked into
 one ``[2B, L]`` problem so one fused forward/backward pass covers both heads.
 """

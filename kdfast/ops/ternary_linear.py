@@ -1,5 +1,14 @@
 """Ternary linear layer op: ``y = x @ (codes * scale)^T + bias`` with 2-bit packed weights.
 
+Backends (``kdfast.explain("ternary_linear", x2d, packed, scale, bias, act_bits or 0)``):
+
+    cpu:       csrc/cpu/ternary_linear.cpp (float x at large M: csrc/cpu/ternary_decode.cpp + torch GEMM)
+    triton:    kdfast/kernels/triton/ternary_linear.py
+    cuda:      csrc/cuda/ternary_linear.cu, glue csrc/cuda/ternary_linear_torch.cpp (GEMV, M <= 16;
+               GPUs try cuda first, then triton)
+    reference: this file
+    backward:  this file, PyTorch (x @ dequantized weight; bias: sum of grad_output)
+
 Two activation modes:
 
 * ``act_bits=None``: activations stay float (fp32 / bf16 / fp16); kernels
@@ -14,8 +23,6 @@ Two activation modes:
   exact int32 sums ``acc[m, n] = sum_k q[m, k] * codes[n, k]`` and
   ``y = ((float(acc) * sx[m]) * scale[n]) + bias[n]`` in float32.
 
-Backends: ``reference`` (below), ``cpu`` (csrc/cpu/ternary_linear.cpp), ``triton``
-(kdfast/kernels/triton/ternary_linear.py), ``cuda`` (csrc/cuda/ternary_linear.cu).
 Gradients flow to ``x`` (straight through the activation quantizer) and to
 ``bias``; packed weights and scales are constants here (train them with
 :class:`kdfast.nn.TernaryLinear` in QAT mode).

@@ -1,5 +1,8 @@
 """Ternary weight quantizers, 2-bit packing and int8 activation quantization.
 
+Backends: none; these are PyTorch functions on any device (the kernels that read the
+packed layout are ternary_linear's).
+
 Packed layout (what every ternary kernel reads, and what a saved model stores)
 ----------------------------------------------------------------------------
 A ternary matrix ``W`` of shape ``[N, K]`` (codes in {-1, 0, +1}) packs into a
