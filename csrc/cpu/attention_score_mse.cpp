@@ -65,26 +65,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at:
   const std::vector<Example> ex = examples(mask);
   const float ss = static_cast<float>(scale_s), st = static_cast<float>(scale_t);
   float* out = loss.data_ptr<float>();
-  const std::vector<int64_t> order = task_order(ex, H);
   struct Buffers {
     std::vector<float> qs, ks, qt, kt, dq, dk;
     std::vector<float> a_ss, a_st, a_tt, c_ss, c_st, c_tt;
   };
-  const int64_t nthreads = task_threads(static_cast<int64_t>(order.size()));
-  std::vector<Buffers> bufs(nthreads);
-  for_each_task(order, nthreads, [&](int64_t bh, int64_t slot) {
-    const int64_t b = bh / H, h = bh % H;
-    const Example& e = ex[b];
+  const auto empty = [&](int64_t bh) {
+    if (!compute_grad) return;
+    zero_head(dq, bh);
+    zero_head(dk, bh);
+  };
+  for_each_head<Buffers>(ex, H, out, empty, [&](int64_t bh, int64_t b, int64_t h, const Example& e, Buffers& w) {
     const int64_t n = e.n();
-    if (n == 0) {
-      out[bh] = 0.f;
-      if (compute_grad) {
-        zero_head(dq, bh);
-        zero_head(dk, bh);
-      }
-      return;
-    }
-    Buffers& w = bufs[slot];
     const Rows Qs = rows_of(qs, b, h, e, w.qs), Ks = rows_of(ks, b, h, e, w.ks);
     const Rows Qt = rows_of(qt, b, h, e, w.qt), Kt = rows_of(kt, b, h, e, w.kt);
     w.a_ss.resize(Ds * Ds); w.a_st.resize(Ds * Dt); w.a_tt.resize(Dt * Dt);

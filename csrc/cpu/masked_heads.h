@@ -4,9 +4,9 @@
 //
 //   Example / examples()   the valid positions of each example, and whether
 //                          they form one run (right or left padding)
-//   task_order, for_each_task   (b, h) tasks, longest example first, pulled
-//                          from a shared counter by worker threads, BLAS
-//                          single-threaded inside
+//   for_each_head          (b, h) tasks, longest example first, pulled from a
+//                          shared counter by worker threads with their own
+//                          buffers, BLAS single-threaded inside
 //   rows_of                the valid rows of one head as float32: in place for
 //                          float32 inputs with unit stride in D when the valid
 //                          tokens form one run, else gathered into a buffer
@@ -130,6 +130,25 @@ void for_each_task(const std::vector<int64_t>& order, int64_t nthreads, Body bod
     BlasSingleThread blas1;
     for (int64_t slot = t0; slot < t1; ++slot)
       for (int64_t i = next.fetch_add(1); i < ntasks; i = next.fetch_add(1)) body(order[i], slot);
+  });
+}
+
+// Runs body(bh, b, h, example, buffers) for every head (b, h) whose example has valid tokens, on
+// worker threads each with its own Buffers (reused across its heads), longest example first. A
+// head without valid tokens gets out[bh] = 0 and empty(bh), which zeroes its gradient rows.
+template <typename Buffers, typename Empty, typename Body>
+void for_each_head(const std::vector<Example>& ex, int64_t H, float* out, Empty empty, Body body) {
+  const std::vector<int64_t> order = task_order(ex, H);
+  const int64_t nthreads = task_threads(static_cast<int64_t>(order.size()));
+  std::vector<Buffers> bufs(nthreads);
+  for_each_task(order, nthreads, [&](int64_t bh, int64_t slot) {
+    const int64_t b = bh / H, h = bh % H;
+    if (ex[b].n() == 0) {
+      out[bh] = 0.f;
+      empty(bh);
+      return;
+    }
+    body(bh, b, h, ex[b], bufs[slot]);
   });
 }
 

@@ -126,3 +126,39 @@ def run_double_backward(op, ref, backend, inputs, dtype, *, value=False, scales=
                 assert_close_to_oracle(got[i].float(), s * o_grads[i], s * r_grads[i].float(), dtype,
                                        what=f"{backend} backward {k + 1} grad {'qk'[i]}_s")
     return out
+
+
+def cpu_row_access_tests(op, ref):
+    """The CPU kernel row-access tests of one attention-map loss (see layout_inputs): each layout
+    against the float64 oracle, on every CPU ISA path. The op's test module assigns the returned
+    functions to its test_cpu_* names."""
+
+    @pytest.mark.cpu
+    @pytest.mark.parametrize("layout", ["contiguous", "blhd", "d_strided"])
+    def runs_of_valid_tokens(layout):
+        run_case(op, ref, "cpu", layout_inputs(5, 3, 23, 16, 8, layout, SPANS), torch.float32)
+
+    @pytest.mark.cpu
+    def mixed_in_place_and_gathered_inputs():
+        # q_s in place, k_s gathered (D-strided), holes in one example's mask.
+        q_s, _, q_t, k_t, mask = layout_inputs(3, 2, 19, 8, 12, "contiguous", [(0, 19), (2, 17), (0, 10)], seed=1)
+        k_s = layout_inputs(3, 2, 19, 8, 12, "d_strided", [(0, 19)] * 3, seed=2)[1]
+        mask[0, 7] = mask[0, 11] = False
+        run_case(op, ref, "cpu", (q_s, k_s, q_t, k_t, mask), torch.float32)
+
+    @pytest.mark.cpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    def runs_with_16_bit_inputs(dtype):
+        # Gathered inputs, gradients still written in place into the float32 output.
+        run_case(op, ref, "cpu", layout_inputs(3, 2, 21, 16, 16, "contiguous", [(3, 21), (0, 9), (0, 21)], seed=3),
+                 dtype)
+
+    @pytest.mark.cpu
+    @pytest.mark.parametrize("isa", isa_list())
+    def isa_paths_in_place(isa):
+        with cpu_isa.use_cpu_isa(isa):
+            run_case(op, ref, "cpu",
+                     layout_inputs(3, 2, 40, 16, 16, "contiguous", [(0, 40), (4, 33), (39, 40)], seed=5),
+                     torch.float32)
+
+    return runs_of_valid_tokens, mixed_in_place_and_gathered_inputs, runs_with_16_bit_inputs, isa_paths_in_place

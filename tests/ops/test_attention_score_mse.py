@@ -5,8 +5,8 @@ import kdfast
 from kdfast import cpu_isa
 from kdfast.ops import attention_score_mse, attention_score_mse_reference
 from kdfast.ops.attention_score_mse import _fwd
-from tests.ops.attention_cases import (BACKENDS, SPANS, isa_list, layout_inputs, make_inputs, run_case,
-                                     run_double_backward)
+from tests.ops.attention_cases import (BACKENDS, cpu_row_access_tests, isa_list, make_inputs,
+                                     run_case, run_double_backward)
 
 
 def _shape(backend):
@@ -135,36 +135,6 @@ def test_low_precision_grad_output_one(backend, dtype):
              dtype, grad_scale=1.0)
 
 
-# --------------------------------------------------------------------------
-# CPU kernel row access (in place for one run of valid float32 rows with unit stride in D, else
-# gathered), each layout against the float64 oracle, on every CPU ISA path.
-# --------------------------------------------------------------------------
-@pytest.mark.cpu
-@pytest.mark.parametrize("layout", ["contiguous", "blhd", "d_strided"])
-def test_cpu_runs_of_valid_tokens(layout):
-    run_case(attention_score_mse, attention_score_mse_reference, "cpu", layout_inputs(5, 3, 23, 16, 8, layout, SPANS), torch.float32)
-
-
-@pytest.mark.cpu
-def test_cpu_mixed_in_place_and_gathered_inputs():
-    # q_s in place, k_s gathered (D-strided), holes in one example's mask.
-    q_s, _, q_t, k_t, mask = layout_inputs(3, 2, 19, 8, 12, "contiguous", [(0, 19), (2, 17), (0, 10)], seed=1)
-    k_s = layout_inputs(3, 2, 19, 8, 12, "d_strided", [(0, 19)] * 3, seed=2)[1]
-    mask[0, 7] = mask[0, 11] = False
-    run_case(attention_score_mse, attention_score_mse_reference, "cpu", (q_s, k_s, q_t, k_t, mask), torch.float32)
-
-
-@pytest.mark.cpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cpu_runs_with_16_bit_inputs(dtype):
-    # Gathered inputs, gradients still written in place into the float32 output.
-    run_case(attention_score_mse, attention_score_mse_reference, "cpu",
-             layout_inputs(3, 2, 21, 16, 16, "contiguous", [(3, 21), (0, 9), (0, 21)], seed=3), dtype)
-
-
-@pytest.mark.cpu
-@pytest.mark.parametrize("isa", isa_list())
-def test_cpu_isa_paths_in_place(isa):
-    with cpu_isa.use_cpu_isa(isa):
-        run_case(attention_score_mse, attention_score_mse_reference, "cpu",
-                 layout_inputs(3, 2, 40, 16, 16, "contiguous", [(0, 40), (4, 33), (39, 40)], seed=5), torch.float32)
+# CPU kernel row access (in place for one run of valid float32 rows with unit stride in D, else gathered).
+(test_cpu_runs_of_valid_tokens, test_cpu_mixed_in_place_and_gathered_inputs, test_cpu_runs_with_16_bit_inputs,
+ test_cpu_isa_paths_in_place) = cpu_row_access_tests(attention_score_mse, attention_score_mse_reference)

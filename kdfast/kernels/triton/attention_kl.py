@@ -7,12 +7,7 @@ the KL needs one pass). Gradients of the summed loss take two more streaming
 kernels (dq over key blocks, dk over query blocks) using the saved per-row
 log-sum-exps, so nothing of size L x L is stored.
 
-All dots run in float32 with input_precision="ieee" (exact float32, no TF32),
-so float32 results match the float64 oracle like PyTorch's float32 matmul.
-Launchers take CPU tensors under TRITON_INTERPRET=1 (tests) or CUDA tensors.
-Loop bounds (L, E) are compile-time constants: one compile per sequence
-length, and the triton 3.6 interpreter cannot loop to a runtime bound under
-numpy >= 2.4.
+Numerics and launch rules: kdfast/kernels/triton/attention_map_buffers.py.
 """
 from __future__ import annotations
 

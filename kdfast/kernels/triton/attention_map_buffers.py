@@ -1,5 +1,14 @@
 """Launch helpers shared by the attention-map loss kernels (attention_kl.py,
-attention_score_mse.py): tile widths and the gradient buffers they write."""
+attention_score_mse.py): tile widths and the gradient buffers they write.
+
+Both kernels:
+all dots run in float32 with input_precision="ieee" (exact float32, no TF32),
+so float32 results match the float64 oracle like PyTorch's float32 matmul.
+Launchers take CPU tensors under TRITON_INTERPRET=1 (tests) or CUDA tensors.
+Loop bounds (L, E) are compile-time constants: one compile per sequence
+length, and the triton 3.6 interpreter cannot loop to a runtime bound under
+numpy >= 2.4.
+"""
 from __future__ import annotations
 
 import torch

@@ -4,12 +4,7 @@ Gram matrices. X^T X over rows for Q = [q_s*scale_s | q_t*scale_t] and
 K = [k_s | -k_t] (padded rows skipped), the loss <G_Q, G_K> per head, and the
 gradient rows X @ G.
 
-All dots run in float32 with input_precision="ieee" (exact float32, no TF32),
-so float32 results match the float64 oracle like PyTorch's float32 matmul.
-Launchers take CPU tensors under TRITON_INTERPRET=1 (tests) or CUDA tensors.
-Loop bounds (L, E) are compile-time constants: one compile per sequence
-length, and the triton 3.6 interpreter cannot loop to a runtime bound under
-numpy >= 2.4.
+Numerics and launch rules: kdfast/kernels/triton/attention_map_buffers.py.
 """
 from __future__ import annotations
 
