@@ -41,7 +41,7 @@ from harness import Bench  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.ops import (attention_kl, attention_kl_reference, attention_score_mse,  # noqa: E402
-                        attention_score_mse_reference, hidden_loss_reference, hidden_mse)
+                        attention_score_mse_reference, hidden_mse, hidden_mse_reference)
 
 
 def eager_score_mse(q_s, k_s, q_t, k_t, mask):
@@ -172,7 +172,7 @@ def main(argv=None):
         kw = dict(mode="fwd+bwd", x_name="L", x_value=L, config=f"B={B} D{Dm} {tag}", warmup=1, reps=a.reps)
         kw["setup"] = clear((hs, W, bias))
         bench.run("hidden_mse", "kdfast", step(hidden_mse, (hs, ht, W, bias, mask)), **kw)
-        bench.run("hidden_mse", "torch-eager", step(lambda *x: hidden_loss_reference(*x), (hs, ht, W, bias, mask)),
+        bench.run("hidden_mse", "torch-eager", step(hidden_mse_reference, (hs, ht, W, bias, mask)),
                   **kw)
         print(f"done B={B} L={L}: backends {kdfast.explain('attention_kl', q_s, k_s, q_t, k_t)}", file=sys.stderr)
     bench.table()

@@ -67,7 +67,7 @@ def kdfast_step(s, t, kd, ids, am):
         s_out = s(input_ids=ids, attention_mask=am, output_hidden_states=True)
         with torch.no_grad():
             t_out = t(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    total, _ = kd(s_out.hidden_states, t_out.hidden_states, cs.layers, ct.layers, attention_mask=am)
+    total, _ = kd(s_out.hidden_states, cs.layers, t_out.hidden_states, ct.layers, am)
     return total
 
 

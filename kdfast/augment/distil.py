@@ -50,10 +50,10 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
             if "teacher_start_logits" in batch:
                 loss = qa_kd_loss(s, e, batch["teacher_start_logits"], batch["teacher_end_logits"], sp, ep,
                                   temperature=temperature, soft_weight=alpha, hard_weight=1.0 - alpha,
-                                  attention_mask=mask)
+                                  mask=mask)
             else:
                 loss = qa_kd_loss(s, e, s.detach(), e.detach(), sp, ep, soft_weight=0.0, hard_weight=1.0,
-                                  attention_mask=mask)
+                                  mask=mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -308,8 +308,8 @@ class DistillationTrainer(Trainer):
                 out = model(**inputs, output_hidden_states=True)
                 with torch.no_grad():
                     t_out = self.teacher(**inputs, output_hidden_states=True)
-            layer_total, terms = self.layer_kd(out.hidden_states, t_out.hidden_states, cs.layers, ct.layers,
-                                               attention_mask=inputs.get("attention_mask"))
+            layer_total, terms = self.layer_kd(out.hidden_states, cs.layers, t_out.hidden_states, ct.layers,
+                                               inputs.get("attention_mask"))
             t_start, t_end = t_out.start_logits, t_out.end_logits
         else:
             out = model(**inputs)
@@ -326,19 +326,19 @@ class DistillationTrainer(Trainer):
         sp, ep = extra.get("start_positions"), extra.get("end_positions")
         if t_start is None:  # fine-tune: hard labels only, over the same span tokens
             loss = qa_kd_loss(s_start, s_end, s_start.detach(), s_end.detach(), sp, ep, soft_weight=0.0,
-                              hard_weight=1.0, attention_mask=mask)
+                              hard_weight=1.0, mask=mask)
         elif self.distill.logit_loss == "kl":
             a = self.distill.alpha
             loss = qa_kd_loss(s_start, s_end, t_start.to(s_start.device), t_end.to(s_end.device), sp, ep,
                               temperature=self.distill.temperature, soft_weight=a, hard_weight=1.0 - a,
-                              attention_mask=mask)
+                              mask=mask)
         else:
             a = self.distill.alpha
             loss = a * logit_kd_loss(s_start, s_end, t_start.to(s_start.device), t_end.to(s_end.device), mask,
                                      kind=self.distill.logit_loss, temperature=self.distill.temperature)
             if a < 1.0 and sp is not None:
                 loss = loss + qa_kd_loss(s_start, s_end, s_start.detach(), s_end.detach(), sp, ep, soft_weight=0.0,
-                                         hard_weight=1.0 - a, attention_mask=mask)
+                                         hard_weight=1.0 - a, mask=mask)
         parts = {"span_loss": loss.detach()}
         if layer_total is not None:
             parts.update({f"layer_{k}": v.detach() for k, v in terms.items()})

@@ -6,6 +6,7 @@ from torch import nn
 from kdfast.ops import _checks
 from kdfast.ops.fused_linear_kd_loss import fused_linear_kd_loss
 from kdfast.ops.kd_loss import DIVERGENCES, REDUCTIONS
+from kdfast.ops.renamed_arguments import renamed_keywords
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -27,11 +28,11 @@ class FusedLinearKDLoss(nn.Module):
                             hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction,
                             scale_by_t2=scale_by_t2, chunk_size=chunk_size)
 
-    def forward(self, student_hidden, student_lm_head_weight, teacher_hidden, teacher_weight, labels=None, *,
+    @renamed_keywords(student_lm_head_weight="student_weight")
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                 student_bias=None, teacher_bias=None):
-        return fused_linear_kd_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_weight,
-                                        labels, student_bias=student_bias, teacher_bias=teacher_bias,
-                                        **self.options)
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -6,8 +6,8 @@
         s_out = student(**batch, output_hidden_states=True)
         with torch.no_grad():
             t_out = teacher(**batch, output_hidden_states=True)
-    total, terms = layer_kd(s_out.hidden_states, t_out.hidden_states, cs.layers, ct.layers,
-                            attention_mask=batch["attention_mask"])
+    total, terms = layer_kd(s_out.hidden_states, cs.layers, t_out.hidden_states, ct.layers,
+                            batch["attention_mask"])
 
 Layers are numbered from 1 (hidden_states[m] is the output of layer m and
 hidden_states[0] the embeddings, as in HuggingFace); q/k/v lists are indexed
@@ -15,6 +15,7 @@ from 0 (qkv[m - 1] belongs to layer m).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -23,10 +24,20 @@ from torch import nn
 from kdfast.ops.attention_kl import attention_kl
 from kdfast.ops.attention_score_mse import attention_score_mse
 from kdfast.nn.layer_mapping import MAPPINGS, LayerMapping, layer_mapping  # noqa: F401 (re-exported)
-from kdfast.ops.hidden_mse import hidden_cosine, hidden_loss_reference, hidden_mse
+from kdfast.ops.hidden_mse import hidden_cosine, hidden_cosine_reference, hidden_mse, hidden_mse_reference
+from kdfast.ops.renamed_arguments import renamed_keywords
 
 TERMS = ("embedding", "hidden", "hidden_cosine", "attention_score", "attention_kl", "value_relation")
 _DEFAULT_LOSSES = {"embedding": 1.0, "hidden": 1.0, "attention_score": 1.0}
+
+
+def _holds_hidden_states(seq):
+    """A non-empty sequence of tensors (hidden states), not of per-layer (q, k, v) tuples."""
+    return seq is not None and len(seq) > 0 and all(isinstance(x, torch.Tensor) for x in seq)
+
+
+def _holds_qkv(seq):
+    return seq is not None and any(isinstance(x, (tuple, list)) for x in seq)
 
 
 def _cfg(config, name):
@@ -61,11 +72,14 @@ class LayerKD(nn.Module):
             (``"shared"``: one for all layers and one for the embeddings, as TinyBERT;
             ``"per_layer"``: one per mapped student layer). Unused when sizes are equal.
 
-    forward(student_hidden_states, teacher_hidden_states, student_qkv, teacher_qkv, attention_mask):
+    forward(student_hidden_states, student_qkv, teacher_hidden_states, teacher_qkv, mask):
+        the student's inputs, then the teacher's, then the mask (kdfast/ops/__init__.py).
         hidden_states: sequences of ``[B, L, D]`` (HF ``output_hidden_states``), M+1 / N+1 entries.
         qkv: sequences of per-layer ``(q, k, v)`` ``[B, H, L, D_head]`` (``kdfast.hf.capture``).
-        attention_mask: ``[B, L]``, 1 = keep.
-        Only the inputs the chosen terms need are required.
+        mask: ``[B, L]`` bool/integer/float, nonzero = keep (the HF ``attention_mask``).
+        Only the inputs the chosen terms need are required. Deprecated for one release: the old
+        order ``(student_hidden_states, teacher_hidden_states, student_qkv, teacher_qkv)`` (told
+        apart by what the sequences hold) and ``attention_mask=``.
     """
 
     def __init__(self, student_config, teacher_config, mapping="uniform", losses=None, *, k=None, stride=None,
@@ -178,10 +192,15 @@ class LayerKD(nn.Module):
             total = total + w * v
         return total
 
-    def forward(self, student_hidden_states=None, teacher_hidden_states=None, student_qkv=None, teacher_qkv=None,
-                attention_mask=None):
+    @renamed_keywords(attention_mask="mask")
+    def forward(self, student_hidden_states=None, student_qkv=None, teacher_hidden_states=None, teacher_qkv=None,
+                mask=None):
+        if _holds_hidden_states(student_qkv) or _holds_qkv(teacher_hidden_states):
+            warnings.warn("LayerKD(...): the positional order is (student_hidden_states, student_qkv, "
+                          "teacher_hidden_states, teacher_qkv, mask); the old order (hidden states of both, then "
+                          "q/k/v of both) goes in the next release", DeprecationWarning, stacklevel=3)
+            student_qkv, teacher_hidden_states = teacher_hidden_states, student_qkv
         terms: dict[str, torch.Tensor] = {}
-        mask = attention_mask
         L_s, L_t = self.num_student, self.num_teacher
         if "embedding" in self.losses:
             hs = self._need(student_hidden_states, "student_hidden_states", "embedding")
@@ -189,7 +208,8 @@ class LayerKD(nn.Module):
             p = self.embedding_proj
             terms["embedding"] = hidden_mse(hs[0], ht[0].detach(), None if p is None else p.weight,
                                             None if p is None else p.bias, mask)
-        for name, fn, kind in (("hidden", hidden_mse, "mse"), ("hidden_cosine", hidden_cosine, "cosine")):
+        for name, fn, reference in (("hidden", hidden_mse, hidden_mse_reference),
+                                    ("hidden_cosine", hidden_cosine, hidden_cosine_reference)):
             if name not in self.losses:
                 continue
             hs = self._need(student_hidden_states, "student_hidden_states", name)
@@ -203,7 +223,7 @@ class LayerKD(nn.Module):
                     total = total + fn(h_s, targets[0], pw, pb, mask)
                 elif isinstance(w, torch.Tensor):  # learned: the gradient must reach the mixing weights
                     target = self._mix(targets, w.to(targets[0].dtype))
-                    total = total + hidden_loss_reference(h_s, target, pw, pb, mask, kind=kind)
+                    total = total + reference(h_s, target, pw, pb, mask)
                 else:  # mean of the block's hidden states (a constant target: the fused op)
                     total = total + fn(h_s, self._mix(targets, w), pw, pb, mask)
             terms[name] = total

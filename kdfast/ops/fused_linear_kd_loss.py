@@ -49,12 +49,17 @@ def default_chunk_size(V: int) -> int:
 
 
 def fused_linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                                   student_bias=None, teacher_bias=None, chunk_size=None, **options):
-    """The specification: materialised logits + :func:`kd_loss_reference` (autograd through PyTorch)."""
+                                   student_bias=None, teacher_bias=None, chunk_size=None, temperature=1.0,
+                                   divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0, ignore_index=-100,
+                                   reduction="batchmean", scale_by_t2=True):
+    """The specification: materialised logits + :func:`kd_loss_reference` (autograd through PyTorch).
+    ``chunk_size`` changes nothing here (the reference has no chunks)."""
     s = F.linear(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
-    return kd_loss_reference(s, t, labels, **options)
+    return kd_loss_reference(s, t, labels, temperature=temperature, divergence=divergence, beta=beta,
+                             soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
+                             reduction=reduction, scale_by_t2=scale_by_t2)
 
 
 def _row_coefs(labels, N, V, soft_scale, hard_weight, ignore_index, reduction, device):

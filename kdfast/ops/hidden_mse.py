@@ -6,7 +6,7 @@ Backends (dispatch name "hidden_mse", for hidden_mse and hidden_cosine):
     cpu:       csrc/cpu/hidden_mse.cpp (fwd writes the gradients; bwd scales them)
     triton:    kdfast/kernels/triton/hidden_mse.py (fwd writes the gradients; bwd scales them)
     cuda:      none (Triton on GPU)
-    reference: this file
+    reference: this file (hidden_mse_reference, hidden_cosine_reference)
     backward:  kdfast/ops/loss_grad_autograd.py (16-bit GPU inputs and a second backward rerun
                the fwd kernel with grad_output as the gradient weight)
 
@@ -26,6 +26,8 @@ A second backward through the same graph (retain_graph=True) reruns the
 forward kernel on the saved inputs with grad_output applied.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -88,16 +90,40 @@ def _rows_reference(h_s, h_t, weight, bias, mask, kind, eps):
     return torch.where(mask != 0, rows, torch.zeros((), dtype=acc, device=rows.device))
 
 
-def hidden_loss_reference(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *,
-                          kind="mse", eps=1e-8):
-    """The specification (autograd through PyTorch); float32, or float64 for float64 inputs."""
-    _checks.choice("kind", kind, tuple(KINDS))
-    m = _check(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "hidden_loss_reference")
+def _loss_reference(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, kind, eps, fn):
+    m = _check(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, fn)
     Dt = teacher_hidden.shape[-1]
     rows = _rows_reference(student_hidden.reshape(-1, student_hidden.shape[-1]), teacher_hidden.reshape(-1, Dt),
                            proj_weight, proj_bias, m, KINDS[kind], eps)
     count = m.sum().to(rows.dtype) * (Dt if kind == "mse" else 1)
     return rows.sum() / count.clamp(min=1)
+
+
+def hidden_mse_reference(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None):
+    """The specification of :func:`hidden_mse` (autograd through PyTorch); float32, or float64 for float64
+    inputs."""
+    return _loss_reference(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "mse", 1e-8,
+                           "hidden_mse_reference")
+
+
+def hidden_cosine_reference(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *,
+                            eps=1e-8):
+    """The specification of :func:`hidden_cosine` (autograd through PyTorch); float32, or float64 for float64
+    inputs."""
+    eps = _checks.positive("eps", eps)
+    return _loss_reference(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, "cosine", eps,
+                           "hidden_cosine_reference")
+
+
+def hidden_loss_reference(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None, mask=None, *,
+                          kind="mse", eps=1e-8):
+    """Deprecated (goes in the next release): :func:`hidden_mse_reference` (kind="mse") or
+    :func:`hidden_cosine_reference` (kind="cosine"), each with its op's signature."""
+    _checks.choice("kind", kind, tuple(KINDS))
+    warnings.warn(f"hidden_loss_reference(kind=...) is deprecated: use hidden_{kind}_reference", DeprecationWarning,
+                  stacklevel=2)
+    return _loss_reference(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, kind, eps,
+                           "hidden_loss_reference")
 
 
 # --------------------------------------------------------------------------
@@ -197,7 +223,7 @@ def hidden_mse(student_hidden, teacher_hidden, proj_weight=None, proj_bias=None,
         teacher_hidden: ``[..., D_t]``, same leading shape. Gets no gradient.
         proj_weight: optional ``[D_t, D_s]`` (``nn.Linear(D_s, D_t).weight``); required when
             D_s != D_t. proj_bias: optional ``[D_t]``. Both get gradients.
-        mask: optional ``[...]`` (the leading shape, e.g. ``[B, L]``), nonzero = keep.
+        mask: optional ``[...]`` (the leading shape, e.g. ``[B, L]``) bool/integer/float, nonzero = keep.
 
     Returns float32 0-d: sum of squared errors over valid tokens / (n_valid * D_t); 0 if none.
 

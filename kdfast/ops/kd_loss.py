@@ -100,10 +100,22 @@ def kd_rows_reference(student, teacher, labels=None, *, temperature=1.0, diverge
     return torch.stack([soft, hard], dim=-1)
 
 
-def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0,
-                      divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0,
-                      ignore_index=-100, reduction="batchmean", scale_by_t2=True, compute_dtype=None):
-    """Readable whole-loss reference (autograd through plain PyTorch); the test oracle in float64."""
+def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0, divergence="kl", beta=0.5,
+                      soft_weight=1.0, hard_weight=0.0, ignore_index=-100, reduction="batchmean", scale_by_t2=True):
+    """Readable whole-loss reference (autograd through plain PyTorch); the test oracle in float64.
+
+    Computes in float32 (float64 for float64 inputs); :func:`kd_loss_reference_in` takes the dtype.
+    """
+    return kd_loss_reference_in(None, student_logits, teacher_logits, labels, temperature=temperature,
+                                divergence=divergence, beta=beta, soft_weight=soft_weight, hard_weight=hard_weight,
+                                ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2)
+
+
+def kd_loss_reference_in(compute_dtype, student_logits, teacher_logits, labels=None, *, temperature=1.0,
+                         divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0, ignore_index=-100,
+                         reduction="batchmean", scale_by_t2=True):
+    """:func:`kd_loss_reference` computed in ``compute_dtype`` (None: its default); the tests' same-dtype
+    PyTorch reference (e.g. all in bfloat16)."""
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)

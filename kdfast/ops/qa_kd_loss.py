@@ -17,6 +17,7 @@ import torch
 from kdfast import backends
 from kdfast.ops import _checks
 from kdfast.ops.kd_loss import _masked_log_softmax, kd_loss_reference, kd_rows
+from kdfast.ops.renamed_arguments import renamed_keywords
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -43,12 +44,12 @@ def _counted(pos, L, keep):
     return pos, counted
 
 
+@renamed_keywords(attention_mask="mask")
 def qa_kd_loss_reference(student_start, student_end, teacher_start, teacher_end, start_positions=None,
-                         end_positions=None, *, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
-                         attention_mask=None):
+                         end_positions=None, mask=None, *, temperature=2.0, soft_weight=0.5, hard_weight=0.5):
     """Readable reference (plain PyTorch autograd); the test oracle when given float64 inputs."""
     B, L = student_start.shape
-    keep = None if attention_mask is None else attention_mask != 0
+    keep = None if mask is None else mask != 0
     T = temperature
 
     def term(s, t, pos):
@@ -115,8 +116,9 @@ def _row_weights(B, T, soft_weight, hard_weight, counted, with_hard):
     return w
 
 
+@renamed_keywords(attention_mask="mask")
 def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_positions=None, end_positions=None,
-               *, temperature=2.0, soft_weight=0.5, hard_weight=0.5, attention_mask=None):
+               mask=None, *, temperature=2.0, soft_weight=0.5, hard_weight=0.5):
     """SQuAD-style distillation loss: mean of the start term and the end term.
 
     Each term = ``soft_weight * T^2 * KL(p_teacher || p_student)`` (batchmean over
@@ -132,8 +134,10 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
             positions ``>= L`` are ignored and negative ones become 0).
             Positions on masked tokens are ignored as well. A head with no
             counted position contributes 0 hard loss (HF gives NaN there).
-        attention_mask: optional ``[B, L]``; 0 entries are set to -inf in both
-            student and teacher, so they take no probability mass in either softmax.
+        mask: optional ``[B, L]`` bool/integer/float, nonzero = keep (the HF ``attention_mask``,
+            or a span mask); masked entries are set to -inf in both student and teacher, so they
+            take no probability mass in either softmax. (``attention_mask=``: the old name,
+            deprecated.)
 
     Returns a float32 scalar (the kd kernels' per-row terms are float32).
 
@@ -158,18 +162,18 @@ def qa_kd_loss(student_start, student_end, teacher_start, teacher_end, start_pos
         raise ValueError("start_positions and end_positions must be given together (or neither)")
     _checks.same_device(student_start=student_start, student_end=student_end, teacher_start=teacher_start,
                         teacher_end=teacher_end, start_positions=start_positions, end_positions=end_positions,
-                        attention_mask=attention_mask)
+                        mask=mask)
     T = _checks.positive("temperature", temperature)
     B, L = student_start.shape
     if L == 0:
         raise ValueError("student_start must have a non-empty sequence dimension (L >= 1)")
     keep = None
-    if attention_mask is not None:
-        _checks.tensor("attention_mask", attention_mask)
-        if attention_mask.shape != student_start.shape:
-            raise ValueError(f"attention_mask must have shape {tuple(student_start.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        keep = attention_mask != 0
+    if mask is not None:
+        _checks.tensor("mask", mask)
+        if mask.shape != student_start.shape:
+            raise ValueError(f"mask must have shape {tuple(student_start.shape)} (nonzero = keep), "
+                             f"got {tuple(mask.shape)}")
+        keep = mask != 0
 
     keep2 = None if keep is None else keep.repeat(2, 1)
 

@@ -36,6 +36,7 @@ import torch
 from kdfast import backends
 from kdfast.ops import _checks
 from kdfast.ops.ternary_quant import packed_columns, quantize_activations, unpack_ternary
+from kdfast.ops.renamed_arguments import renamed_keywords
 
 # --------------------------------------------------------------------------
 # Reference: the specification every backend is tested against.
@@ -48,15 +49,17 @@ def ternary_int_acc_reference(q: torch.Tensor, packed: torch.Tensor, in_features
     return (q.to(dt) @ codes.to(dt).T).to(torch.int32)
 
 
-def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                             bias: torch.Tensor | None = None, act_bits: int | None = None) -> torch.Tensor:
+@renamed_keywords(packed="packed_weight")
+def ternary_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, scale: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, act_bits: int | None = None) -> torch.Tensor:
     """``x [M, K]`` -> ``[M, N]`` in x's dtype (float64 in gives float64 out, the test oracle).
 
     Equivalent PyTorch (act_bits=None)::
 
-        W = unpack_ternary(packed, K).float() * scale[:, None]
+        W = unpack_ternary(packed_weight, K).float() * scale[:, None]
         y = F.linear(x.float(), W, bias).to(x.dtype)
     """
+    packed = packed_weight
     K = x.shape[-1]
     N = packed.shape[0]
     acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -112,7 +115,7 @@ _ternary_linear.register_autograd(_backward, setup_context=_setup_context)
 
 @backends.register("ternary_linear", "reference")
 def _reference(x, packed, scale, bias, act_bits):
-    return ternary_linear_reference(x, packed, scale, bias, act_bits or None)
+    return ternary_linear_reference(x, packed, scale, bias, act_bits=act_bits or None)
 
 
 CUDA_MAX_M = 16  # the CUDA C++ kernel is a GEMV; larger M goes to the Triton GEMM

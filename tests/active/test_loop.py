@@ -252,7 +252,7 @@ def test_kd_on_pool_windows_have_no_hard_labels(data, tmp_path):
         b = coll([ds[int(i)] for i in rows])
         L = b["input_ids"].shape[1]
         s = torch.randn(len(rows), L, requires_grad=True)
-        kw = dict(attention_mask=span_mask(b, L), temperature=2.0)
+        kw = dict(mask=span_mask(b, L), temperature=2.0)
         hard = qa_kd_loss(s, s, b["teacher_start_logits"], b["teacher_end_logits"], b["start_positions"],
                           b["end_positions"], soft_weight=0.0, hard_weight=1.0, **kw)
         assert (float(hard.detach()) == 0.0) == hard_zero

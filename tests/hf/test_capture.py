@@ -118,7 +118,7 @@ def test_layer_kd_on_capture_equals_eager_output_attentions():
         s_out = s(input_ids=ids, attention_mask=am, output_hidden_states=True)
         with torch.no_grad():
             t_out = t(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    total, terms = kd(s_out.hidden_states, t_out.hidden_states, cs.layers, ct.layers, attention_mask=am)
+    total, terms = kd(s_out.hidden_states, cs.layers, t_out.hidden_states, ct.layers, am)
     total.backward()
     g_fast = s.bert.encoder.layer[0].attention.self.query.weight.grad.clone()
     # eager attention with output_attentions=True (same weights)
@@ -150,7 +150,7 @@ def test_capture_keeps_only_the_layers_and_tensors_asked_for():
             s_out = s(input_ids=ids, attention_mask=am, output_hidden_states=True)
             with torch.no_grad():
                 t_out = t(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        totals.append(kd(s_out.hidden_states, t_out.hidden_states, cs.layers, ct.layers, attention_mask=am)[0])
+        totals.append(kd(s_out.hidden_states, cs.layers, t_out.hidden_states, ct.layers, am)[0])
     torch.testing.assert_close(totals[0], totals[1], rtol=0, atol=0)
     # One position per layer; unused layers and v are not kept.
     assert len(ct.layers) == TEACHER["num_hidden_layers"]

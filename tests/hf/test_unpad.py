@@ -279,7 +279,7 @@ def test_layer_kd_losses_equal_with_unpadded_student_and_teacher():
             s = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
             with torch.no_grad():
                 t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        total, terms = kd(s.hidden_states, t.hidden_states, cs.layers, ct.layers, attention_mask=am)
+        total, terms = kd(s.hidden_states, cs.layers, t.hidden_states, ct.layers, am)
         total.backward()
         results.append((terms, student.bert.encoder.layer[0].attention.self.query.weight.grad.clone()))
     (ta, ga), (tb, gb) = results

@@ -9,7 +9,7 @@ import torch
 
 import kdfast
 from kdfast.ops import (attention, attention_kl, attention_kl_reference, attention_reference, attention_score_mse,
-                        attention_score_mse_reference, hidden_loss_reference, hidden_mse)
+                        attention_score_mse_reference, hidden_mse, hidden_mse_reference)
 from tests.numerics import assert_close_to_oracle
 
 pytestmark = pytest.mark.cuda
@@ -96,5 +96,5 @@ def test_hidden_mse_triton_on_gpu(dtype):
     w = (torch.randn(768, 312, generator=g, dtype=torch.float64) / 312 ** 0.5).to(dtype)
     b = torch.randn(768, generator=g, dtype=torch.float64).to(dtype)
     _check(lambda hs, ht, w, b, m: hidden_mse(hs, ht, w, b, m),
-           lambda hs, ht, w, b, m: hidden_loss_reference(hs, ht, w, b, m),
+           lambda hs, ht, w, b, m: hidden_mse_reference(hs, ht, w, b, m),
            [hs, ht, w, b, _mask(4, 384)], (0, 2, 3), dtype)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from kdfast.nn import LayerKD, layer_mapping
-from kdfast.ops import attention_kl_reference, attention_score_mse_reference, hidden_loss_reference
+from kdfast.ops import (attention_kl_reference, attention_score_mse_reference, hidden_cosine_reference,
+                        hidden_mse_reference)
 
 
 def test_mappings():
@@ -50,7 +51,7 @@ def test_totals_match_reference_terms_and_projections_learn():
                "attention_kl": 2.0, "value_relation": 1.5}
     kd = LayerKD(_cfg(2, 16), _cfg(4, 24), mapping="uniform", losses=weights)
     assert kd.pairs == [(1, 2), (2, 4)]
-    total, terms = kd(s_hs, t_hs, s_qkv, t_qkv, attention_mask=mask)
+    total, terms = kd(s_hs, s_qkv, t_hs, t_qkv, mask)
     assert set(terms) == set(weights)
     W, b = kd.hidden_proj[0].weight, kd.hidden_proj[0].bias
     We, be = kd.embedding_proj.weight, kd.embedding_proj.bias
@@ -60,9 +61,9 @@ def test_totals_match_reference_terms_and_projections_learn():
         return x.detach().to(d)
 
     exp = {
-        "embedding": hidden_loss_reference(dd(s_hs[0]), dd(t_hs[0]), dd(We), dd(be), mask),
-        "hidden": sum(hidden_loss_reference(dd(s_hs[s]), dd(t_hs[t]), dd(W), dd(b), mask) for s, t in kd.pairs),
-        "hidden_cosine": sum(hidden_loss_reference(dd(s_hs[s]), dd(t_hs[t]), dd(W), dd(b), mask, kind="cosine")
+        "embedding": hidden_mse_reference(dd(s_hs[0]), dd(t_hs[0]), dd(We), dd(be), mask),
+        "hidden": sum(hidden_mse_reference(dd(s_hs[s]), dd(t_hs[t]), dd(W), dd(b), mask) for s, t in kd.pairs),
+        "hidden_cosine": sum(hidden_cosine_reference(dd(s_hs[s]), dd(t_hs[t]), dd(W), dd(b), mask)
                              for s, t in kd.pairs),
         "attention_score": sum(attention_score_mse_reference(dd(s_qkv[s - 1][0]), dd(s_qkv[s - 1][1]),
                                                              dd(t_qkv[t - 1][0]), dd(t_qkv[t - 1][1]), mask)
@@ -101,11 +102,32 @@ def test_errors():
         LayerKD(object(), _cfg(2, 8))
     kd = LayerKD(_cfg(2, 8), _cfg(2, 8), losses={"attention_kl": 1.0})
     with pytest.raises(ValueError, match="needs student_qkv"):
-        kd(attention_mask=None)
+        kd(mask=None)
     kd = LayerKD(_cfg(2, 8), _cfg(4, 8), losses={"hidden": 1.0})
     hs = [torch.randn(1, 3, 8)] * 3
     with pytest.raises(ValueError, match="teacher_hidden_states has 3 entries"):
-        kd(hs, hs)
+        kd(hs, teacher_hidden_states=hs)
+
+
+
+def test_mask_dtypes_and_the_old_argument_order():
+    B, L, H = 2, 9, 2
+    s_hs, s_qkv = _fake_model(2, 16, H, 8, B, L, 2)
+    t_hs, t_qkv = _fake_model(4, 24, H, 12, B, L, 3)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[0, 5:] = False
+    kd = LayerKD(_cfg(2, 16), _cfg(4, 24), losses={"hidden": 1.0, "attention_kl": 1.0, "value_relation": 1.0})
+    want, want_terms = kd(s_hs, s_qkv, t_hs, t_qkv, keep)
+    for m in (keep.long(), keep.int(), keep.float()):
+        torch.testing.assert_close(kd(s_hs, s_qkv, t_hs, t_qkv, mask=m)[0], want, rtol=0, atol=0)
+    # One release: the old order (hidden states of both, then q/k/v of both) and attention_mask=.
+    with pytest.warns(DeprecationWarning, match="positional order"):
+        old, old_terms = kd(s_hs, t_hs, s_qkv, t_qkv, keep)
+    with pytest.warns(DeprecationWarning, match="attention_mask= is renamed mask="):
+        old_kw, _ = kd(s_hs, s_qkv, t_hs, t_qkv, attention_mask=keep)
+    for got in (old, old_kw):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert old_terms.keys() == want_terms.keys()
 
 
 # --- mappings of issue 15: hand-made depths ------------------------------------------------------
@@ -175,7 +197,7 @@ def test_mean_mapping_equals_hand_computed_average():
     mask = torch.ones(B, L)
     mask[0, 5:] = 0
     kd = LayerKD(_cfg(2, 8), _cfg(6, 8), mapping="mean", losses={"hidden": 1.0, "attention_score": 1.0})
-    _, terms = kd(s_hs, t_hs, s_qkv, t_qkv, attention_mask=mask)
+    _, terms = kd(s_hs, s_qkv, t_hs, t_qkv, mask)
     d = torch.float64
     want_h = (_masked_mse(s_hs[1].to(d), (t_hs[1] + t_hs[2] + t_hs[3]).to(d) / 3, mask)
               + _masked_mse(s_hs[2].to(d), (t_hs[4] + t_hs[5] + t_hs[6]).to(d) / 3, mask))
@@ -199,11 +221,11 @@ def test_learned_mapping_gradient_reaches_its_weights():
     w = kd.learned_mapping_weights()
     assert set(w) == {"hidden", "attention"} and w["hidden"].shape == (2, 4)
     assert torch.allclose(w["hidden"].sum(-1), torch.ones(2))
-    total, terms = kd(s_hs, t_hs, s_qkv, t_qkv)
+    total, terms = kd(s_hs, s_qkv, t_hs, t_qkv)
     # zero logits: the uniform mix of all teacher layers
     W, b = kd.hidden_proj[0].weight, kd.hidden_proj[0].bias
     mix = sum(t_hs[1:]) / 4
-    want = sum(hidden_loss_reference(s_hs[m].detach(), mix, W.detach(), b.detach()) for m in (1, 2))
+    want = sum(hidden_mse_reference(s_hs[m].detach(), mix, W.detach(), b.detach()) for m in (1, 2))
     assert abs(terms["hidden"].item() - want.item()) <= 1e-4 * want.item()
     total.backward()
     for p in (kd.hidden_map.logits, kd.attention_map.logits):

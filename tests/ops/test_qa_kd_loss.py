@@ -55,7 +55,7 @@ def test_matches_oracle(T, masked):
     sp[5] = -3  # negative: HF clamps to 0 (counted)
     kw = dict(temperature=T, soft_weight=0.6, hard_weight=0.4)
     if masked:
-        kw["attention_mask"] = padded_mask(B, L, seed=int(T))
+        kw["mask"] = padded_mask(B, L, seed=int(T))
     check(logits, sp, ep, **kw)
 
 
@@ -84,11 +84,11 @@ def test_masked_positions_take_no_mass():
     logits, sp, ep = make(B, L, seed=5)
     mask = padded_mask(B, L, seed=5)
     mask[0, 20:] = 0
-    base = qa_kd_loss(*logits, sp.clamp(max=19), ep.clamp(max=19), attention_mask=mask)
+    base = qa_kd_loss(*logits, sp.clamp(max=19), ep.clamp(max=19), mask=mask)
     # Changing logits at masked positions changes nothing, and their gradient is zero.
     changed = [torch.where(mask.bool(), x, x * 100 + 7) for x in logits]
     ss = changed[0].clone().requires_grad_()
-    out = qa_kd_loss(ss, *changed[1:], sp.clamp(max=19), ep.clamp(max=19), attention_mask=mask)
+    out = qa_kd_loss(ss, *changed[1:], sp.clamp(max=19), ep.clamp(max=19), mask=mask)
     torch.testing.assert_close(out, base)
     out.backward()
     assert torch.all(ss.grad[mask == 0] == 0)
@@ -101,7 +101,7 @@ def test_positions_on_masked_tokens_and_dead_rows():
     mask[1, 10:] = False
     mask[3] = False  # a fully padded sequence: contributes nothing, no NaN
     sp[1], ep[1] = 15, 25  # gold positions on padding: ignored (CE would be infinite)
-    out = check(logits, sp, ep, attention_mask=mask, temperature=2.0)
+    out = check(logits, sp, ep, mask=mask, temperature=2.0)
     assert torch.isfinite(out)
 
 
@@ -124,7 +124,7 @@ def test_all_positions_ignored_gives_soft_only():
 def test_half_precision(dtype):
     B, L = 8, 384
     logits, sp, ep = make(B, L, seed=13)
-    check(logits, sp, ep, dtype, attention_mask=padded_mask(B, L, seed=13), temperature=2.0)
+    check(logits, sp, ep, dtype, mask=padded_mask(B, L, seed=13), temperature=2.0)
 
 
 def test_single_sequence_and_module():
@@ -154,7 +154,7 @@ def test_reference_backend_small():
     logits, sp, ep = make(B, L, seed=9)
     sp[0] = L
     with kdfast.use_backend("reference"):
-        check(logits, sp, ep, attention_mask=padded_mask(B, L), temperature=2.0)
+        check(logits, sp, ep, mask=padded_mask(B, L), temperature=2.0)
 
 
 def test_torch_compile_fullgraph_and_opcheck():
@@ -164,7 +164,7 @@ def test_torch_compile_fullgraph_and_opcheck():
     mask = padded_mask(B, L, seed=10)
 
     def step(ss, se, ts, te, sp, ep, mask):
-        return qa_kd_loss(ss, se, ts, te, sp, ep, attention_mask=mask, temperature=2.0) * 1.5
+        return qa_kd_loss(ss, se, ts, te, sp, ep, mask=mask, temperature=2.0) * 1.5
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []
@@ -198,8 +198,8 @@ def test_bad_inputs():
         qa_kd_loss(ss, se, ts, te, sp.float(), ep)
     with pytest.raises(ValueError, match=r"end_positions must have shape \[B\]"):
         qa_kd_loss(ss, se, ts, te, sp, ep[:2])
-    with pytest.raises(ValueError, match="attention_mask must have shape"):
-        qa_kd_loss(ss, se, ts, te, attention_mask=torch.ones(3, 11))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        qa_kd_loss(ss, se, ts, te, mask=torch.ones(3, 11))
     with pytest.raises(ValueError, match="temperature"):
         qa_kd_loss(ss, se, ts, te, temperature=-1.0)
     with pytest.raises(ValueError, match="one device"):
@@ -215,7 +215,7 @@ def test_fused_cpu_path_unit_grad_and_second_backward(dtype):
     B, L = 6, 53
     logits, sp, ep = make(B, L, seed=41)
     sp[1] = L
-    kw = dict(temperature=2.0, soft_weight=0.7, hard_weight=0.3, attention_mask=padded_mask(B, L, seed=3))
+    kw = dict(temperature=2.0, soft_weight=0.7, hard_weight=0.3, mask=padded_mask(B, L, seed=3))
     ss, se = (x.detach().to(dtype).requires_grad_() for x in logits[:2])
     ts, te = (x.to(dtype) for x in logits[2:])
     with kdfast.use_backend("cpu"):
@@ -229,3 +229,23 @@ def test_fused_cpu_path_unit_grad_and_second_backward(dtype):
         assert_close_to_oracle(a, b, c, dtype, what="grad")
         assert torch.allclose(half.double() * 2, a.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                               atol=1e-6)
+
+
+def test_mask_dtypes_and_old_keyword():
+    B, L = 4, 23
+    logits, sp, ep = make(B, L, seed=14)
+    keep = padded_mask(B, L, seed=14).bool()
+    want = qa_kd_loss(*logits, sp, ep, keep, temperature=2.0)
+    for m in (keep.long(), keep.int(), keep.float(), keep.double()):
+        torch.testing.assert_close(qa_kd_loss(*logits, sp, ep, m, temperature=2.0), want, rtol=0, atol=0)
+        torch.testing.assert_close(QAKDLoss(temperature=2.0)(*logits, sp, ep, mask=m),
+                                   QAKDLoss(temperature=2.0)(*logits, sp, ep, keep), rtol=0, atol=0)
+    # attention_mask= (the old name) still works for one release, with a DeprecationWarning.
+    for fn in (qa_kd_loss, qa_kd_loss_reference, QAKDLoss(temperature=2.0)):
+        with pytest.warns(DeprecationWarning, match="attention_mask= is renamed mask="):
+            old = fn(*logits, sp, ep, attention_mask=keep, **({} if isinstance(fn, QAKDLoss) else
+                                                               {"temperature": 2.0}))
+        torch.testing.assert_close(old.float(), fn(*logits, sp, ep, mask=keep, **(
+            {} if isinstance(fn, QAKDLoss) else {"temperature": 2.0})).float(), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="both 'mask' and its old name 'attention_mask'"):
+        qa_kd_loss(*logits, sp, ep, mask=keep, attention_mask=keep)

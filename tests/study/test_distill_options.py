@@ -56,7 +56,7 @@ def test_kl_choice_matches_the_fused_default():
     ss, se, ts, te = (torch.randn(2, 7, generator=g) * 10 for _ in range(4))
     keep = torch.ones(2, 7, dtype=torch.bool)
     keep[1, 4:] = False
-    fused = qa_kd_loss(ss, se, ts, te, soft_weight=1.0, hard_weight=0.0, temperature=2.0, attention_mask=keep)
+    fused = qa_kd_loss(ss, se, ts, te, soft_weight=1.0, hard_weight=0.0, temperature=2.0, mask=keep)
     assert abs(fused.item() - logit_kd_loss(ss, se, ts, te, keep, kind="kl", temperature=2.0).item()) < 1e-4
 
 
