@@ -68,6 +68,11 @@ class RecipeArguments:
     ternary_epochs: float = 1.0
     ternary_method: str = field(default="twn", metadata={"help": "twn, absmean or lat"})
     ternary_act_bits: int = field(default=8, metadata={"help": "8: W2A8 integer kernels; 0: float activations"})
+    ternary_embeddings: str = field(default="all", metadata={
+        "help": "embedding tables to ternarize: all, word (the input word embedding), none, or comma-separated "
+                "module-name patterns"})
+    ternary_float_dtype: str = field(default="float16", metadata={
+        "help": "storage of the tensors that stay full precision in the ternary model: float16 or float32"})
     stages: str = field(default="distil,prune,ternary", metadata={"help": "comma-separated subset of the stages"})
 
 
@@ -112,4 +117,8 @@ class DemoArguments:
     prune_epochs: float = 1.5
     ternary_epochs: float = 1.0
     target_sparsity: float = 0.6
+    ternary_embeddings: str = field(default="all", metadata={
+        "help": "embedding tables to ternarize: all, word, none, or comma-separated module-name patterns"})
+    ternary_float_dtype: str = field(default="float16", metadata={
+        "help": "storage of the tensors that stay full precision in the ternary model: float16 or float32"})
     fresh: bool = field(default=False, metadata={"help": "delete output_dir first (else a rerun resumes)"})

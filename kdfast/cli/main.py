@@ -304,11 +304,13 @@ def cmd_compress(argv):
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     train, dev = _questions(data, "train"), _questions(data, "validation")
+    embeddings, float_dtype = _ternary_storage(rec)
     cfg = RecipeConfig(output_dir=targs.output_dir, student_layers=kd.student_layers or
                        str(max(1, teacher.config.num_hidden_layers // 2)), student_path=model_args.model_name_or_path,
                        distill=dcfg, train=targs, prune_epochs=rec.prune_epochs, target_sparsity=rec.target_sparsity,
                        ternary_epochs=rec.ternary_epochs, ternary_method=rec.ternary_method,
-                       ternary_act_bits=rec.ternary_act_bits or None, max_seq_length=data.max_seq_length,
+                       ternary_act_bits=rec.ternary_act_bits or None, ternary_embeddings=embeddings,
+                       ternary_float_dtype=float_dtype, max_seq_length=data.max_seq_length,
                        doc_stride=data.doc_stride, version_2_with_negative=data.version_2_with_negative,
                        teacher_top_k=kd.teacher_top_k, stages=tuple(s.strip() for s in rec.stages.split(",")))
     try:
@@ -328,12 +330,24 @@ def cmd_compress(argv):
     return 0
 
 
+def _ternary_storage(args):
+    """--ternary_embeddings / --ternary_float_dtype -> quantize(embeddings=) and save_quantized(float_dtype=)."""
+    from kdfast.compress.quantize import FLOAT_DTYPES
+    from kdfast.distill.recipe import parse_ternary_embeddings
+    if args.ternary_float_dtype not in FLOAT_DTYPES:
+        raise CLIError(f"--ternary_float_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, "
+                       f"got {args.ternary_float_dtype!r}")
+    return parse_ternary_embeddings(args.ternary_embeddings), args.ternary_float_dtype
+
+
 def cmd_demo(argv):
     (a,) = _parser((DemoArguments,), "kdfast demo", COMMANDS["demo"]).parse_args_into_dataclasses(argv)
     from kdfast.distill.demo import run_demo
+    embeddings, float_dtype = _ternary_storage(a)
     run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh,
              teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs, prune_epochs=a.prune_epochs,
-             ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity)
+             ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity, ternary_embeddings=embeddings,
+             ternary_float_dtype=float_dtype)
     return 0
 
 

@@ -37,8 +37,10 @@ def _log(msg):
 def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev: int = 300, seed: int = 0,
              fresh: bool = False, teacher_epochs: float = 2.0, student_epochs: float = 2.0,
              prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.6,
-             disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3) -> list[dict]:
-    """Run the demo; returns the table rows (also written to ``output_dir/results.md``)."""
+             disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3,
+             ternary_embeddings="all", ternary_float_dtype: str | None = "float16") -> list[dict]:
+    """Run the demo; returns the table rows (also written to ``output_dir/results.md``).
+    ``ternary_embeddings`` / ``ternary_float_dtype``: see :class:`kdfast.distill.recipe.RecipeConfig`."""
     import torch
     from kdfast.distill.models import load_qa_model
     from kdfast.distill.recipe import RecipeConfig, measure_row, read_state, run_recipe, write_state
@@ -104,7 +106,8 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
         distill=DistillConfig(temperature=2.0, alpha=0.5),
         train=TrainOptions(**{**opts.__dict__, "num_train_epochs": student_epochs}),
         prune_epochs=prune_epochs, target_sparsity=target_sparsity, ternary_epochs=ternary_epochs,
-        ternary_learning_rate=learning_rate / 4, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
+        ternary_learning_rate=learning_rate / 4, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE,
+        ternary_embeddings=ternary_embeddings, ternary_float_dtype=ternary_float_dtype)
     names = {"distil": "distilled student", "prune": "pruned student", "ternary": "ternary student"}
     recipe_rows = run_recipe(recipe, teacher_dir, train, dev, tok, log=_log)
     state = read_state(output_dir)
@@ -115,7 +118,9 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
                   data={"generator": "kdfast.qa.synthetic (all domains)", "train_questions": len(train),
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
-                          "target_sparsity": target_sparsity, "ternary": "twn, W2A8"})
+                          "target_sparsity": target_sparsity,
+                          "ternary": f"twn, W2A8, ternary embeddings: {ternary_embeddings}, "
+                                     f"other tensors stored as {ternary_float_dtype or 'float32'}"})
     print()
     print(markdown_table(table))
     print(f"\nwhole demo: {time.perf_counter() - t_start:.0f} s; outputs in {output_dir}/ "

@@ -100,8 +100,10 @@ def check_tokenizer_fits(model, tokenizer, what: str = "model") -> None:
                          "--tokenizer_name DIR)")
 
 
-def save_ternary(model, path: str, tokenizer=None) -> None:
-    """Save a frozen ternary model: its config (with pruned shapes, if any) and ``ternary.pt``."""
+def save_ternary(model, path: str, tokenizer=None, *, float_dtype=None) -> None:
+    """Save a frozen ternary model: its config (with pruned shapes, if any) and ``ternary.pt``
+    (``float_dtype``: storage of the tensors that stay full precision, see
+    :func:`kdfast.compress.save_quantized`)."""
     from kdfast.compress import save_quantized
     from kdfast.compress.pruned_io import CONFIG_KEY, current_structure
     os.makedirs(path, exist_ok=True)
@@ -109,7 +111,7 @@ def save_ternary(model, path: str, tokenizer=None) -> None:
     structure.update(current_structure(model))
     model.config.update({CONFIG_KEY: structure})
     model.config.save_pretrained(path)
-    save_quantized(model, os.path.join(path, TERNARY_FILE))
+    save_quantized(model, os.path.join(path, TERNARY_FILE), float_dtype=float_dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -121,18 +123,18 @@ def weights_size(path: str) -> int:
 
 
 def count_parameters(model, *, encoder_only: bool = False) -> int:
-    """Parameters of ``model``; a packed ternary layer counts its logical ``in * out`` weights
-    (plus bias), not its packed bytes."""
-    from kdfast.nn.ternary_linear import TernaryLinear
+    """Parameters of ``model``; a ternary layer or embedding counts its logical ``rows * cols``
+    weights (plus bias), not its packed bytes nor its QAT latent copy."""
+    from kdfast.nn.ternary_weight import TernaryWeight
     total = 0
-    ternary_prefixes = []
+    latent = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, TernaryLinear):
-            ternary_prefixes.append(name + ".")
+        if isinstance(mod, TernaryWeight):
+            latent.add(f"{name}.weight" if name else "weight")
             if not encoder_only or ".encoder." in f".{name}.":
-                total += mod.in_features * mod.out_features + (mod.out_features if mod.bias is not None else 0)
+                total += mod.num_weights
     for name, p in model.named_parameters():
-        if any(name.startswith(t) for t in ternary_prefixes):
+        if name in latent:
             continue
         if encoder_only and ".encoder." not in f".{name}":
             continue

@@ -26,8 +26,9 @@ HELP_FLAGS = {
                   "--max_steps", "--output_dir"],
     "distill": ["--teacher_name_or_path", "--student_layers", "--temperature", "--alpha", "--layer_losses",
                 "--teacher_top_k", "--train_file", "--output_dir"],
-    "compress": ["--teacher_name_or_path", "--target_sparsity", "--stages", "--ternary_method", "--prune_epochs"],
-    "demo": ["--output_dir", "--num_train", "--num_dev", "--fresh"],
+    "compress": ["--teacher_name_or_path", "--target_sparsity", "--stages", "--ternary_method", "--prune_epochs",
+                 "--ternary_embeddings", "--ternary-embeddings", "--ternary_float_dtype", "--ternary-float-dtype"],
+    "demo": ["--output_dir", "--num_train", "--num_dev", "--fresh", "--ternary_embeddings", "--ternary_float_dtype"],
 }
 
 
@@ -134,6 +135,28 @@ def test_distillation_flags_reach_the_config():
         {"hidden": 2.0, "attention_kl": 1.0}, "mean", [2, 4], None)
     assert (cfg.logit_loss, cfg.two_stage_fraction(), cfg.ema_decay(), cfg.temperature, cfg.alpha) == (
         "jsd", 0.25, 0.8, 3.0, 0.7)
+
+
+@pytest.mark.parametrize("argv,embeddings,float_dtype", [
+    ([], "all", "float16"),
+    (["--ternary-embeddings", "word", "--ternary-float-dtype", "float32"], "word", "float32"),
+    (["--ternary_embeddings", "none"], None, "float16"),
+    (["--ternary_embeddings", "*word*,*position*"], ("*word*", "*position*"), "float16")])
+def test_demo_ternary_storage_flags(monkeypatch, argv, embeddings, float_dtype):
+    import kdfast.distill.demo as demo
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.update(kw))
+    assert run_main(["demo", *argv]) == 0
+    assert (seen["ternary_embeddings"], seen["ternary_float_dtype"]) == (embeddings, float_dtype)
+
+
+def test_bad_ternary_float_dtype(squad_files, teacher_dir, tmp_path):
+    msg = cli_error(["demo", "--ternary-float-dtype", "float64"])
+    assert "--ternary_float_dtype must be one of" in msg and "'float64'" in msg
+    msg = cli_error(["compress", "--teacher_name_or_path", teacher_dir, "--ternary_float_dtype", "int8",
+                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
+                     "--output_dir", str(tmp_path / "o")])
+    assert "--ternary_float_dtype must be one of" in msg
 
 
 def test_bad_squad_file_names_the_record(squad_files, tmp_path):

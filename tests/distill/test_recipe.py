@@ -102,7 +102,7 @@ def test_rows_and_state_file(recipe):
 @pytest.mark.slow
 def test_each_stage_writes_a_loadable_model_of_its_kind(recipe, tok):
     from kdfast.distill.models import count_parameters, load_qa_model, model_kind
-    from kdfast.nn.ternary_linear import TernaryLinear
+    from kdfast.nn import TernaryEmbedding, TernaryLinear
     from kdfast.qa.collate import QACollator
     from kdfast.qa.features import eval_features
     dev_w = eval_features(recipe["dev"], tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
@@ -120,9 +120,13 @@ def test_each_stage_writes_a_loadable_model_of_its_kind(recipe, tok):
         models[stage] = m
     assert not any(isinstance(x, TernaryLinear) for x in models["distil"].modules())
     assert sum(isinstance(x, TernaryLinear) for x in models["ternary"].modules()) >= 2 * 6  # q k v o ffn1 ffn2
+    # default ternary_embeddings="all": word, position and token-type tables
+    assert sum(isinstance(x, TernaryEmbedding) for x in models["ternary"].modules()) == 3
     rows = {r["model"]: r for r in recipe["rows2"]}
     assert rows["distil"]["parameters"] == count_parameters(models["distil"])
     assert rows["prune"]["parameters"] <= rows["distil"]["parameters"]
+    # ternary layers and embeddings count their logical weights: ternarizing removes no parameter
+    assert rows["ternary"]["parameters"] == rows["prune"]["parameters"] == count_parameters(models["ternary"])
 
 
 @pytest.mark.slow
@@ -150,6 +154,12 @@ def test_ternary_model_is_much_smaller(recipe):
         assert nbytes(packed) * 8 <= nbytes(dense_sd[f"{name}.weight"]), name
     rows = {r["model"]: r for r in recipe["rows2"]}
     assert rows["ternary"]["size_mb"] < rows["prune"]["size_mb"]
+    # defaults: embedding tables packed too, the tensors left in full precision stored as float16
+    obj = torch.load(os.path.join(tern_dir, TERNARY_FILE), weights_only=True)
+    assert obj["kdfast_float_dtype"] == "float16"
+    assert not any(k.endswith("embeddings.weight") for k in tern_sd)
+    assert tern_sd["bert.embeddings.LayerNorm.weight"].dtype == torch.float16
+    assert tern_sd["qa_outputs.weight"].dtype == torch.float16
 
 
 @pytest.mark.slow
@@ -172,6 +182,16 @@ def test_killed_stage_resumes_from_its_checkpoint(recipe):
     assert p2["start"] == per_epoch, "the rerun restarted the prune stage instead of resuming it"
     assert p2["steps"] == per_epoch and p2["end"] == 2 * per_epoch
     assert run2["ternary"]["start"] == 0 and run2["ternary"]["end"] == per_epoch
+
+
+def test_parse_ternary_embeddings():
+    from kdfast.distill.recipe import RecipeConfig, parse_ternary_embeddings
+    assert parse_ternary_embeddings("none") is None and parse_ternary_embeddings("") is None
+    assert parse_ternary_embeddings(None) is None
+    assert parse_ternary_embeddings("word") == "word" and parse_ternary_embeddings("all") == "all"
+    assert parse_ternary_embeddings("*word*, *position*") == ("*word*", "*position*")
+    cfg = RecipeConfig(output_dir="x")
+    assert (cfg.ternary_embeddings, cfg.ternary_float_dtype) == ("all", "float16")
 
 
 def test_unknown_stage_is_rejected(tmp_path, tok, qa_data):
