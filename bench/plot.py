@@ -16,10 +16,18 @@ from collections import OrderedDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The columns bench/harness.py writes; other result files (kd_study, active_learning) have their own plots.
+HARNESS_COLUMNS = {"kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "config", "device"}
+
+
 def latest_rows(path):
+    """The latest row of each case, or None for a CSV not in bench/harness.py's format."""
     rows = OrderedDict()
     with open(path) as f:
-        for r in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        if not HARNESS_COLUMNS <= set(reader.fieldnames or ()):
+            return None
+        for r in reader:
             key = (r["device"], r["kernel"], r["provider"], r["mode"], r["metric"], r["config"], r["x_name"],
                    r["x_value"])
             rows[key] = r  # later rows win
@@ -42,6 +50,9 @@ def main(argv=None):
     for path in sorted(glob.glob(os.path.join(args.results, "*.csv"))):
         family = os.path.splitext(os.path.basename(path))[0]
         rows = latest_rows(path)
+        if rows is None:
+            print(f"{family}: not a bench/harness.py results file, skipped")
+            continue
         for metric in ("time", "peak_memory"):
             sel = [r for r in rows if r["metric"] == metric]
             if not sel:

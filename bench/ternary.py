@@ -59,12 +59,12 @@ def bench_shape(b: Bench, K: int, N: int, M: int, reps: int):
     cfg = f"{K}x{N}"
     common = dict(mode="fwd", x_name="M", x_value=M, config=cfg, reps=reps)
     with torch.no_grad():
-        b.run("linear", "torch-fp32", lambda: F.linear(x, w, bias), **common)
-        b.run("linear", "torch-bf16", lambda: F.linear(xb, wb, bb), **common)
-        b.run("linear", "torch-int8-dynamic", lambda: ref(x), **common)
-        b.run("linear", OURS, lambda: ternary_linear(x, packed, scale, bias, act_bits=8), **common)
-        b.run("linear", "kdfast-w2-fp32", lambda: ternary_linear(x, packed, scale, bias), **common)
-        b.run("linear", "kdfast-w2-bf16", lambda: ternary_linear(xb, packed, scale, bb), **common)
+        b.run("ternary_linear", "torch-fp32", lambda: F.linear(x, w, bias), **common)
+        b.run("ternary_linear", "torch-bf16", lambda: F.linear(xb, wb, bb), **common)
+        b.run("ternary_linear", "torch-int8-dynamic", lambda: ref(x), **common)
+        b.run("ternary_linear", OURS, lambda: ternary_linear(x, packed, scale, bias, act_bits=8), **common)
+        b.run("ternary_linear", "kdfast-w2-fp32", lambda: ternary_linear(x, packed, scale, bias), **common)
+        b.run("ternary_linear", "kdfast-w2-bf16", lambda: ternary_linear(xb, packed, scale, bb), **common)
 
 
 def crossover(threads_note: str):

@@ -6,12 +6,13 @@ behind one small API that drops into PyTorch and HuggingFace code.
     import kdfast
     loss = kdfast.ops.kd_loss(student_logits, teacher_logits, temperature=2.0)
     kdfast.explain("kd_loss", student_logits, teacher_logits)   # which backend, and why
+    kdfast.not_supported_reasons("kd_loss", "cpu", student_logits, teacher_logits)  # every reason cpu cannot
     with kdfast.use_backend("reference"): ...                    # force one
 """
 __version__ = "0.1.0"
 
 from kdfast import _ext
-from kdfast.backends import BACKENDS, BackendUnavailable, explain, plan, use_backend
+from kdfast.backends import BACKENDS, BackendUnavailable, explain, not_supported_reasons, plan, use_backend
 from kdfast import ops  # noqa: E402  (registers the ops)
 from kdfast import nn  # noqa: E402
 from kdfast import buffer_cache  # noqa: E402
@@ -31,4 +32,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "explain", "plan", "use_backend", "ops", "nn", "buffer_cache", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "not_supported_reasons", "plan", "use_backend", "ops", "nn", "buffer_cache", "__version__"]

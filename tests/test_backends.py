@@ -136,3 +136,43 @@ def test_limits_shape_and_value_rules():
     assert list(lim.reasons({"q": torch.zeros(2, 4), "v": torch.zeros(1, 4), "mode": 1}.get)) == []
     with pytest.raises(ValueError, match="does not take"):
         backends.register("test_limits_op", "cpu", limits=lim)(lambda q, v: None)
+
+
+def test_one_dispatch_name_per_op_and_phase():
+    """The forward of op X dispatches as "X" (what kdfast.explain("X", ...) reports), its backward as
+    "X_bwd"; no implementation is registered under two names."""
+    ops = backends.registered_ops()
+    assert not [o for o in ops if o.endswith("_fwd")]
+    for op in ("kd_loss", "attention", "attention_varlen"):
+        assert op in ops and f"{op}_bwd" in ops
+    seen = {}
+    for op in ops:
+        for b, impl in backends._impls[op].items():
+            assert seen.setdefault(id(impl.fn), (op, b)) == (op, b), f"{op}/{b} is also {seen[id(impl.fn)]}"
+
+
+@pytest.mark.cpu
+def test_attention_forward_runs_what_explain_says(monkeypatch):
+    calls = []
+    for b in ("reference", "cpu"):
+        impl = backends._impls["attention"][b]
+        monkeypatch.setattr(impl, "fn", (lambda name, f: lambda *a, **k: calls.append(name) or f(*a, **k))(b, impl.fn))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    for forced in (None, "reference"):
+        with kdfast.use_backend(forced, ops=None if forced is None else ["attention"]):
+            want = kdfast.explain("attention", q, k, v, None, None, None, None, 64, 8 ** -0.5, False, False, 0.0,
+                                  None).backend
+            calls.clear()
+            kdfast.ops.attention(q, k, v)
+            assert calls == [want]
+
+
+def test_not_supported_reasons_next_to_explain():
+    assert "not_supported_reasons" in kdfast.__all__
+    assert kdfast.not_supported_reasons is backends.not_supported_reasons
+    s, t = _logits()
+    assert kdfast.not_supported_reasons("kd_loss", "reference", s, t) == []
+    reasons = kdfast.not_supported_reasons("kd_loss", "cpu", s.double(), t.double())
+    assert reasons and all("float64" in r for r in reasons)
+    assert kdfast.explain("kd_loss", s.double(), t.double()).rejected["cpu"] == "; ".join(reasons)

@@ -1,7 +1,8 @@
 """Pruned attention: padding-aware (variable length), head-gated, head-pruned
 and block-sparse scaled dot-product attention with forward and backward.
 
-Backends (dispatch names "attention_fwd" / "attention_bwd", varlen: "attention_varlen_fwd" / "_bwd"):
+Backends (dispatch names: forward "attention", backward "attention_bwd"; varlen "attention_varlen" /
+"attention_varlen_bwd"; ``kdfast.explain("attention", q, k, v, ...)`` says which forward runs):
 
     cpu:       csrc/cpu/attention_train.cpp (fwd, bwd; varlen too); with a block mask the fwd is
                csrc/cpu/attention.cpp and the bwd is this file's reference backward, a few examples at a time
@@ -133,7 +134,7 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               block_size: int, scale: float, zero_padded_queries: bool, keep_ungated: bool,
               dropout_p: float, rng: torch.Tensor | None,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run("attention_fwd", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
+    return backends.run("attention", q, k, v, mask, head_gates, active, block_mask, block_size, scale,
                         zero_padded_queries, keep_ungated, dropout_p, rng, backend=backend or None)
 
 
@@ -243,7 +244,7 @@ def _keep(rng, q, k, p):
     return attention_dropout_mask(rng, B, H, Lq, k.shape[2], p).to(q.device)
 
 
-@backends.register("attention_fwd", "reference")
+@backends.register("attention", "reference")
 def _fwd_reference(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     keep = _keep(rng, q, k, dropout_p) if dropout_p > 0 else None
     o, lse = attention_reference(q, k, v, mask=mask, active_heads=active, block_mask=bm, block_size=bs,
@@ -324,7 +325,7 @@ def _cpu_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs
     return _cpu_fwd_check(q, k, v, mask, gates, active, bm, bs, scale, zpq, False, dropout_p, rng)
 
 
-@backends.register("attention_fwd", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd", limits=KERNEL_LIMITS)
+@backends.register("attention", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd", limits=KERNEL_LIMITS)
 def _fwd_cpu(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     if bm is not None:  # block-sparse: the broadcast-FMA kernel of attention.cpp skips masked blocks
         return torch.ops.kdfast_C.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated)
@@ -387,7 +388,7 @@ def _triton_bwd_check(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm,
     return _triton_check(q, k, v, mask, gates, active, bm, bs, dropout_p=dropout_p)
 
 
-@backends.register("attention_fwd", "triton", check=_triton_check, limits=KERNEL_LIMITS)
+@backends.register("attention", "triton", check=_triton_check, limits=KERNEL_LIMITS)
 def _fwd_triton(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p=0.0, rng=None):
     from kdfast.kernels.triton import attention as kt
     return kt.attention_fwd(q, k, v, mask, gates, active, bm, bs, scale, zpq, keep_ungated, dropout_p, rng)
@@ -400,12 +401,7 @@ def _bwd_triton(grad_out, q, k, v, out, ung, lse, mask, gates, active, bm, bs, s
                             rng)
 
 
-backends.register("attention", "reference")(_fwd_reference)
-backends.register("attention", "cpu", check=_cpu_fwd_check, kernel="attention_train_fwd",
-                  limits=KERNEL_LIMITS)(_fwd_cpu)
-backends.register("attention", "triton", check=_triton_check, limits=KERNEL_LIMITS)(_fwd_triton)
 backends.set_gpu_order("attention", ("triton",))
-backends.set_gpu_order("attention_fwd", ("triton",))
 backends.set_gpu_order("attention_bwd", ("triton",))
 
 
@@ -535,7 +531,7 @@ def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.T
                 max_q: int, max_k: int, head_gates: torch.Tensor | None, active: torch.Tensor | None, scale: float,
                 keep_ungated: bool, dropout_p: float, rng: torch.Tensor | None,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run("attention_varlen_fwd", q, k, v, cu_q, cu_k, max_q, max_k, head_gates, active, scale,
+    return backends.run("attention_varlen", q, k, v, cu_q, cu_k, max_q, max_k, head_gates, active, scale,
                         keep_ungated, dropout_p, rng, backend=backend or None)
 
 
@@ -598,7 +594,7 @@ def _pad_packed(x, b, pos, B, L, fill=0.0):
     return out.transpose(1, 2)
 
 
-@backends.register("attention_varlen_fwd", "reference")
+@backends.register("attention_varlen", "reference")
 def _varlen_fwd_reference(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0,
                           rng=None):
     B = cu_q.numel() - 1
@@ -640,7 +636,7 @@ def _varlen_bwd_reference(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k,
     return rq, rk, rv, dg
 
 
-@backends.register("attention_varlen_fwd", "cpu", kernel="attention_train_fwd", limits=VARLEN_KERNEL_LIMITS)
+@backends.register("attention_varlen", "cpu", kernel="attention_train_fwd", limits=VARLEN_KERNEL_LIMITS)
 def _varlen_fwd_cpu(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0, rng=None):
     return torch.ops.kdfast_C.attention_train_fwd(q, k, v, None, cu_q, cu_k, max_q, max_k, gates, active, scale,
                                                   True, keep_ungated, float(dropout_p), rng)
@@ -690,6 +686,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     cu_q, cu_k = cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)
     args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), head_gates, active, scale, keep_ungated,
             dropout_p, rng)
-    backend = "" if torch.compiler.is_compiling() else backends.explain("attention_varlen_fwd", *args).backend
+    backend = "" if torch.compiler.is_compiling() else backends.explain("attention_varlen", *args).backend
     out, _, _ = _varlen_fwd(*args, backend)
     return out

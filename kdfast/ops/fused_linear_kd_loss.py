@@ -102,7 +102,7 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, labels, grad_rows, kd_args, chunk, backe
             r, _, g = backends.run("kd_loss_fwd_grad", s, t, lab, *kd_args, 0.0, 0.0, grad_rows[i:j], backend="cpu")
             rows[i:j] = r
         else:
-            r, stats = backends.run("kd_loss_fwd", s, t, lab, *kd_args, backend=backend)
+            r, stats = backends.run("kd_loss", s, t, lab, *kd_args, backend=backend)
             rows[i:j] = r
             if not want:
                 continue

@@ -1,7 +1,8 @@
 """Logit distillation loss: KL, reverse KL and JSD between temperature-scaled
 student and teacher distributions, plus an optional hard cross-entropy term.
 
-Backends (``kdfast.explain("kd_loss", student, teacher)`` says which runs):
+Backends (dispatch names: forward "kd_loss", backward "kd_loss_bwd", forward writing the gradient
+"kd_loss_fwd_grad"; ``kdfast.explain("kd_loss", student, teacher)`` says which forward runs):
 
     cpu:       csrc/cpu/kd_loss.cpp (fwd kd_loss_fwd, or kd_loss_fwd_grad writing the
                gradient with the loss; bwd kd_loss_bwd, or a scale of that gradient)
@@ -171,7 +172,7 @@ def _acc_dtype(x):
 def _kd_fwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
             temperature: float, div: int, beta: float, ignore_index: int, compute_hard: bool,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.run("kd_loss_fwd", student, teacher, labels, temperature, div, beta, ignore_index,
+    return backends.run("kd_loss", student, teacher, labels, temperature, div, beta, ignore_index,
                         compute_hard, backend=backend or None)
 
 
@@ -214,7 +215,7 @@ _kd_fwd.register_autograd(_backward, setup_context=_setup_context)
 _NAMES = {0: "kl", 1: "reverse_kl", 2: "jsd"}
 
 
-@backends.register("kd_loss_fwd", "reference")
+@backends.register("kd_loss", "reference")
 def _fwd_reference(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     rows = kd_rows_reference(student, teacher, labels, temperature=temperature, divergence=_NAMES[div],
                              beta=beta, ignore_index=ignore_index, compute_hard=compute_hard)
@@ -269,7 +270,7 @@ def _bwd_reference(student, teacher, labels, stats, grad_rows, temperature, div,
 KERNEL_LIMITS = backends.Limits(dtypes=backends.kernel_dtypes("student", "teacher"))
 
 
-@backends.register("kd_loss_fwd", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd")
+@backends.register("kd_loss", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd")
 def _fwd_cpu(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_fwd(student, teacher, labels, temperature, div, beta, ignore_index,
                                           compute_hard)
@@ -281,7 +282,7 @@ def _bwd_cpu(student, teacher, labels, stats, grad_rows, temperature, div, beta,
                                           ignore_index, compute_hard)
 
 
-@backends.register("kd_loss_fwd", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_cuda")
+@backends.register("kd_loss", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_cuda")
 def _fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index, compute_hard):
     return torch.ops.kdfast_C.kd_loss_fwd_cuda(student, teacher, labels, temperature, div, beta, ignore_index,
                                                compute_hard)
@@ -293,7 +294,7 @@ def _bwd_cuda(student, teacher, labels, stats, grad_rows, temperature, div, beta
                                                beta, ignore_index, compute_hard)
 
 
-@backends.register("kd_loss_fwd", "triton", limits=KERNEL_LIMITS)
+@backends.register("kd_loss", "triton", limits=KERNEL_LIMITS)
 def _fwd_triton(*args):
     from kdfast.kernels.triton import kd_loss as k
     return k.kd_loss_fwd(*args)
@@ -325,13 +326,7 @@ def _fwd_grad_cpu(student, teacher, labels, temperature, div, beta, ignore_index
                                                compute_hard, soft_grad, hard_grad, row_weights)
 
 
-# The loss as a whole is what users dispatch on; forward and backward follow it.
-backends.register("kd_loss", "reference")(_fwd_reference)
-backends.register("kd_loss", "cpu", limits=KERNEL_LIMITS, kernel="kd_loss_fwd")(_fwd_cpu)
-backends.register("kd_loss", "cuda", limits=KERNEL_LIMITS, kernel="kd_loss_fwd_cuda")(_fwd_cuda)
-backends.register("kd_loss", "triton", limits=KERNEL_LIMITS)(_fwd_triton)
 backends.set_gpu_order("kd_loss", ("triton", "cuda"))
-backends.set_gpu_order("kd_loss_fwd", ("triton", "cuda"))
 backends.set_gpu_order("kd_loss_bwd", ("triton", "cuda"))
 
 
@@ -350,7 +345,7 @@ class _KDRowsEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, *args):
-        rows, stats = backends.run("kd_loss_fwd", student, teacher, labels, *args[:-1], backend=args[-1])
+        rows, stats = backends.run("kd_loss", student, teacher, labels, *args[:-1], backend=args[-1])
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.args = args
         return rows
