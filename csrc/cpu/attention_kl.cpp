@@ -146,14 +146,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_impl(const at::Tenso
                                                                 double scale_t, bool compute_grad,
                                                                 const std::optional<at::Tensor>& grad_weight,
                                                                 bool shared) {
-  check_qk(qs, ks, qt, kt, mask, "attention_kl");
+  LossOutputs outputs = loss_outputs(qs, ks, qt, kt, mask, grad_weight, compute_grad, !shared, "attention_kl");
+  at::Tensor &loss = outputs.loss, &dq = outputs.dq, &dk = outputs.dk;
+  const float* gw = outputs.gw;
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
-  auto f32 = qs.options().dtype(at::kFloat);
-  const float* gw = grad_weights(grad_weight, B, H, "attention_kl");
-  const bool weighted = gw != nullptr;
-  at::Tensor loss = at::empty({B, H}, f32);
-  at::Tensor dq = compute_grad ? grad_output_like(qs, B, H, L, Ds, weighted) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad && !shared ? grad_output_like(ks, B, H, L, Ds, weighted) : at::empty({0}, f32);
   if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
   const std::vector<Example> ex = examples(mask);
   const KlTileFn tile_fn = pick_kl_tile();

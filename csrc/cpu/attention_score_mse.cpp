@@ -53,14 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_mse_fwd(const at:
                                                                       const at::Tensor& mask, double scale_s,
                                                                       double scale_t, bool compute_grad,
                                                                       const std::optional<at::Tensor>& grad_weight) {
-  check_qk(qs, ks, qt, kt, mask, "attention_score_mse");
+  LossOutputs outputs = loss_outputs(qs, ks, qt, kt, mask, grad_weight, compute_grad, true, "attention_score_mse");
+  at::Tensor &loss = outputs.loss, &dq = outputs.dq, &dk = outputs.dk;
+  const float* gw = outputs.gw;
   const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3), Dt = qt.size(3);
-  auto f32 = qs.options().dtype(at::kFloat);
-  const float* gw = grad_weights(grad_weight, B, H, "attention_score_mse");
-  const bool weighted = gw != nullptr;
-  at::Tensor loss = at::empty({B, H}, f32);
-  at::Tensor dq = compute_grad ? grad_output_like(qs, B, H, L, Ds, weighted) : at::empty({0}, f32);
-  at::Tensor dk = compute_grad ? grad_output_like(ks, B, H, L, Ds, weighted) : at::empty({0}, f32);
   if (B * H == 0 || L == 0) return {loss.zero_(), dq, dk};
   const std::vector<Example> ex = examples(mask);
   const float ss = static_cast<float>(scale_s), st = static_cast<float>(scale_t);

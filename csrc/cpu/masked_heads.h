@@ -13,7 +13,7 @@
 //   GradRows               where a head's gradient rows are written, and the
 //                          zeroing / scatter of padded rows afterwards
 //   gemm                   row-major C = alpha op(A) op(B) + beta C on BLAS
-//   check_qk, grad_weights, grad_output_like   argument checks and outputs
+//   check_qk, grad_weights, grad_output_like, loss_outputs   argument checks and outputs
 #pragma once
 
 #include <ATen/ATen.h>
@@ -272,6 +272,28 @@ inline void check_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tenso
   TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && mask.dim() == 2 &&
                   mask.size(0) == qs.size(0) && mask.size(1) == qs.size(2),
               op, " kernel: mask must be contiguous float32 [B, L]");
+}
+
+// What an attention-map loss kernel returns: the per-head loss [B, H] and, with compute_grad, the
+// q and k gradient buffers (k's only when with_dk; empty tensors otherwise), plus grad_weight's
+// pointer. Runs check_qk first.
+struct LossOutputs {
+  at::Tensor loss, dq, dk;
+  const float* gw;
+};
+
+inline LossOutputs loss_outputs(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                const at::Tensor& kt, const at::Tensor& mask,
+                                const std::optional<at::Tensor>& grad_weight, bool compute_grad, bool with_dk,
+                                const char* op) {
+  check_qk(qs, ks, qt, kt, mask, op);
+  const int64_t B = qs.size(0), H = qs.size(1), L = qs.size(2), Ds = qs.size(3);
+  const auto f32 = qs.options().dtype(at::kFloat);
+  const float* gw = grad_weights(grad_weight, B, H, op);
+  const bool weighted = gw != nullptr;
+  at::Tensor dq = compute_grad ? grad_output_like(qs, B, H, L, Ds, weighted) : at::empty({0}, f32);
+  at::Tensor dk = compute_grad && with_dk ? grad_output_like(ks, B, H, L, Ds, weighted) : at::empty({0}, f32);
+  return {at::empty({B, H}, f32), dq, dk, gw};
 }
 
 }  // namespace masked_heads
