@@ -205,6 +205,13 @@ def main(argv=None):
                     help="also distil on the unlabeled pool from the teacher cache (costs no labels)")
     a = ap.parse_args(argv)
     mode = "real" if a.real else "quick" if a.quick else "full"
+    if a.data:
+        missing = [f for f in ("train.json", "dev.json", "tokenizer") if not os.path.exists(os.path.join(a.data, f))]
+        if missing:
+            raise SystemExit(f"--data {a.data}: missing {', '.join(missing)} (expected a `kdfast generate-data` "
+                             "directory: train.json, dev.json, tokenizer/)")
+    if a.teacher and not os.path.exists(os.path.join(a.teacher, "config.json")):
+        raise SystemExit(f"--teacher {a.teacher}: no config.json there (expected a saved QA model directory)")
     if a.real and not os.path.exists(os.path.join(SQUAD_DIR, "dev-v1.1.json")):
         print(f"skipping --real: no SQuAD files in {os.path.normpath(SQUAD_DIR)}")
         return 0
