@@ -63,7 +63,11 @@ class DistillArguments:
 
 @dataclasses.dataclass
 class RecipeArguments:
-    target_sparsity: float = field(default=0.6, metadata={"help": "fraction of encoder head/FFN weights to prune"})
+    target_sparsity: float = field(default=0.6, metadata={
+        "help": "fraction of the encoder's heads + FFN to prune, counted as --prune_cost says"})
+    prune_cost: str = field(default="flops", metadata={
+        "help": "flops (multiply-adds per token at the mean window length, attention included: what CPU "
+                "latency follows) or params (prunable weights)"})
     prune_epochs: float = 2.0
     ternary_epochs: float = 1.0
     ternary_method: str = field(default="twn", metadata={"help": "twn, absmean or lat"})

@@ -303,11 +303,14 @@ def cmd_compress(argv):
             parse_student_layers(kd.student_layers, teacher.config.num_hidden_layers)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    if rec.prune_cost not in ("flops", "params"):
+        raise CLIError(f"--prune_cost must be flops or params, not {rec.prune_cost!r}")
     train, dev = _questions(data, "train"), _questions(data, "validation")
     embeddings, float_dtype = _ternary_storage(rec)
     cfg = RecipeConfig(output_dir=targs.output_dir, student_layers=kd.student_layers or
                        str(max(1, teacher.config.num_hidden_layers // 2)), student_path=model_args.model_name_or_path,
                        distill=dcfg, train=targs, prune_epochs=rec.prune_epochs, target_sparsity=rec.target_sparsity,
+                       prune_cost=rec.prune_cost,
                        ternary_epochs=rec.ternary_epochs, ternary_method=rec.ternary_method,
                        ternary_act_bits=rec.ternary_act_bits or None, ternary_embeddings=embeddings,
                        ternary_float_dtype=float_dtype, max_seq_length=data.max_seq_length,

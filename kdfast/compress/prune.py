@@ -75,8 +75,13 @@ def _n_heads(sa):
 class PruningGates(nn.Module):
     """The gates of one model, with expected size and sparsity reports."""
 
-    def __init__(self, layers, heads, ffn, layer_gates, init_keep, hidden=False):
+    def __init__(self, layers, heads, ffn, layer_gates, init_keep, hidden=False, cost="params", seq_len=None):
         super().__init__()
+        if cost not in ("params", "flops"):
+            raise ValueError(f"add_gates: cost must be 'params' or 'flops', not {cost!r}")
+        if cost == "flops" and not (seq_len and seq_len > 0):
+            raise ValueError("add_gates(cost='flops') needs seq_len > 0 (the typical number of tokens per sequence)")
+        self.cost, self.seq_len = cost, float(seq_len or 0)
         self.head = nn.ModuleList()
         self.ffn = nn.ModuleList()
         self.mha_layer = nn.ModuleList()
@@ -144,8 +149,29 @@ class PruningGates(nn.Module):
             total = total + 4 * ed * dh * eh + 2 * ed * ef
         return total
 
+    def full_flops(self):
+        """Multiply-adds per token of the unpruned encoder's prunable parts at ``seq_len`` tokens:
+        per head its q, k, v, o projections (4 d dh) and its attention (2 L dh: scores and the
+        weighted sum of values); per FFN unit 2 d."""
+        L = self.seq_len
+        return sum(H * (4 * d * dh + 2 * L * dh) + 2 * d * F_ for H, dh, d, F_ in self.shapes)
+
+    def expected_flops(self):
+        """Expected remaining multiply-adds per token (differentiable scalar), as :meth:`full_flops`."""
+        L, total = self.seq_len, 0.0
+        for i, (H, dh, d, F_) in enumerate(self.shapes):
+            eh, ef = self._expected_units(i)
+            ed = self._expected_hidden(d)
+            total = total + eh * (4 * ed * dh + 2 * L * dh) + 2 * ed * ef
+        return total
+
     def expected_sparsity(self):
-        """1 - expected_params / full_params (differentiable scalar): feed it to SparsityController.penalty."""
+        """The fraction expected to be pruned (differentiable scalar): feed it to
+        SparsityController.penalty. ``cost="params"``: 1 - expected_params / full_params;
+        ``cost="flops"``: 1 - expected_flops / full_flops, which charges a head for its attention
+        too (at L=256, d=128, dh=64 a head's attention is as much work as its projections)."""
+        if self.cost == "flops":
+            return 1.0 - self.expected_flops() / self.full_flops()
         return 1.0 - self.expected_params() / self.full_params()
 
     @torch.no_grad()
@@ -218,7 +244,8 @@ def _use_kdfast_attention(model: nn.Module, impl) -> None:
 
 
 def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers: bool = False,
-              hidden: bool = False, init_keep: float = 0.9) -> PruningGates:
+              hidden: bool = False, init_keep: float = 0.9, cost: str = "params",
+              seq_len: float | None = None) -> PruningGates:
     """Add L0 gates to a BERT-family HF model in place; returns the :class:`PruningGates`.
 
     The gates become ``model.kdfast_gates`` (parameters of the model). Head
@@ -227,6 +254,10 @@ def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers:
     each ``intermediate`` module; the hidden gate (``hidden=True``, one gate
     ``[d_model]``) through hooks on the residual writers and gated LayerNorms
     (:mod:`kdfast.compress.hidden`). Call again after :func:`remove_gates` only.
+
+    ``cost``: what ``gates.expected_sparsity()`` (the controller's target) counts as pruned:
+    ``"params"`` (prunable weights) or ``"flops"`` (multiply-adds per token at ``seq_len`` tokens,
+    attention included: the cost that CPU latency follows; see :meth:`PruningGates.full_flops`).
     """
     if hasattr(model, "kdfast_gates"):
         raise ValueError("model already has kdfast gates (remove_gates(model) first)")
@@ -239,7 +270,7 @@ def add_gates(model: nn.Module, *, heads: bool = True, ffn: bool = True, layers:
     base = base_model(model) if hidden else None
     if hidden and any(not hasattr(layer.attention.self, "query") for layer in enc):
         raise ValueError("add_gates(hidden=True) needs every layer's attention (compact after training, not before)")
-    gates = PruningGates(enc, heads, ffn, layers, init_keep, hidden=hidden)
+    gates = PruningGates(enc, heads, ffn, layers, init_keep, hidden=hidden, cost=cost, seq_len=seq_len)
     p = next(model.parameters())
     gates.to(device=p.device)
     gates.train(model.training)  # a model in eval mode gets deterministic gates

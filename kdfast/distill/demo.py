@@ -119,6 +119,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
                           "target_sparsity": target_sparsity,
+                          "prune_cost": recipe.prune_cost,
                           "ternary": f"twn, W2A8, ternary embeddings: {ternary_embeddings}, "
                                      f"other tensors stored as {ternary_float_dtype or 'float32'}"})
     print()

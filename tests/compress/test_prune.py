@@ -51,6 +51,46 @@ def test_gates_train_and_report():
     assert any(p is model.kdfast_gates.head[0].log_alpha for p in model.parameters())
 
 
+def _pin(gates, heads_kept, ffn_kept):
+    """Gates with prob_nonzero ~1 for the first heads_kept heads / ffn_kept FFN units, ~0 elsewhere."""
+    with torch.no_grad():
+        for hg in gates.head:
+            hg.log_alpha.fill_(-30.0)
+            hg.log_alpha[:heads_kept] = 30.0
+        for fg in gates.ffn:
+            fg.log_alpha.fill_(-30.0)
+            fg.log_alpha[:ffn_kept] = 30.0
+
+
+def test_flops_cost_matches_hand_count_and_charges_attention():
+    d, H, dh, F, L, layers = 96, 6, 16, 160, 40.0, 4
+    model = _model()
+    gates = kc.add_gates(model, cost="flops", seq_len=L)
+    assert gates.full_flops() == layers * (H * (4 * d * dh + 2 * L * dh) + 2 * d * F)
+    _pin(gates, 2, 40)
+    kept = layers * (2 * (4 * d * dh + 2 * L * dh) + 2 * d * 40)
+    assert gates.expected_flops().item() == pytest.approx(kept, rel=1e-6)
+    assert gates.expected_sparsity().item() == pytest.approx(1 - kept / gates.full_flops(), rel=1e-6)
+    # the same gates counted as weights: pruning heads removes a smaller share of weights than of
+    # multiply-adds, because a head's attention work has no weights
+    by_params = kc.add_gates(_model(), cost="params")
+    _pin(by_params, 2, 40)
+    assert by_params.expected_sparsity().item() == pytest.approx(
+        1 - (4 * d * dh * 2 + 2 * d * 40) / (4 * d * dh * H + 2 * d * F), rel=1e-6)
+    _pin(gates, 2, F)
+    _pin(by_params, 2, F)
+    assert gates.expected_sparsity().item() > by_params.expected_sparsity().item()
+    loss = gates.expected_sparsity()
+    loss.backward()  # differentiable in the gates
+    assert gates.head[0].log_alpha.grad is not None
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(cost="latency"), "cost must be"), (dict(cost="flops"), "seq_len")])
+def test_add_gates_cost_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        kc.add_gates(_model(), **kw)
+
+
 def test_add_gates_switches_to_kdfast_attention():
     import kdfast.compress.prune as prune
     prune._SWITCH_WARNED = False
