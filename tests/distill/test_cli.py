@@ -159,6 +159,14 @@ def test_bad_ternary_float_dtype(squad_files, teacher_dir, tmp_path):
     assert "--ternary_float_dtype must be one of" in msg
 
 
+def test_bad_prune_cost(squad_files, teacher_dir, tmp_path):
+    msg = cli_error(["compress", "--teacher_name_or_path", teacher_dir, "--prune-cost", "latency",
+                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
+                     "--output_dir", str(tmp_path / "o")])
+    assert "--prune_cost must be flops or params" in msg and "'latency'" in msg
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_bad_squad_file_names_the_record(squad_files, tmp_path):
     data = json.loads(Path(squad_files[0]).read_text())
     qas = data["data"][0]["paragraphs"][0]["qas"]
