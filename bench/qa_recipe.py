@@ -95,7 +95,9 @@ def run_synthetic(a, out, seed, log):
     rows = run_demo(out, num_train=a.num_train, num_dev=a.num_dev, seed=seed, teacher_epochs=a.teacher_epochs,
                     student_epochs=a.student_epochs, prune_epochs=a.prune_epochs, ternary_epochs=a.ternary_epochs,
                     target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress)
-    return rows, f"kdfast synthetic: {a.num_train} train / {a.num_dev} dev questions"
+    return rows, (f"kdfast synthetic: {a.num_train} train / {a.num_dev} dev questions, epochs: teacher "
+                  f"{a.teacher_epochs:g}, student {a.student_epochs:g}, prune {a.prune_epochs:g} "
+                  f"(target {a.target_sparsity:g} of the multiply-adds), ternary {a.ternary_epochs:g}")
 
 
 def remeasure_speed(rows, out, a, rounds=3):
