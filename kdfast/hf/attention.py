@@ -59,6 +59,7 @@ from kdfast.ops.attention import attention
 NAME = "kdfast"
 
 _observers: list = []
+_wants: dict = {}  # id(observer) -> wants(module): which of "q", "k", "v" it needs ("" none, None: not called)
 _options = {"zero_padded_queries": False}
 _registered = False
 
@@ -73,6 +74,7 @@ class ObserverHandle:
         for i, f in enumerate(_observers):
             if f is self.fn:
                 del _observers[i]
+                _wants.pop(id(f), None)
                 return
 
     def __enter__(self):
@@ -82,12 +84,32 @@ class ObserverHandle:
         self.remove()
 
 
-def add_observer(fn) -> ObserverHandle:
-    """Call ``fn(module, query, key, value, attention_mask)`` on every kdfast attention call."""
+def add_observer(fn, wants=None) -> ObserverHandle:
+    """Call ``fn(module, query, key, value, attention_mask)`` on every kdfast attention call.
+
+    ``wants(module)`` (optional) says what ``fn`` needs from that module: a string naming some of
+    "q", "k", "v" (the others are passed as None; "" passes none), or None (``fn`` is not called).
+    The unpadded encoder (:mod:`kdfast.hf.unpad`) keeps its packed attention while observed and
+    builds padded ``[B, H, L, D]`` copies only of the tensors an observer wants."""
     if not callable(fn):
         raise TypeError(f"add_observer: fn must be callable, got {type(fn).__name__}")
+    if wants is not None and not callable(wants):
+        raise TypeError(f"add_observer: wants must be callable or None, got {type(wants).__name__}")
     _observers.append(fn)
+    if wants is not None:
+        _wants[id(fn)] = wants
     return ObserverHandle(fn)
+
+
+def observers_for(module) -> list:
+    """``[(fn, needed)]``: the observers to call for ``module`` and which of "q", "k", "v" each needs."""
+    out = []
+    for fn in tuple(_observers):
+        w = _wants.get(id(fn))
+        need = "qkv" if w is None else w(module)
+        if need is not None:
+            out.append((fn, need))
+    return out
 
 
 def set_options(*, zero_padded_queries: bool | None = None) -> dict:

@@ -62,13 +62,24 @@ class LayerCapture:
         self.scales: dict[int, float | None] = {}
 
     # -- recording -------------------------------------------------------
-    def _observe(self, module, query, key, value, attention_mask):
-        if self._modules is not None and id(module) not in self._modules:
-            return
+    def _index(self, module) -> int:
         idx = getattr(module, "layer_idx", None)
         if idx is None:
             idx = self._order.setdefault(id(module), len(self._order))
-        idx = int(idx)
+        return int(idx)
+
+    def _wants(self, module):
+        """What :meth:`_observe` needs from ``module`` (see ``kdfast.hf.attention.add_observer``)."""
+        if self._modules is not None and id(module) not in self._modules:
+            return None
+        if self.keep_layers is not None and self._index(module) not in self.keep_layers:
+            return ""
+        return self.keep
+
+    def _observe(self, module, query, key, value, attention_mask):
+        if self._modules is not None and id(module) not in self._modules:
+            return
+        idx = self._index(module)
         if self.keep_layers is not None and idx not in self.keep_layers:
             self._by_layer[idx] = None  # seen, not kept: the position stays
         else:
@@ -104,7 +115,7 @@ class LayerCapture:
         self.clear()
         self._order.clear()
         self._modules = None if self.model is None else {id(m) for m in self.model.modules()}
-        self._handle = _attention.add_observer(self._observe)
+        self._handle = _attention.add_observer(self._observe, wants=self._wants)
         return self
 
     def __exit__(self, *exc):

@@ -16,8 +16,10 @@ no matmul work at all. The attention itself runs on the packed q/k/v
 ``[T, H, d]`` with cumulative sequence lengths
 (:func:`kdfast.ops.attention.attention_varlen`, forward and backward, dropout
 included): padded tokens are never materialised, training included. That
-needs right-padded rows (each row's valid tokens one run), CPU tensors and no
-attention observer; otherwise the packed q/k/v are scattered into zero-filled
+needs right-padded rows (each row's valid tokens one run) and CPU tensors;
+attention observers (:func:`kdfast.hf.capture`) get zero-padded ``[B, H, L, D]``
+copies of only the q / k / v they want from the layers they watch, while the
+attention stays packed. Otherwise the packed q/k/v are scattered into zero-filled
 ``[B, H, L, D]`` tensors and passed to the very function the registered
 ``"kdfast"`` attention runs (:func:`kdfast.hf.attention.kdfast_attention_forward`)
 with the ``[B, L]`` padding mask and ``zero_padded_queries=True``, and its
@@ -73,7 +75,7 @@ import types
 import torch
 from torch import nn
 
-from kdfast.hf.attention import NAME, _module_gates, _observers, kdfast_attention_forward
+from kdfast.hf.attention import NAME, _module_gates, _observers, kdfast_attention_forward, observers_for
 from kdfast.ops.attention import attention_varlen
 
 _MARK = "_kdfast_unpadded"
@@ -148,11 +150,21 @@ def _pad_heads(t, idx, B, L, d):
     return buf.view(B, L, -1, d).transpose(1, 2)
 
 
-def _attention_varlen(sa, x, cu, L, p):
-    """Attention of packed tokens ``[T, hidden]`` on packed q/k/v ``[T, H, d]``: nothing padded is built."""
+def _attention_varlen(sa, x, cu, L, p, idx=None, mask=None, B=None):
+    """Attention of packed tokens ``[T, hidden]`` on packed q/k/v ``[T, H, d]``. Nothing padded is
+    built, except zero-padded ``[B, H, L, d]`` copies of the q / k / v that observers (``kdfast.hf.capture``)
+    want from this layer, made once per tensor and handed to them; the attention stays packed."""
     d = sa.attention_head_size
     T = x.shape[0]
-    q, k, v = (lin(x).view(T, -1, d) for lin in (sa.query, sa.key, sa.value))
+    flat = [lin(x) for lin in (sa.query, sa.key, sa.value)]
+    if _observers:
+        padded = {}
+        for fn, need in observers_for(sa):
+            for n in need:
+                if n not in padded:
+                    padded[n] = _pad_heads(flat["qkv".index(n)], idx, B, L, d)
+            fn(sa, *(padded[n] if n in need else None for n in "qkv"), mask)
+    q, k, v = (t.view(T, -1, d) for t in flat)
     gates, active = _module_gates(sa)
     if active is None and gates is not None and gates.dim() == 1 and not (gates.requires_grad and
                                                                           torch.is_grad_enabled()):
@@ -168,9 +180,9 @@ def _attention_packed(layer, x, idx, mask, B, L, cu=None):
     p = drop.p if (getattr(sa, "training", False) and drop is not None) else 0.0
     if getattr(sa, "num_attention_heads", 1) == 0 or not hasattr(sa, "query"):
         ctx = x.new_zeros(x.shape[0], 0)  # attention removed by compaction: output bias + residual + LN remain
-    elif cu is not None and not _observers and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        ctx = _attention_varlen(sa, x, cu, L, p)
-    else:  # observers want [B, H, L, D] q/k/v; other devices: re-padded q/k/v through the kdfast attention
+    elif cu is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        ctx = _attention_varlen(sa, x, cu, L, p, idx, mask, B)
+    else:  # other devices, torch.compile: re-padded q/k/v through the kdfast attention
         d = sa.attention_head_size
         q = _pad_heads(sa.query(x), idx, B, L, d)
         k = _pad_heads(sa.key(x), idx, B, L, d)

@@ -195,6 +195,33 @@ def test_capture_records_qkv_equal_to_dense_at_valid_positions():
             _close(tb.transpose(1, 2)[keep], ta.transpose(1, 2)[keep])
 
 
+def test_capture_keeps_the_packed_attention_and_pads_only_what_it_keeps(monkeypatch):
+    ids, am = _batch()
+    fast, other = _model("kdfast"), _model("kdfast", seed=3)
+    kdfast.hf.unpad_encoder(fast)
+    kdfast.hf.unpad_encoder(other)
+    calls = {"varlen": 0, "padded": 0}
+    real_varlen, real_pad = hfu.attention_varlen, hfu._pad_heads
+
+    def varlen(*a, **k):
+        calls["varlen"] += 1
+        return real_varlen(*a, **k)
+
+    def pad(*a, **k):
+        calls["padded"] += 1
+        return real_pad(*a, **k)
+    monkeypatch.setattr(hfu, "attention_varlen", varlen)
+    monkeypatch.setattr(hfu, "_pad_heads", pad)
+    with torch.no_grad(), kdfast.hf.capture(fast, layers=[1], keep="qk") as cap:
+        fast(input_ids=ids, attention_mask=am)
+        other(input_ids=ids, attention_mask=am)  # not captured: nothing padded for it
+    assert calls == {"varlen": 6, "padded": 2}  # every layer packed; q and k of layer 1 only
+    assert len(cap) == 3 and cap.layers[0] is None and cap.layers[2] is None
+    q, k, v = cap.layers[1]
+    assert v is None and q.shape == (4, H, L, DH) and k.shape == (4, H, L, DH)
+    assert torch.equal(q.transpose(1, 2)[~am.bool()], torch.zeros_like(q.transpose(1, 2)[~am.bool()]))
+
+
 def test_no_mask_runs_stock_forward():
     ids, am = _batch()
     stock, fast = _model("kdfast"), _model("kdfast")
