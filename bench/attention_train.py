@@ -193,9 +193,9 @@ def step_sides(variant, ids, am, p, small=False):
     uniformly mapped layers (student m <- teacher m * N / M). Stock = eager models with output_attentions
     and output_hidden_states, losses on the returned [B, H, L, L] maps in PyTorch (during training HF
     returns the maps after attention dropout, so the KL sees the dropped maps there); kdfast = kdfast
-    attention + unpad_encoder (linears, FFN, LayerNorms on packed tokens) + kdfast.hf.capture (q/k of
-    every layer; while a capture observer is active unpad_encoder runs the attention on re-padded
-    [B, H, L, D] q/k/v, not attention_varlen) + qa_kd_loss + kdfast.nn.LayerKD (hidden_mse, attention_kl).
+    attention + unpad_encoder (linears, FFN, LayerNorms and the attention on packed tokens:
+    attention_varlen) + kdfast.hf.capture (zero-padded copies of q/k of the mapped layers only) +
+    qa_kd_loss + kdfast.nn.LayerKD (hidden_mse, attention_kl).
     """
     import kdfast.hf
     from kdfast.hf.capture import capture
@@ -327,7 +327,7 @@ def _distill_step(bench, reps, B, L, p, losses=STEP_LOSSES, dtypes=("float32", "
                 what = "logit-KD; hf: sdpa + F.kl_div; kdfast: attention_varlen (unpad_encoder) + qa_kd_loss"
             else:
                 what = ("logit+hidden+attention-KL; hf: eager output_attentions maps; kdfast: unpad_encoder "
-                        "linears + capture (re-padded kdfast attention) + qa_kd_loss + LayerKD")
+                        "+ attention_varlen + capture (padded q/k copies) + qa_kd_loss + LayerKD")
             cfg = (f"{variant}-KD {dname} student {sl}x{sh} H{sH} teacher {tl}x{th} B={B} L={L} valid={valid:.2f} "
                    f"p={p} threads={torch.get_num_threads()} {what}")
             bench.run_interleaved("distill_step", runs, mode="train-step", x_name="L", x_value=L, config=cfg,
