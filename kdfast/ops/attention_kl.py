@@ -3,7 +3,7 @@
 Backends:
 
     cpu:       csrc/cpu/attention_kl.cpp (fwd writes the gradients; bwd scales them;
-               attention_kl_shared_fwd for the value relation)
+               value relation: dispatch name "attention_kl_shared", kernel attention_kl_shared_fwd)
     triton:    kdfast/kernels/triton/attention_kl.py (same; value relation: both gradients added)
     cuda:      none (Triton on GPU)
     reference: this file
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from kdfast import _ext as kdfast_ext
 from kdfast import backends
 from kdfast.ops import attention_map_loss as _inputs
 from kdfast.ops.loss_grad_autograd import forward_grads, grad_dtype, register_loss_grad_autograd
@@ -121,27 +120,46 @@ backends.set_gpu_order(OP, ("triton",))
 # --------------------------------------------------------------------------
 # Value relation: one student tensor x_s as both q_s and k_s. One gradient
 # buffer, d(sum loss)/dx_s = (dq_s + dk_s), instead of two that autograd adds.
-# The backend is chosen under the name "attention_kl" (same forcing, same
-# checks); the CPU kernel accumulates both terms into one buffer, the other
-# backends add dk_s into dq_s in place and drop dk_s.
+# Dispatch name "attention_kl_shared"; its backend is the one chosen under
+# "attention_kl" (same forcing, same checks). The CPU kernel accumulates both
+# terms into one buffer; the other backends run their "attention_kl" and add
+# dk_s into dq_s in place.
 # --------------------------------------------------------------------------
+SHARED = "attention_kl_shared"
+
+
+@backends.register(SHARED, "cpu", kernel="attention_kl_shared_fwd")
+def _shared_cpu(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
+    return torch.ops.kdfast_C.attention_kl_shared_fwd(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
+                                                      grad_weight)
+
+
+def _shared_from_pair(backend):
+    def shared(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight):
+        # Float32 unit gradients of both roles, added, then weighted: one rounding to x_s's dtype.
+        loss, dq, dk = backends.run(OP, x_s, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, None,
+                                    backend=backend)
+        if not compute_grad:
+            return loss, dq
+        dq.add_(dk)
+        if grad_weight is not None:
+            dq = dq.mul_(grad_weight[:, :, None, None]).to(x_s.dtype)
+        return loss, dq
+    shared.__name__ = f"_shared_{backend}"
+    return shared
+
+
+for _backend in ("reference", "triton"):
+    backends.register(SHARED, _backend)(_shared_from_pair(_backend))
+
+
 @torch.library.custom_op("kdfast::attention_kl_shared_fwd", mutates_args=())
 def _fwd_shared(x_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scale_s: float,
                 scale_t: float, compute_grad: bool, grad_weight: torch.Tensor | None, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = backend or backends.choose(OP, x_s, x_s, q_t, k_t)
-    if backend == "cpu" and kdfast_ext.has_kernel("attention_kl_shared_fwd"):
-        return torch.ops.kdfast_C.attention_kl_shared_fwd(x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad,
-                                                          grad_weight)
-    # Float32 unit gradients of both roles, added, then weighted: one rounding to x_s's dtype.
-    loss, dq, dk = backends.run(OP, x_s, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, None,
-                                backend=backend)
-    if not compute_grad:
-        return loss, dq
-    dq.add_(dk)
-    if grad_weight is not None:
-        dq = dq.mul_(grad_weight[:, :, None, None]).to(x_s.dtype)
-    return loss, dq
+    return backends.run(SHARED, x_s, q_t, k_t, mask, scale_s, scale_t, compute_grad, grad_weight,
+                        backend=backend)
 
 
 @_fwd_shared.register_fake
