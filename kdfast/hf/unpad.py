@@ -16,7 +16,8 @@ no matmul work at all. The attention itself runs on the packed q/k/v
 ``[T, H, d]`` with cumulative sequence lengths
 (:func:`kdfast.ops.attention.attention_varlen`, forward and backward, dropout
 included): padded tokens are never materialised, training included. That
-needs right-padded rows (each row's valid tokens one run) and CPU tensors;
+needs right-padded rows (each row's valid tokens one run) and CPU tensors (the
+CPU kernels) or CUDA tensors with Triton available (its varlen kernels);
 attention observers (:func:`kdfast.hf.capture`) get zero-padded ``[B, H, L, D]``
 copies of only the q / k / v they want from the layers they watch, while the
 attention stays packed. Otherwise the packed q/k/v are scattered into zero-filled
@@ -75,6 +76,7 @@ import types
 import torch
 from torch import nn
 
+from kdfast import backends
 from kdfast.hf.attention import NAME, _module_gates, _observers, kdfast_attention_forward, observers_for
 from kdfast.ops.attention import attention_varlen
 
@@ -150,6 +152,15 @@ def _pad_heads(t, idx, B, L, d):
     return buf.view(B, L, -1, d).transpose(1, 2)
 
 
+def _packed_attention_on(device) -> bool:
+    """Whether the attention runs on packed q/k/v on ``device``: CPU tensors (CPU kernels), CUDA tensors
+    when the Triton varlen kernels can run (forward and backward); elsewhere q/k/v are re-padded."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and all(backends.plan(op, device).backend == "triton"
+                                         for op in ("attention_varlen", "attention_varlen_bwd"))
+
+
 def _attention_varlen(sa, x, cu, L, p, idx=None, mask=None, B=None):
     """Attention of packed tokens ``[T, hidden]`` on packed q/k/v ``[T, H, d]``. Nothing padded is
     built, except zero-padded ``[B, H, L, d]`` copies of the q / k / v that observers (``kdfast.hf.capture``)
@@ -180,9 +191,9 @@ def _attention_packed(layer, x, idx, mask, B, L, cu=None):
     p = drop.p if (getattr(sa, "training", False) and drop is not None) else 0.0
     if getattr(sa, "num_attention_heads", 1) == 0 or not hasattr(sa, "query"):
         ctx = x.new_zeros(x.shape[0], 0)  # attention removed by compaction: output bias + residual + LN remain
-    elif cu is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    elif cu is not None and _packed_attention_on(x.device) and not torch.compiler.is_compiling():
         ctx = _attention_varlen(sa, x, cu, L, p, idx, mask, B)
-    else:  # other devices, torch.compile: re-padded q/k/v through the kdfast attention
+    else:  # other devices (or CUDA without Triton), torch.compile: re-padded q/k/v through the kdfast attention
         d = sa.attention_head_size
         q = _pad_heads(sa.query(x), idx, B, L, d)
         k = _pad_heads(sa.key(x), idx, B, L, d)
@@ -215,10 +226,12 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
     record = bool(col) and "hidden_states" in col
     # Packed q/k/v for the attention too when the valid tokens of each row are one run (right padding,
     # the usual case; then packed order = sequence order); otherwise re-padded q/k/v.
+    # (The test reads the mask: no host sync on CPU tensors; on CUDA one more sync per forward, after
+    # the one of nonzero() above.)
     cu = None
-    if hidden_states.device.type == "cpu":  # (the test reads the mask: no host sync on CPU tensors)
+    if _packed_attention_on(hidden_states.device):
         lengths = attention_mask.sum(1)
-        if torch.equal(attention_mask, torch.arange(L)[None, :] < lengths[:, None]):
+        if torch.equal(attention_mask, torch.arange(L, device=attention_mask.device)[None, :] < lengths[:, None]):
             cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
 
     def scatter(t):

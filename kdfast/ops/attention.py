@@ -6,7 +6,7 @@ Backends (dispatch names: forward "attention", backward "attention_bwd"; varlen 
 
     cpu:       csrc/cpu/attention_train.cpp (fwd, bwd; varlen too); with a block mask the fwd is
                csrc/cpu/attention.cpp and the bwd is this file's reference backward, a few examples at a time
-    triton:    kdfast/kernels/triton/attention.py (fwd, bwd)
+    triton:    kdfast/kernels/triton/attention.py (fwd, bwd; varlen too: the same kernels on packed rows)
     cuda:      none (Triton on GPU)
     reference: this file (fwd, bwd)
 
@@ -543,32 +543,33 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, head_gates, active, scale, keep_ungated
 
 
 @torch.library.custom_op("kdfast::attention_varlen_bwd", mutates_args=())
-def _varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ung: torch.Tensor,
-                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+def _varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                ung: torch.Tensor, lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
                 head_gates: torch.Tensor | None, active: torch.Tensor | None, scale: float, dropout_p: float,
                 rng: torch.Tensor | None, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.run("attention_varlen_bwd", grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, head_gates,
-                        active, scale, dropout_p, rng, backend=backend or None)
+    return backends.run("attention_varlen_bwd", grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k,
+                        head_gates, active, scale, dropout_p, rng, backend=backend or None)
 
 
 @_varlen_bwd.register_fake
-def _(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, head_gates, active, scale, dropout_p, rng, backend):
+def _(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, head_gates, active, scale, dropout_p, rng,
+      backend):
     dg = torch.empty_like(head_gates, dtype=torch.float32) if head_gates is not None else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
 
 def _varlen_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p, rng, backend = inputs
-    _, lse, ung = output
-    ctx.save_for_backward(q, k, v, ung, lse, cu_q, cu_k, gates, active, rng)
+    out, lse, ung = output  # out: the Triton backward's rowsum(grad_out * out) (the CPU one recomputes it)
+    ctx.save_for_backward(q, k, v, out, ung, lse, cu_q, cu_k, gates, active, rng)
     ctx.args = (max_q, max_k, scale, dropout_p, backend)
 
 
 def _varlen_backward(ctx, grad_out, _g_lse, _g_ung):
-    q, k, v, ung, lse, cu_q, cu_k, gates, active, rng = ctx.saved_tensors
+    q, k, v, out, ung, lse, cu_q, cu_k, gates, active, rng = ctx.saved_tensors
     max_q, max_k, scale, dropout_p, backend = ctx.args
-    dq, dk, dv, dg = _varlen_bwd(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+    dq, dk, dv, dg = _varlen_bwd(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
                                  dropout_p, rng, backend)
     dgates = dg.to(gates.dtype) if (gates is not None and ctx.needs_input_grad[7]) else None
     return dq, dk, dv, None, None, None, None, dgates, None, None, None, None, None, None
@@ -600,7 +601,9 @@ def _varlen_fwd_reference(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scal
     B = cu_q.numel() - 1
     bq, pq, _ = _varlen_index(cu_q.long(), max_q)
     bk, pk, kvalid = _varlen_index(cu_k.long(), max_k)
-    qp, kp, vp = _pad_packed(q, bq, pq, B, max_q), _pad_packed(k, bk, pk, B, max_k), _pad_packed(v, bk, pk, B, max_k)
+    nq, nk = bq.numel(), bk.numel()  # tokens past cu[-1] take no part (outputs 0)
+    qp, kp, vp = (_pad_packed(q[:nq], bq, pq, B, max_q), _pad_packed(k[:nk], bk, pk, B, max_k),
+                  _pad_packed(v[:nk], bk, pk, B, max_k))
     out, lse, ung = _fwd_reference(qp, kp, vp, kvalid, gates, active, None, DEFAULT_BLOCK_SIZE, scale, False,
                                    keep_ungated, dropout_p, rng)
     T = q.shape[0]
@@ -616,7 +619,7 @@ def _varlen_fwd_reference(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scal
 
 
 @backends.register("attention_varlen_bwd", "reference")
-def _varlen_bwd_reference(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+def _varlen_bwd_reference(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
                           dropout_p=0.0, rng=None):
     B = cu_q.numel() - 1
     bq, pq, _ = _varlen_index(cu_q.long(), max_q)
@@ -624,15 +627,16 @@ def _varlen_bwd_reference(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k,
     n = bq.numel()
     pad_q = lambda x: _pad_packed(x[:n], bq, pq, B, max_q)  # noqa: E731
     qp, gp = pad_q(q), pad_q(grad_out)
-    kp, vp = _pad_packed(k, bk, pk, B, max_k), _pad_packed(v, bk, pk, B, max_k)
+    nk = bk.numel()
+    kp, vp = _pad_packed(k[:nk], bk, pk, B, max_k), _pad_packed(v[:nk], bk, pk, B, max_k)
     up = pad_q(ung) if ung.numel() else ung
     lp = _pad_packed(lse[:, :n].T.contiguous(), bq, pq, B, max_q, fill=float("-inf"))  # [B, H, L]
     dq, dk, dv, dg = _bwd_reference(gp, qp, kp, vp, None, up, lp, kvalid, gates, active, None, DEFAULT_BLOCK_SIZE,
                                     scale, False, dropout_p, rng)
     rq, rk, rv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     rq[:n] = dq.transpose(1, 2)[bq, pq]
-    rk[: bk.numel()] = dk.transpose(1, 2)[bk, pk]
-    rv[: bk.numel()] = dv.transpose(1, 2)[bk, pk]
+    rk[:nk] = dk.transpose(1, 2)[bk, pk]
+    rv[:nk] = dv.transpose(1, 2)[bk, pk]
     return rq, rk, rv, dg
 
 
@@ -643,11 +647,33 @@ def _varlen_fwd_cpu(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, kee
 
 
 @backends.register("attention_varlen_bwd", "cpu", kernel="attention_train_fwd", limits=VARLEN_KERNEL_LIMITS)
-def _varlen_bwd_cpu(grad_out, q, k, v, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale, dropout_p=0.0,
+def _varlen_bwd_cpu(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale, dropout_p=0.0,
                     rng=None):
     return torch.ops.kdfast_C.attention_train_bwd(grad_out, q, k, v, ung, lse, None, cu_q, cu_k, max_q, max_k,
                                                   gates, active, scale, True, float(dropout_p), rng,
                                                   gates is not None and ung.numel() > 0)
+
+
+# Triton: the padded kernels with VARLEN (each program reads its sequence's rows from cu_q / cu_k);
+# same limits as the CPU varlen kernels (no block mask, so no tile-size check).
+@backends.register("attention_varlen", "triton", limits=VARLEN_KERNEL_LIMITS)
+def _varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated, dropout_p=0.0,
+                       rng=None):
+    from kdfast.kernels.triton import attention as kt
+    return kt.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, gates, active, scale, keep_ungated,
+                                   dropout_p, rng)
+
+
+@backends.register("attention_varlen_bwd", "triton", limits=VARLEN_KERNEL_LIMITS)
+def _varlen_bwd_triton(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+                       dropout_p=0.0, rng=None):
+    from kdfast.kernels.triton import attention as kt
+    return kt.attention_varlen_bwd(grad_out, q, k, v, out, ung, lse, cu_q, cu_k, max_q, max_k, gates, active, scale,
+                                   dropout_p, rng)
+
+
+backends.set_gpu_order("attention_varlen", ("triton",))
+backends.set_gpu_order("attention_varlen_bwd", ("triton",))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, head_gates=None,

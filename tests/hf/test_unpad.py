@@ -403,3 +403,40 @@ def test_packed_attention_with_dropout_equals_dense_kdfast(monkeypatch):
     ga, gb = _grads(ref), _grads(fast)
     for n in ga:
         _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
+
+
+def test_packed_attention_device_rule(monkeypatch):
+    # CPU tensors: the CPU varlen kernels; CUDA tensors: packed only when the Triton varlen kernels can
+    # run (backends.plan, no GPU needed), else re-padded q/k/v.
+    from kdfast import backends
+    assert hfu._packed_attention_on(torch.device("cpu"))
+    assert hfu._packed_attention_on(torch.device("cuda")) == (backends.triton_available() is None)
+    monkeypatch.setenv("KDFAST_DISABLE_TRITON", "1")
+    assert not hfu._packed_attention_on(torch.device("cuda"))
+    assert hfu._packed_attention_on(torch.device("cpu"))
+
+
+@pytest.mark.triton
+def test_packed_attention_on_triton_varlen_kernels_equals_cpu_kernels(monkeypatch):
+    # The path CUDA tensors take with Triton, run on CPU tensors under the interpreter: packed q/k/v
+    # through the Triton varlen kernels (never re-padded), attention dropout on; same seed, same masks,
+    # so the loss and gradients equal those of the CPU varlen kernels.
+    import importlib
+    unpad = importlib.import_module("kdfast.hf.unpad")
+    kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.2, num_hidden_layers=1)
+    ref, fast = _model("kdfast", **kw).train(), _model("kdfast", **kw).train()
+    for m in (ref, fast):
+        kdfast.hf.unpad_encoder(m)
+    monkeypatch.setattr(unpad, "_pad_heads", lambda *a: (_ for _ in ()).throw(AssertionError("re-padded")))
+    ids, am = _batch()
+    torch.manual_seed(7)
+    la = _valid_loss(ref(input_ids=ids, attention_mask=am), am)
+    torch.manual_seed(7)
+    with kdfast.use_backend("triton", ops=["attention_varlen", "attention_varlen_bwd"]):
+        lb = _valid_loss(fast(input_ids=ids, attention_mask=am), am)
+        lb.backward()
+    la.backward()
+    _close(lb, la)
+    ga, gb = _grads(ref), _grads(fast)
+    for n in ga:
+        _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)

@@ -77,6 +77,31 @@ def test_attention_block_sparse_triton_on_gpu(dtype):
            [q, k, v, block_mask], (0, 1, 2), dtype)
 
 
+def _varlen_reference(q, k, v, cu, g, L):
+    """attention_varlen in plain PyTorch: pad to [B, H, L, D], attention_reference, gather the valid rows."""
+    from kdfast.ops.attention import _varlen_index
+    b, pos, valid = _varlen_index(cu.long(), L)
+    B = cu.numel() - 1
+
+    def pad(x):
+        return x.new_zeros((B, L) + tuple(x.shape[1:])).index_put((b, pos), x).transpose(1, 2)
+    return attention_reference(pad(q), pad(k), pad(v), mask=valid, head_gates=g).transpose(1, 2)[b, pos]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_varlen_triton_on_gpu(dtype):
+    # Packed [T, H, D] q/k/v, cu_seqlens on the GPU (what kdfast.hf.unpad_encoder runs on CUDA tensors).
+    from kdfast.ops.attention import attention_varlen
+    lengths, H, D = [384, 201, 97, 1], 12, 64
+    T, L = sum(lengths), max(lengths)
+    q, k, v = [x[0] for x in _qkv(1, T, H, D, dtype, seed=21)]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    gates = (torch.rand(len(lengths), H, dtype=torch.float64) + 0.5).to(dtype)
+    _check(lambda q, k, v, cu, g: attention_varlen(q, k, v, cu, cu, L, L, head_gates=g),
+           lambda q, k, v, cu, g: _varlen_reference(q, k, v, cu, g, L),
+           [q, k, v, cu, gates], (0, 1, 2, 4), dtype)
+
+
 @pytest.mark.parametrize("op,ref", [(attention_kl, attention_kl_reference),
                                     (attention_score_mse, attention_score_mse_reference)])
 @pytest.mark.parametrize("dtype", DTYPES)

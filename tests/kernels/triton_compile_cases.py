@@ -120,6 +120,29 @@ case("attention", "bf16_d256_blockmask128")(lambda m: _attn(m, torch.bfloat16, 2
 case("attention", "fp32_d128_blockmask128", BOTH)(lambda m: _attn(m, torch.float32, 128, bs=128))
 
 
+# attention varlen: packed q, k, v [T, H, D] with cu_seqlens [B + 1] (the same kernels, VARLEN=True), forward +
+# backward; dropout draws tl.rand in all three kernels.
+def _attn_varlen(m, dtype, D, lengths=(384, 201, 97, 1), gates=None, active=False, keep_ungated=False,
+                 dropout=False):
+    B, H, T, L = len(lengths), 4, sum(lengths), max(lengths)
+    q, k, v = _t(T, H, D, dtype=dtype), _t(T, H, D, dtype=dtype), _t(T, H, D, dtype=dtype)
+    cu = _t(B + 1, dtype=torch.int64)
+    g = None if gates is None else _t(*((H,) if gates == "h" else (B, H)), dtype=dtype)
+    act = _t(H, dtype=torch.bool) if active else None
+    p = 0.1 if dropout else 0.0
+    rng = _t(2, dtype=torch.int64) if dropout else None
+    scale = D ** -0.5
+    out, lse, ung = m.attention_varlen_fwd(q, k, v, cu, cu, L, L, g, act, scale, keep_ungated, p, rng)
+    m.attention_varlen_bwd(_t(T, H, D, dtype=dtype), q, k, v, out, ung, lse, cu, cu, L, L, g, act, scale, p, rng)
+
+
+case("attention", "varlen_bf16_d64")(lambda m: _attn_varlen(m, torch.bfloat16, 64))
+case("attention", "varlen_bf16_d128_gates_active_ungated_dropout", BOTH)(
+    lambda m: _attn_varlen(m, torch.bfloat16, 128, gates="bh", active=True, keep_ungated=True, dropout=True))
+case("attention", "varlen_fp16_d80_gates_h")(lambda m: _attn_varlen(m, torch.float16, 80, gates="h"))
+case("attention", "varlen_fp32_d64_dropout")(lambda m: _attn_varlen(m, torch.float32, 64, dropout=True))
+
+
 # attention_kl / attention_score_mse on [B, H, L, D] q, k (any float dtype, student and teacher may
 # differ), float32 [B, L] mask (the op's checks make it so); hidden_mse on [N, D] rows.
 def _qk(B, H, L, Ds, Dt, ds, dt):

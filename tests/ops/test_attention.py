@@ -438,9 +438,10 @@ def _packed_case(B=3, H=2, L=23, D=16, lengths=(23, 9, 0)):
     return (q, k, v), m, cu, idx, tuple(pack(x) for x in (q, k, v))
 
 
-@pytest.mark.parametrize("backend", _backend_params(triton=False))
+@pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_varlen_equals_padded_forward_and_backward(backend, p):
+    # triton: the packed kernels against the padded Triton kernels (same dropout mask for one seed)
     from kdfast.ops.attention import attention_varlen
     (q, k, v), m, cu, idx, (qp, kp, vp) = _packed_case()
     B, H, L, D = q.shape
@@ -503,3 +504,112 @@ def test_triton_dropout_uses_the_same_mask():
     b = torch.autograd.grad(ref, (q64, k64, v64), go.double())
     for x, y in zip(a, b):
         torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
+
+
+# --------------------------------------------------------------------------
+# Triton varlen kernels (interpreter): packed rows found from cu_q / cu_k
+# --------------------------------------------------------------------------
+def _varlen_oracle(q, k, v, cu_q, cu_k, max_q, max_k, *, gates=None, active=None, scale=None, keep=None, p=0.0):
+    """Differentiable reference of attention_varlen in q's dtype: pad to [B, H, max, D], attention_reference
+    with the key padding mask (and the kernels' dropout mask ``keep``), gather the valid query rows."""
+    from kdfast.ops.attention import _varlen_index
+    B = cu_q.numel() - 1
+    bq, pq, _ = _varlen_index(cu_q.long(), max_q)
+    bk, pk, kvalid = _varlen_index(cu_k.long(), max_k)
+
+    def pad(x, b, pos, L):
+        return x.new_zeros((B, L) + tuple(x.shape[1:])).index_put((b, pos), x).transpose(1, 2)
+
+    out = attention_reference(pad(q, bq, pq, max_q), pad(k, bk, pk, max_k), pad(v, bk, pk, max_k), mask=kvalid,
+                              head_gates=gates, active_heads=active, scale=scale, dropout_p=p, dropout_mask=keep)
+    return out.transpose(1, 2)[bq, pq]
+
+
+def _varlen_triton_case(lengths_q, lengths_k, H=3, D=16, seed=31):
+    g = torch.Generator().manual_seed(seed)
+    Tq, Tk = sum(lengths_q), sum(lengths_k)
+    q = (torch.randn(Tq, H, D, generator=g) * 2).requires_grad_()
+    k = (torch.randn(Tk, H, D, generator=g) * 2).requires_grad_()
+    v = (torch.randn(Tk, H, D, generator=g) * 10).requires_grad_()
+
+    def cu(lengths):
+        return torch.tensor([0] + list(lengths)).cumsum(0).to(torch.int32)
+    return q, k, v, cu(lengths_q), cu(lengths_k)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["self_gates_bh", "self_gates_bh_dropout", "cross_gates_h_dropout"])
+def test_triton_varlen_matches_oracle(case):
+    # Odd lengths in one batch (1, 5, 17 tokens), max_seqlen above the longest sequence, an inactive
+    # head, head gates (per sequence or per head); with dropout the reference gets the kernels' mask
+    # (attention_dropout_mask with Lq/Lk = max_seqlen_q/k, sequence-local positions).
+    from kdfast.ops.attention import attention_dropout_mask, attention_varlen, draw_dropout_rng
+    lq = (1, 5, 17)
+    lk = lq if case.startswith("self") else (3, 12, 6)
+    max_q, max_k = 19, (19 if case.startswith("self") else 13)
+    q, k, v, cu_q, cu_k = _varlen_triton_case(lq, lk)
+    B, H = 3, q.shape[1]
+    gates = (torch.rand(B, H) * 2 if "gates_bh" in case else torch.rand(H) + 0.5).requires_grad_()
+    active = torch.tensor([True, False, True])
+    p = 0.3 if "dropout" in case else 0.0
+    torch.manual_seed(12)
+    with kdfast.use_backend("triton"):
+        out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, head_gates=gates, active_heads=active,
+                               scale=0.3, dropout_p=p)
+    keep = None
+    if p > 0:
+        torch.manual_seed(12)
+        keep = attention_dropout_mask(draw_dropout_rng(), B, H, max_q, max_k, p)
+    assert out.shape == q.shape and (out[:, 1] == 0).all()  # the inactive head outputs 0
+    ins = (q, k, v, gates)
+    go = torch.randn_like(out) * 3
+    got = torch.autograd.grad(out, ins, go)
+    ins64 = [x.detach().double().requires_grad_() for x in ins]
+    ref64 = _varlen_oracle(*ins64[:3], cu_q, cu_k, max_q, max_k, gates=ins64[3], active=active, scale=0.3,
+                           keep=keep, p=p)
+    want = torch.autograd.grad(ref64, ins64, go.double())
+    ins32 = [x.detach().requires_grad_() for x in ins]
+    ref32 = _varlen_oracle(*ins32[:3], cu_q, cu_k, max_q, max_k, gates=ins32[3], active=active, scale=0.3,
+                           keep=keep, p=p)
+    tref = torch.autograd.grad(ref32, ins32, go)
+    assert_close_to_oracle(out, ref64, ref32, torch.float32, what=f"{case} out")
+    for name, a, b, c in zip("qkvg", got, want, tref):
+        assert_close_to_oracle(a, b, c, torch.float32, what=f"{case} grad {name}")
+    assert (got[0][:, 1] == 0).all() and (got[3][..., 1] == 0).all()
+
+
+@pytest.mark.triton
+def test_triton_varlen_matches_cpu_varlen_with_dropout():
+    # One seed, one mask: the Triton and the CPU varlen kernels (and the reference) agree, trailing
+    # tokens past cu_q[-1] included (0 in outputs and gradients), with an empty sequence in the batch.
+    from kdfast.ops.attention import attention_varlen
+    q, k, v, cu, _ = _varlen_triton_case((5, 0, 17), (5, 0, 17), H=2, D=8, seed=32)
+    pad = lambda x: torch.cat([x.detach(), torch.randn(2, *x.shape[1:])]).requires_grad_()  # noqa: E731
+    q, k, v = pad(q), pad(k), pad(v)
+    backends_run = ["triton", "reference"] + (["cpu"] if kdfast._ext.extension() is not None else [])
+    res = {}
+    for be in backends_run:
+        with kdfast.use_backend(be):
+            torch.manual_seed(6)
+            o = attention_varlen(q, k, v, cu, cu, 17, 17, head_gates=torch.tensor([0.5, 2.0]), dropout_p=0.2)
+            res[be] = (o,) + torch.autograd.grad(o.square().sum(), (q, k, v))
+    assert (res["triton"][0][22:] == 0).all() and all((g[22:] == 0).all() for g in res["triton"][1:])
+    for be in backends_run[1:]:
+        for a, b in zip(res["triton"], res[be]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.triton
+def test_triton_varlen_opcheck():
+    from kdfast.ops.attention import _varlen_fwd
+    q, k, v, cu, _ = _varlen_triton_case((3, 6), (3, 6), H=2, D=8, seed=33)
+    gates = torch.rand(2, requires_grad=True)
+    torch.library.opcheck(_varlen_fwd, (q.detach().requires_grad_(), k.detach(), v.detach(), cu.long(), cu.long(),
+                                        6, 6, gates, None, 0.25, True, 0.0, None, "triton"))
+
+
+def test_varlen_explain_prefers_triton_on_gpu():
+    # What CUDA tensors would run (no GPU needed): the Triton varlen kernels, forward and backward.
+    for op in ("attention_varlen", "attention_varlen_bwd"):
+        ch = backends.plan(op, "cuda")
+        assert ch.backend == ("triton" if backends.triton_available() is None else "reference"), ch
