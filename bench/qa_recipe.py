@@ -146,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--student-epochs", type=float, default=2.0)
     ap.add_argument("--prune-epochs", type=float, default=1.0)
     ap.add_argument("--ternary-epochs", type=float, default=1.0)
-    ap.add_argument("--target-sparsity", type=float, default=0.6)
+    ap.add_argument("--target-sparsity", type=float, default=0.7)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)

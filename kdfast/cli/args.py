@@ -63,7 +63,7 @@ class DistillArguments:
 
 @dataclasses.dataclass
 class RecipeArguments:
-    target_sparsity: float = field(default=0.6, metadata={
+    target_sparsity: float = field(default=0.7, metadata={
         "help": "fraction of the encoder's heads + FFN to prune, counted as --prune_cost says"})
     prune_cost: str = field(default="flops", metadata={
         "help": "flops (multiply-adds per token at the mean window length, attention included: what CPU "
@@ -120,7 +120,7 @@ class DemoArguments:
     student_epochs: float = field(default=1.5, metadata={"help": "epochs of the no-KD baseline and of distillation"})
     prune_epochs: float = 1.5
     ternary_epochs: float = 1.0
-    target_sparsity: float = 0.6
+    target_sparsity: float = 0.7
     ternary_embeddings: str = field(default="all", metadata={
         "help": "embedding tables to ternarize: all, word, none, or comma-separated module-name patterns"})
     ternary_float_dtype: str = field(default="float16", metadata={

@@ -36,7 +36,7 @@ def _log(msg):
 
 def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev: int = 300, seed: int = 0,
              fresh: bool = False, teacher_epochs: float = 2.0, student_epochs: float = 2.0,
-             prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.6,
+             prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.7,
              disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3,
              ternary_embeddings="all", ternary_float_dtype: str | None = "float16") -> list[dict]:
     """Run the demo; returns the table rows (also written to ``output_dir/results.md``).
