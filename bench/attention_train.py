@@ -216,21 +216,17 @@ def step_sides(variant, ids, am, p, small=False):
     kdfast.hf.unpad_encoder(kd_t)
 
     if variant == "logit":
-        def hf_loss(dtype):
-            with _autocast(dtype):
-                with torch.no_grad():
-                    t = hf_t(input_ids=ids, attention_mask=am)
-                s = hf_s(input_ids=ids, attention_mask=am)
-                loss = _hf_logit_kd(s, t, valid)
-                return loss, {"logit": loss}
-
-        def kd_loss(dtype):
-            with _autocast(dtype):
-                with torch.no_grad():
-                    t = kd_t(input_ids=ids, attention_mask=am)
-                s = kd_s(input_ids=ids, attention_mask=am)
-                loss = _kdfast_logit_kd(s, t, am)
-                return loss, {"logit": loss}
+        def logit_loss(student, teacher, kd):
+            def loss_of(dtype):
+                with _autocast(dtype):
+                    with torch.no_grad():
+                        t = teacher(input_ids=ids, attention_mask=am)
+                    s = student(input_ids=ids, attention_mask=am)
+                    loss = kd(s, t)
+                    return loss, {"logit": loss}
+            return loss_of
+        hf_loss = logit_loss(hf_s, hf_t, lambda s, t: _hf_logit_kd(s, t, valid))
+        kd_loss = logit_loss(kd_s, kd_t, lambda s, t: _kdfast_logit_kd(s, t, am))
         return {STEP_PROVIDERS[variant]: Side(hf_loss, hf_s, hf_s.parameters()),
                 "kdfast": Side(kd_loss, kd_s, kd_s.parameters())}
 

@@ -45,6 +45,25 @@ def _dropout(x, RNG, bh, offs_m, offs_n, Lq, Lk, p_drop):
 
 
 @triton.jit
+def _extent(CU_Q, CU_K, b, h, bh, Lq, Lk, Tq, VARLEN: tl.constexpr):
+    """(q0, lq, k0, lk, lse0): a program's queries are rows q0 .. q0 + lq - 1, its keys k0 .. k0 + lk - 1,
+    the LSE / delta of query i at lse0 + i (padded layout: the whole [Lq] / [Lk] of batch-head bh;
+    varlen: sequence b's run of packed tokens, LSE [H, Tq])."""
+    q0 = 0
+    lq = Lq
+    k0 = 0
+    lk = Lk
+    lse0 = bh * Lq
+    if VARLEN:
+        q0 = tl.load(CU_Q + b)
+        lq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        k0 = tl.load(CU_K + b)
+        lk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        lse0 = h * Tq + q0
+    return q0, lq, k0, lk, lse0
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK, RNG, CU_Q, CU_K,
                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, Tq,
                 g_sb, bm_sb, bm_sh, bm_sq, H, Lq, Lk, D, scale, p_drop,
@@ -57,17 +76,7 @@ def _fwd_kernel(Q, K, V, OUT, UNG, LSE, KMASK, KVLEN, GATES, ACTIVE, BMASK, RNG,
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
-    q0 = 0  # this program's queries are rows q0 .. q0 + lq - 1 (keys: k0 .. k0 + lk - 1)
-    lq = Lq
-    k0 = 0
-    lk = Lk
-    lse0 = bh * Lq  # LSE / delta of query i at lse0 + i
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        lq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        k0 = tl.load(CU_K + b)
-        lk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        lse0 = h * Tq + q0
+    q0, lq, k0, lk, lse0 = _extent(CU_Q, CU_K, b, h, bh, Lq, Lk, Tq, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -146,17 +155,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, RNG, 
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
-    q0 = 0  # this program's queries are rows q0 .. q0 + lq - 1 (keys: k0 .. k0 + lk - 1)
-    lq = Lq
-    k0 = 0
-    lk = Lk
-    lse0 = bh * Lq  # LSE / delta of query i at lse0 + i
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        lq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        k0 = tl.load(CU_K + b)
-        lk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        lse0 = h * Tq + q0
+    q0, lq, k0, lk, lse0 = _extent(CU_Q, CU_K, b, h, bh, Lq, Lk, Tq, VARLEN)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -226,17 +225,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KVLEN, ACTIVE, BMASK, RNG, CU
     bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b and bh * L * E can pass 2^31
     b = bh // H
     h = bh % H
-    q0 = 0  # this program's queries are rows q0 .. q0 + lq - 1 (keys: k0 .. k0 + lk - 1)
-    lq = Lq
-    k0 = 0
-    lk = Lk
-    lse0 = bh * Lq  # LSE / delta of query i at lse0 + i
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        lq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        k0 = tl.load(CU_K + b)
-        lk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        lse0 = h * Tq + q0
+    q0, lq, k0, lk, lse0 = _extent(CU_Q, CU_K, b, h, bh, Lq, Lk, Tq, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
