@@ -69,7 +69,9 @@ def _log(msg):
     print(f"[bench active {time.perf_counter() - _T0:5.0f} s] {msg}", flush=True)
 
 
-def _data(mode, size, seed=0, data_dir=None):
+def _data(mode, size, seed=0, data_dir=None, teacher_dir=None):
+    """(pool, dev, tokenizer, source). With ``teacher_dir`` on real data the teacher's own tokenizer
+    is used (a pretrained teacher such as the MiniLM one of bench/qa_recipe.py --real)."""
     from datasets import Dataset
     if data_dir:  # a `kdfast generate-data` / demo data directory: train.json, dev.json, tokenizer/
         from kdfast.qa.load import load_squad
@@ -89,6 +91,9 @@ def _data(mode, size, seed=0, data_dir=None):
         if size["pool"]:
             pool = pool.select(range(min(size["pool"], len(pool))))
         dev = dev.select(range(min(size["dev"], len(dev))))
+        if teacher_dir:
+            from transformers import AutoTokenizer
+            return pool, dev, AutoTokenizer.from_pretrained(teacher_dir), train[0]
         texts = list(dict.fromkeys(pool["context"])) + list(pool["question"])
         return pool, dev, train_wordpiece_tokenizer(texts, vocab_size=size["vocab"]), train[0]
     from kdfast.qa.synthetic import generate_squad
@@ -99,9 +104,9 @@ def _data(mode, size, seed=0, data_dir=None):
     return pool, dev, tok, "kdfast.qa.synthetic"
 
 
-def _options(epochs, seed, **kw):
+def _options(epochs, seed, lr=1e-3, **kw):
     from kdfast.distill.stage import TrainOptions
-    return TrainOptions(num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=1e-3, seed=seed,
+    return TrainOptions(num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr, seed=seed,
                         logging_steps=1000, disable_tqdm=True, warmup_ratio=0.1, **kw)
 
 
@@ -122,7 +127,7 @@ def _teacher(out, pool, tok, size, teacher_dir):
     return path
 
 
-def _reference(out, pool, dev, tok, teacher_dir, size):
+def _reference(out, pool, dev, tok, teacher_dir, size, lr=1e-3):
     """The same student distilled on 100% of the pool with the same options: (em, f1, model dir)."""
     from kdfast.distill.models import inference_ready, load_qa_model
     from kdfast.distill.stage import train_stage
@@ -138,7 +143,7 @@ def _reference(out, pool, dev, tok, teacher_dir, size):
     layers = parse_student_layers(size["student_layers"], teacher.config.num_hidden_layers)
     student = student_from_teacher(teacher, layers, attn_implementation="kdfast")
     trainer = train_stage(student, cache.attach(windows), tok, os.path.join(out, "reference"),
-                          _options(size["epochs"], 0), distill=DistillConfig())
+                          _options(size["epochs"], 0, lr), distill=DistillConfig())
     path = os.path.join(out, "reference", "model")
     trainer.save_model(path)
     m = evaluate_qa(inference_ready(load_qa_model(path)), tok, dev, features=eval_features(dev, tok, **kw),
@@ -201,6 +206,12 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=None, help="pool size in questions (default: the mode's)")
     ap.add_argument("--dev", type=int, default=None, help="dev questions (default: the mode's)")
     ap.add_argument("--epochs", type=float, default=None, help="student epochs per round (default: the mode's)")
+    ap.add_argument("--student_layers", default=None, help="teacher layers the student keeps (default: the mode's)")
+    ap.add_argument("--max_seq_length", type=int, default=None, help="window length (default: the mode's)")
+    ap.add_argument("--doc_stride", type=int, default=None, help="window overlap (default: the mode's)")
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="student learning rate (default %(default)s: from-scratch teachers; ~1e-4 for a "
+                         "pretrained one)")
     ap.add_argument("--kd_on_pool", action="store_true",
                     help="also distil on the unlabeled pool from the teacher cache (costs no labels)")
     a = ap.parse_args(argv)
@@ -220,7 +231,7 @@ def main(argv=None):
     size = dict(SIZES[mode])
     if a.max_pool:
         size["pool"] = a.max_pool
-    for key in ("pool", "dev", "epochs"):
+    for key in ("pool", "dev", "epochs", "student_layers", "max_seq_length", "doc_stride"):
         if getattr(a, key) is not None:
             size[key] = getattr(a, key)
     seeds = a.seeds or size["seeds"]
@@ -233,11 +244,11 @@ def main(argv=None):
     bad = [s for s in strategies if s not in available_strategies()]
     if bad:
         raise SystemExit(f"unknown strategies {bad}; available: {', '.join(available_strategies())}")
-    pool, dev, tok, source = _data(mode, size, data_dir=a.data)
+    pool, dev, tok, source = _data(mode, size, data_dir=a.data, teacher_dir=a.teacher if a.real else None)
     teacher_dir = _teacher(out, pool, tok, size, a.teacher)
     config = (f"{source} pool={len(pool)} dev={len(dev)} teacher={a.teacher or size['teacher']} student_layers="
               f"{size['student_layers']} L={size['max_seq_length']} budget={a.budget} seed={size['seed_fraction']} "
-              f"query={size['query_fraction']} epochs={size['epochs']} kd_on_pool={a.kd_on_pool} mode={mode}")
+              f"query={size['query_fraction']} epochs={size['epochs']} lr={a.lr:g} kd_on_pool={a.kd_on_pool} mode={mode}")
     machine = device_name("cpu")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rows, final = [], {}
@@ -247,7 +258,7 @@ def main(argv=None):
             cfg = ALConfig(os.path.join(out, f"{strategy}-seed{seed}"), strategy=strategy, seed=seed,
                            seed_fraction=size["seed_fraction"], query_fraction=size["query_fraction"],
                            budget=a.budget, student_layers=size["student_layers"],
-                           train=_options(size["epochs"], seed), max_seq_length=size["max_seq_length"],
+                           train=_options(size["epochs"], seed, a.lr), max_seq_length=size["max_seq_length"],
                            doc_stride=size["doc_stride"], kd_on_pool=a.kd_on_pool, progress=False)
             loop = ActiveLearningLoop(cfg, pool, dev, tok, teacher_dir=teacher_dir)
             res = loop.run()
@@ -263,7 +274,7 @@ def main(argv=None):
             last["mean_qps"] = statistics.fmean(qps) if qps else None
             final_model = loop.state["checkpoint"]
     _log("reference: the same student on 100% of the pool")
-    ref_em, ref_f1, ref_dir = _reference(out, pool, dev, tok, teacher_dir, size)
+    ref_em, ref_f1, ref_dir = _reference(out, pool, dev, tok, teacher_dir, size, a.lr)
     rows.append({"strategy": "reference-100%", "seed": 0, "labeled_fraction": 1.0, "em": round(ref_em, 3),
                  "f1": round(ref_f1, 3), "pool_questions_per_s": "", "config": config, "machine": machine,
                  "timestamp": stamp})
