@@ -4,16 +4,35 @@
 // RNG so that the backward regenerates the forward's mask instead of storing it.
 //
 // Work unit: one (batch, head). Its valid query rows (m) and valid key rows (n)
-// are gathered into per-thread float32 tiles (this also converts bf16/fp16 and
-// any row stride), and the products run as float32 GEMMs on those contiguous
-// tiles (at::mm_out -> MKL/oneDNN sgemm, single-threaded inside our
-// parallel region). Padded keys and (zero_padded_queries / packed) padded
-// queries are never read nor computed. The only L x L storage is one m x n
-// tile (three in the backward) per thread: 0.6 MiB each at m = n = 384.
+// are gathered into per-thread tiles and the products run as GEMMs on those
+// contiguous tiles, single-threaded inside our parallel region. Padded keys and
+// (zero_padded_queries / packed) padded queries are never read nor computed.
+// The only L x L storage is one m x n fp32 tile (three in the backward) per
+// thread: 0.6 MiB each at m = n = 384.
+//
+// Two GEMM paths:
+// - fp32 tiles (float32, float16, and bf16 where the next path cannot run): the
+//   gather converts to float32 (and any row stride), at::mm_out -> MKL sgemm,
+//   fp32 outputs converted to the input dtype at the end.
+// - bf16 GEMMs (bf16 q/k/v/grad_out, CPU path AVX-512 or above, oneDNN's brgemm
+//   packs bf16, i.e. AMX-BF16): bf16 tiles gathered without conversion, the B
+//   operands in the VNNI layout built while gathering; at::native::cpublas::brgemm
+//   (bf16 x bf16, fp32 accumulation and fp32 C). Scores, softmax, LSE, dropout and
+//   dS stay fp32; P and dS are rounded to bf16 only as GEMM operands (as PyTorch's
+//   CPU flash attention does); outputs and gradients are written as bf16 directly.
+//   KDFAST_ATTENTION_BF16_GEMM=0 (or _C.set_attention_bf16_gemm(False)) forces the
+//   fp32 tiles; _C.attention_last_gemm() says which path the latest call ran.
+//   On the 2-core Xeon (AMX-BF16, KVM), one 384 x 64 x 192 product: sgemm 84 us,
+//   brgemm AMX 15 us (bf16 at::mm_out with bf16 output: 49 us, and it cannot keep
+//   fp32 scores). B=16 H=12 L=384 D=64, 50% valid, dropout 0.1, bf16 fwd+bwd, 2
+//   threads: 395-476 ms against 687-698 ms forced off (SDPA bf16 1732-2150 ms),
+//   peak 41 MiB against 101-103; the Philox dropout is now most of the time
+//   (1 thread: 387 ms with dropout 0.1, 149 ms without).
 // Why GEMMs on tiles and not the broadcast-FMA kernel of attention.cpp: on the
 // 2-core EPYC (AVX2) that kernel ran B=64 L=216 inference in 1.64 s against
 // SDPA's 0.53 s; sgemm tiles are what MKL blocks well, and the elementwise
-// softmax / dropout / dS loops (compiled per ISA) are a small part.
+// softmax / dropout / dS loops (compiled per ISA) were a small part there (with
+// bf16 GEMMs on AMX they are the larger part, see above).
 //
 // Dropout RNG: Philox-4x32-10 exactly as Triton's tl.rand(seed, offset)
 // (counter c0/c1 = the 64-bit offset, c2 = c3 = 0, key = the 64-bit seed),
