@@ -26,15 +26,20 @@ def _c():
     return _ext.extension()
 
 
-def _available():
+def _unavailable():
+    """Why bf16 inputs would not run the bf16 GEMM path in this session (None if they would)."""
     c = _c()
-    return c is not None and c.attention_bf16_gemm_available()
+    if c is None:
+        return f"kdfast._C unavailable: {_ext.extension_error()}"
+    if not c.attention_bf16_gemm_available():
+        return ("oneDNN's brgemm cannot pack bf16 on this CPU (needs AMX-BF16 and AVX-512), or "
+                "torch.backends.mkldnn is disabled; bf16 inputs run the fp32 tiles")
+    if cpu_isa.ISAS.index(cpu_isa.current_isa()) < cpu_isa.ISAS.index("avx512"):
+        return f"the CPU path is capped at {cpu_isa.current_isa()} (KDFAST_CPU_ISA): bf16 inputs run the fp32 tiles"
+    return None
 
 
-needs_bf16_gemm = pytest.mark.skipif(
-    not _available(),
-    reason="bf16 GEMM path unavailable here: oneDNN's brgemm cannot pack bf16 on this CPU (needs AMX-BF16 "
-           "and AVX-512), or torch.backends.mkldnn is disabled; bf16 inputs run the fp32 tiles")
+needs_bf16_gemm = pytest.mark.skipif(_unavailable() is not None, reason=f"bf16 GEMM path off: {_unavailable()}")
 
 
 @contextlib.contextmanager
