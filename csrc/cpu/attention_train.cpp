@@ -27,7 +27,7 @@
 //   fp32 scores). B=16 H=12 L=384 D=64, 50% valid, dropout 0.1, bf16 fwd+bwd, 2
 //   threads: 395-476 ms against 687-698 ms forced off (SDPA bf16 1732-2150 ms),
 //   peak 41 MiB against 101-103; the Philox dropout is now most of the time
-//   (1 thread: 387 ms with dropout 0.1, 149 ms without).
+//   (1 thread: 335-387 ms with dropout 0.1, 137-149 ms without).
 // Why GEMMs on tiles and not the broadcast-FMA kernel of attention.cpp: on the
 // 2-core EPYC (AVX2) that kernel ran B=64 L=216 inference in 1.64 s against
 // SDPA's 0.53 s; sgemm tiles are what MKL blocks well, and the elementwise
@@ -58,9 +58,10 @@
 
 namespace kdfast {
 
-// -1: not read yet from KDFAST_ATTENTION_BF16_GEMM.
-std::atomic<int> g_bf16_gemm{-1};
-std::atomic<int> g_last_gemm{0};  // 0: no call yet, 1: fp32, 2: bf16
+namespace {
+std::atomic<int> g_bf16_gemm{-1};  // -1: not read yet from KDFAST_ATTENTION_BF16_GEMM
+std::atomic<int> g_last_gemm{0};   // 0: no call yet, 1: fp32, 2: bf16
+}  // namespace
 
 bool attention_bf16_gemm_available() {
   return hardware_isa() >= Isa::AVX512 && at::native::cpublas::could_pack(at::kBFloat16);
