@@ -7,6 +7,7 @@
 // kdfast/ops (see DESIGN.md).
 #include <torch/extension.h>
 
+#include "cpu/attention_train.h"
 #include "cpu/isa.h"
 
 #ifndef KDFAST_WITH_CUDA
@@ -51,6 +52,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                 "'; expected one of scalar, avx2, avx512, avx512_vnni");
     kdfast::set_max_isa(level);
   }, "Cap the CPU path ('' removes the cap)");
+  m.def("attention_bf16_gemm_available", &kdfast::attention_bf16_gemm_available,
+        "Whether bf16 attention inputs can run bf16 GEMMs (oneDNN brgemm on AMX) on this CPU");
+  m.def("attention_bf16_gemm_enabled", &kdfast::attention_bf16_gemm_enabled,
+        "Whether the bf16 GEMM path of the CPU training attention is allowed (KDFAST_ATTENTION_BF16_GEMM)");
+  m.def("set_attention_bf16_gemm", &kdfast::set_attention_bf16_gemm,
+        "Allow (True) or forbid (False: fp32 tiles) the bf16 GEMM path of the CPU training attention");
+  m.def("attention_last_gemm", [] { return std::string(kdfast::attention_last_gemm()); },
+        "GEMMs of the latest CPU training-attention call: 'bf16', 'fp32' ('' before any)");
   m.def("max_isa", [] {
     int l = kdfast::max_isa();
     return l < 0 ? std::string("") : std::string(kdfast::isa_name(static_cast<kdfast::Isa>(l)));

@@ -39,6 +39,7 @@ def collect() -> dict:
                            "compiled": info["build"].get("cpu_isa_paths")}
         info["cpu_buffer_cache"] = "off (KDFAST_CPU_BUFFER_CACHE=0)" if os.environ.get(
             "KDFAST_CPU_BUFFER_CACHE") == "0" else "on (one block >= 16 MiB kept for reuse; kdfast.buffer_cache)"
+        info["cpu_attention_bf16_gemm"] = _attention_bf16_gemm(_ext.extension())
     if torch.cuda.is_available():
         info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     usable = {}
@@ -52,6 +53,16 @@ def collect() -> dict:
     info["ops"] = {op: {"cpu": backends.plan(op, "cpu").backend, "cuda": backends.plan(op, "cuda").backend}
                    for op in backends.registered_ops()}
     return info
+
+
+def _attention_bf16_gemm(c) -> str:
+    """Which GEMMs bf16 inputs of the CPU training attention run (csrc/cpu/attention_train.cpp)."""
+    if not c.attention_bf16_gemm_available():
+        return ("unavailable (oneDNN brgemm cannot pack bf16 here: no AMX-BF16, or torch.backends.mkldnn off); "
+                "bf16 runs fp32 tiles")
+    if not c.attention_bf16_gemm_enabled():
+        return "off (KDFAST_ATTENTION_BF16_GEMM=0 or _C.set_attention_bf16_gemm(False)); bf16 runs fp32 tiles"
+    return "bf16 GEMMs (oneDNN brgemm, AMX) for bf16 inputs on the avx512 paths; KDFAST_ATTENTION_BF16_GEMM=0 turns off"
 
 
 def main(argv=None):
@@ -70,6 +81,8 @@ def main(argv=None):
         print(f"cpu ISA: hardware {c['hardware']}, in use {c['in use']}, compiled paths {', '.join(c['compiled'])}")
     if info.get("cpu_buffer_cache"):
         print(f"cpu buffer cache: {info['cpu_buffer_cache']}")
+    if info.get("cpu_attention_bf16_gemm"):
+        print(f"cpu attention bf16: {info['cpu_attention_bf16_gemm']}")
     print(f"triton: {info['triton']}")
     print(f"gpu: {', '.join(info['gpu']) if info['gpu'] else 'none'}")
     print("backends:")
