@@ -51,6 +51,7 @@ def main(argv=None):
     p.add_argument("--work-dir", default="/tmp/kd_study")
     p.add_argument("--minutes", type=float, default=40.0, help="time cap of the whole script")
     p.add_argument("--teacher-minutes", type=float, default=10.0)
+    p.add_argument("--teacher-epochs", type=float, default=4.0, help="teacher epochs (stopped early by --teacher-minutes)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--num-train", type=int, default=1500)
     p.add_argument("--num-dev", type=int, default=200)
@@ -96,7 +97,7 @@ def main(argv=None):
                     control.should_training_stop = True
 
         model = student_from_config(teacher_config(tok, **TEACHER), attn_implementation="sdpa", seed=0)
-        opts = TrainOptions(num_train_epochs=4, per_device_train_batch_size=16, learning_rate=1e-3, seed=0,
+        opts = TrainOptions(num_train_epochs=a.teacher_epochs, per_device_train_batch_size=16, learning_rate=1e-3, seed=0,
                             disable_tqdm=True, logging_steps=50, warmup_ratio=0.1, save_total_limit=1)
         args = opts.training_arguments(os.path.join(a.work_dir, "teacher-run"), save_strategy="no")
         tr = train_stage(model, windows, tok, os.path.join(a.work_dir, "teacher-run"), args, callbacks=[Cap()],
