@@ -10,8 +10,9 @@
    setting (LayerKD() losses: embedding + hidden + attention-score MSE, weight 1, uniform, which is
    a grid point) and logits only (DistillConfig() default), 3 seeds, seed-major so a cut-short study
    covers every configuration once before any second seed;
-4. copy runs.csv to bench/results/kd_study.csv and write bench/results/kd_study.md (the table, the
-   teacher's F1, the machine).
+4. copy runs.csv to bench/results/kd_study.csv, the heatmap and the best configuration to
+   bench/results/kd_study_heatmap.png / kd_study_best_config.json, and write bench/results/kd_study.md
+   (the table, the teacher's F1, the machine).
 
 A rerun with the same --work-dir resumes (finished runs are skipped).
 """
@@ -176,6 +177,9 @@ def report(a, started=None):
     teacher_f1, teacher_em, teacher_steps = open(os.path.join(a.work_dir, "teacher", "f1.txt")).read().split()
     os.makedirs(RESULTS, exist_ok=True)
     shutil.copy(os.path.join(out, "runs.csv"), os.path.join(RESULTS, "kd_study.csv"))
+    for name, dest in (("heatmap.png", "kd_study_heatmap.png"), ("best_config.json", "kd_study_best_config.json")):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy(os.path.join(out, name), os.path.join(RESULTS, dest))
     summary = summarize(rows)
     total = len(grid.runs())
     md = ["# kd_study: distillation design study on the built-in synthetic data", "",
