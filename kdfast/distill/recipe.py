@@ -43,6 +43,8 @@ def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
     latency rows use SDPA too (see :func:`kdfast.distill.models.load_qa_model`)."""
     return "kdfast" if gates or distill.layer_losses else "sdpa"
 STATE_FILE = "recipe_state.json"
+# The prune stage warns when its gates end this far below the target sparsity (too few steps).
+SPARSITY_SHORTFALL = 0.05
 
 
 @dataclasses.dataclass
@@ -157,6 +159,7 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
     common = dict(teacher=teacher, distill=cfg.distill)
     prev = None
     for stage in STAGES:
+        extra = {}
         stage_dir = os.path.join(cfg.output_dir, stage)
         model_dir = os.path.join(stage_dir, "model")
         if stage in state["done"]:
@@ -190,6 +193,14 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
             trainer = train_stage(model, windows, tokenizer, stage_dir, opts, pruning=(gates, ctl),
                                   gate_learning_rate=cfg.gate_learning_rate, **common)
             model = trainer.model.eval()
+            with torch.no_grad():
+                reached = float(gates.expected_sparsity())
+            extra = {"target_sparsity": cfg.target_sparsity, "expected_sparsity": reached}
+            if reached < cfg.target_sparsity - SPARSITY_SHORTFALL:
+                log(f"[kdfast compress] prune: WARNING: the gates reached an expected sparsity of {reached:.2f} "
+                    f"({cfg.prune_cost}) against the target {cfg.target_sparsity:g} in "
+                    f"{trainer.state.global_step} steps: the pruned model is larger than asked for; give the "
+                    "prune stage more steps (--prune_epochs, RecipeConfig.prune_epochs)")
             if hasattr(model, "kdfast_sparsity"):
                 del model.kdfast_sparsity
             compress.compact(model)
@@ -220,6 +231,7 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
         if trainer is not None and trainer.state.log_history:
             row["train_seconds"] = next((h.get("train_runtime") for h in reversed(trainer.state.log_history)
                                          if "train_runtime" in h), None)
+        row.update(extra)
         state["done"][stage] = row
         write_state(cfg.output_dir, state)
         log(f"[kdfast compress] {stage}: EM {row['exact_match']:.2f} F1 {row['f1']:.2f} "

@@ -76,10 +76,11 @@ def recipe(tmp_path_factory, teacher_dir, tok, qa_data):
             rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=lambda m: None)
         state1 = rmod.read_state(out)
         mp.setattr(rmod, "train_stage", wrapper(2))
-        rows2 = rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=lambda m: None)
+        messages = []
+        rows2 = rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=messages.append)
         mp.setattr(rmod, "train_stage", never)
         rows3 = rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=lambda m: None)
-    return dict(out=out, runs=runs, state1=state1, rows2=rows2, rows3=rows3, dev=dev)
+    return dict(out=out, runs=runs, state1=state1, rows2=rows2, rows3=rows3, dev=dev, messages=messages)
 
 
 @pytest.mark.slow
@@ -100,6 +101,22 @@ def test_rows_and_state_file(recipe):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_prune_row_records_sparsity_and_warns_when_short(recipe):
+    """The prune row says which sparsity the gates reached against the target, and the stage warns
+    exactly when they fell more than SPARSITY_SHORTFALL short (here: a few steps, so they do)."""
+    from kdfast.distill.recipe import SPARSITY_SHORTFALL
+    row = {r["model"]: r for r in recipe["rows2"]}["prune"]
+    assert row["target_sparsity"] == 0.5
+    assert 0.0 <= row["expected_sparsity"] <= 1.0
+    short = row["expected_sparsity"] < row["target_sparsity"] - SPARSITY_SHORTFALL
+    warned = [m for m in recipe["messages"] if "prune: WARNING" in m]
+    assert bool(warned) == short, (row["expected_sparsity"], warned)
+    if warned:
+        assert f"{row['expected_sparsity']:.2f}" in warned[0] and "--prune_epochs" in warned[0]
+    assert "expected_sparsity" not in {r["model"]: r for r in recipe["rows2"]}["distil"]
+
+
 def test_each_stage_writes_a_loadable_model_of_its_kind(recipe, tok):
     from kdfast.distill.models import count_parameters, load_qa_model, model_kind
     from kdfast.nn import TernaryEmbedding, TernaryLinear
