@@ -7,8 +7,8 @@
 3. ``kdfast.study.run_study``: a 2-layer student from teacher layers 0, 2, short distillations
    (the paper's shape): attention loss {score MSE, attention KL} x mapping {uniform, last_k, mean,
    learned: --mappings; default uniform, last_k, mean) x (attention weight, hidden weight) in {1, 4} x {1, 4}, plus kdfast's default layer KD
-   setting (LayerKD() losses: embedding + hidden + attention-score MSE, weight 1, uniform, which is
-   a grid point) and logits only (DistillConfig() default), 3 seeds, seed-major so a cut-short study
+   setting (LayerKD() losses: embedding + hidden + attention-score MSE, weight 1, and its mapping:
+   mean since this study's 2026-12-06 run, uniform before; a grid point) and logits only (DistillConfig() default), 3 seeds, seed-major so a cut-short study
    covers every configuration once before any second seed;
 4. copy runs.csv to bench/results/kd_study.csv, the heatmap and the best configuration to
    bench/results/kd_study_heatmap.png / kd_study_best_config.json, and write bench/results/kd_study.md
@@ -151,7 +151,7 @@ def statement(summary, runs):
                f". Median seed std of a configuration: {med:.2f} F1.")
     by = {e["config"]: e for e in summary}
     best = summary[0]
-    for name, what in ((config_name(DEFAULT_CONFIG), "kdfast's default layer KD setting (LayerKD() losses, uniform)"),
+    for name, what in ((config_name(DEFAULT_CONFIG), "kdfast's default layer KD setting (LayerKD() losses, mean mapping)"),
                        (config_name(LOGITS_ONLY), "logits only (DistillConfig() default)")):
         e = by.get(name)
         if e is None:

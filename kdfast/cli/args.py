@@ -45,8 +45,8 @@ class DistillArguments:
     layer_losses: str | None = field(default=None, metadata={
         "help": "LayerKD terms, e.g. 'hidden:1,attention_kl:1' (embedding, hidden, hidden_cosine, attention_score, "
                 "attention_kl, value_relation)"})
-    layer_mapping: str = field(default="uniform", metadata={
-        "help": "teacher layers the student layers match: uniform, skip, first_k, last_k, random, mean, learned, "
+    layer_mapping: str = field(default="mean", metadata={
+        "help": "teacher layers the student layers match: mean (default), uniform, skip, first_k, last_k, random, learned, "
                 "or one 1-based teacher layer per student layer ('2,4,6')"})
     attention_mapping: str | None = field(default=None, metadata={
         "help": "mapping of the attention terms only (default: --layer_mapping)"})

@@ -58,7 +58,10 @@ class LayerKD(nn.Module):
             ``hidden_size``.
         mapping: one of ``kdfast.nn.layer_mapping.MAPPINGS`` (``"uniform"``, ``"skip"``,
             ``"first_k"``, ``"last_k"``, ``"random"``, ``"mean"``, ``"learned"``) or an explicit list
-            (see :mod:`kdfast.nn.layer_mapping`).
+            (see :mod:`kdfast.nn.layer_mapping`). Default ``"mean"``: each student layer matches the
+            mean of its block of teacher layers, the best mapping of the design study
+            (bench/results/kd_study.md: ~6.5 F1 above ``"uniform"``, TinyBERT's, for students taken
+            from teacher layers; ``mapping="uniform"`` gives TinyBERT's pairs).
         attention_mapping, hidden_mapping: the mapping of the attention terms (attention_score,
             attention_kl, value_relation) and of the hidden terms (hidden, hidden_cosine); None: ``mapping``.
         losses: term -> weight. Terms: ``"embedding"`` (hidden MSE of layer 0 -> 0),
@@ -82,7 +85,7 @@ class LayerKD(nn.Module):
         apart by what the sequences hold) and ``attention_mask=``.
     """
 
-    def __init__(self, student_config, teacher_config, mapping="uniform", losses=None, *, k=None, stride=None,
+    def __init__(self, student_config, teacher_config, mapping="mean", losses=None, *, k=None, stride=None,
                  projection="shared", attention_mapping=None, hidden_mapping=None, seed: int = 0):
         super().__init__()
         self.num_student = int(_cfg(student_config, "num_hidden_layers"))

@@ -24,7 +24,7 @@ A grid file (YAML or JSON) has two sections; every key is optional:
       doc_stride: 96
       max_train_questions: null  # first n train questions (null: all)
       max_eval_questions: null
-      include_default: false     # add kdfast's default LayerKD setting (LayerKD() losses, uniform)
+      include_default: false     # add kdfast's default LayerKD setting (LayerKD() losses and mapping)
       include_logits_only: false # add the logits-only run (DistillConfig() default, no layer terms)
 
 A term whose loss is ``none`` or whose weight is 0 is left out, so points that differ only in
@@ -48,8 +48,9 @@ ATTENTION_LOSSES = ("attention_score", "attention_kl", "value_relation", "none")
 HIDDEN_LOSSES = ("hidden", "hidden_cosine", "none")
 KNOBS = ("mapping", "attention_loss", "attention_weight", "hidden_loss", "hidden_weight", "embedding_weight",
          "logit_loss", "layer_weight_schedule", "term_weighting")
-# kdfast's default layer KD setting: LayerKD()'s losses (embedding, hidden, attention_score, weight 1), uniform
-DEFAULT_CONFIG = dict(mapping="uniform", attention_loss="attention_score", attention_weight=1.0, hidden_loss="hidden",
+# kdfast's default layer KD setting: LayerKD()'s losses (embedding, hidden, attention_score, weight 1) and
+# mapping (mean: bench/results/kd_study.md; uniform before 2026-12-06)
+DEFAULT_CONFIG = dict(mapping="mean", attention_loss="attention_score", attention_weight=1.0, hidden_loss="hidden",
                       hidden_weight=1.0, embedding_weight=1.0, logit_loss="kl", layer_weight_schedule="constant",
                       term_weighting="fixed")
 LOGITS_ONLY = dict(mapping="uniform", attention_loss="none", attention_weight=0.0, hidden_loss="none",

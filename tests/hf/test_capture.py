@@ -158,7 +158,7 @@ def test_capture_keeps_only_the_layers_and_tensors_asked_for():
     q, k, v = ct.layers[1]
     assert q is not None and k is not None and v is None
     # value_relation needs v: a clear error, and capture_args asks for it.
-    kv = LayerKD(BertConfig(**STUDENT), BertConfig(**TEACHER), losses={"value_relation": 1.0})
+    kv = LayerKD(BertConfig(**STUDENT), BertConfig(**TEACHER), mapping="uniform", losses={"value_relation": 1.0})
     with pytest.raises(ValueError, match="has no v"):
         kv(None, None, cs.layers, ct.layers, attention_mask=am)
     assert kv.capture_args("teacher")["keep"] == "v"
