@@ -400,7 +400,10 @@ def main(argv=None) -> int:
         top.print_help()
         return 0 if argv else 2
     ns = top.parse_args(argv[:1])
-    return HANDLERS[ns.command](argv[1:]) or 0
+    rc = HANDLERS[ns.command](argv[1:]) or 0
+    from kdfast.distill.distributed import finish
+    finish()  # torchrun / accelerate launch: end the process group before the interpreter exits
+    return rc
 
 
 if __name__ == "__main__":

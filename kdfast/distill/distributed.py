@@ -35,3 +35,15 @@ def barrier() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def finish() -> None:
+    """Tear this process's process group down at the end of a command (each rank on its own: no
+    collective, so a rank that finishes while the main one still evaluates does not wait). A rank
+    that exits with the gloo group alive can abort in its connection threads at interpreter exit
+    ("terminate called without an active exception"), which fails the whole torchrun job."""
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
