@@ -152,6 +152,8 @@ def statement(summary, runs):
     by = {e["config"]: e for e in summary}
     best = summary[0]
     for name, what in ((config_name(DEFAULT_CONFIG), "kdfast's default layer KD setting (LayerKD() losses, mean mapping)"),
+                       (config_name(dict(DEFAULT_CONFIG, mapping="uniform")),
+                        "the default layer KD setting before 2026-12-06 (LayerKD() losses, uniform mapping)"),
                        (config_name(LOGITS_ONLY), "logits only (DistillConfig() default)")):
         e = by.get(name)
         if e is None:

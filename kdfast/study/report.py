@@ -71,11 +71,12 @@ def _family(e):
 
 def write_heatmap(summary: list[dict], path: str) -> dict:
     """Mean F1 over (attention weight, hidden weight) for the best configuration's mapping and losses;
-    returns the family plotted."""
+    returns the family plotted. The best configuration whose family has more than one weight point is
+    plotted (when logits only wins, its family is a single cell: the best layer-term family is shown)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    best = summary[0]
+    best = next((e for e in summary if sum(_family(x) == _family(e) for x in summary) > 1), summary[0])
     fam = [e for e in summary if _family(e) == _family(best)]
     aws = sorted({e["attention_weight"] for e in fam})
     hws = sorted({e["hidden_weight"] for e in fam})

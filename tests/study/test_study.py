@@ -66,3 +66,23 @@ def test_study_outputs_and_resume(tmp_path, squad_files, teacher_dir, capsys):
     bad.write_text("grid:\n  mapings: [uniform]\n")
     with pytest.raises(SystemExit, match="unknown grid key 'mapings'"):
         main(["study", "--grid", str(bad), *argv[3:]])
+
+
+def test_heatmap_plots_the_best_layer_family_when_logits_only_wins(tmp_path):
+    """Logits only (a one-cell family) tops the summary: the heatmap shows the best family that has
+    weight points to compare, not a single cell."""
+    from kdfast.study.grid import DEFAULT_CONFIG, LOGITS_ONLY
+    from kdfast.study.report import write_heatmap
+    summary = [dict(LOGITS_ONLY, f1_mean=40.0)]
+    for mapping, base in (("mean", 37.0), ("uniform", 31.0)):
+        for aw in (1.0, 4.0):
+            for hw in (1.0, 4.0):
+                summary.append(dict(DEFAULT_CONFIG, mapping=mapping, attention_weight=aw, hidden_weight=hw,
+                                    f1_mean=base - aw / 4 + hw / 8))
+    summary.sort(key=lambda e: -e["f1_mean"])
+    fam = write_heatmap(summary, str(tmp_path / "h.png"))
+    assert fam["mapping"] == "mean" and fam["attention_loss"] == "attention_score"
+    assert (tmp_path / "h.png").stat().st_size > 0
+    # Without a logits-only winner the top configuration's family is plotted, as before.
+    fam = write_heatmap([e for e in summary if e["mapping"] == "uniform"], str(tmp_path / "u.png"))
+    assert fam["mapping"] == "uniform"
