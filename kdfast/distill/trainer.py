@@ -50,8 +50,8 @@ class DistillConfig:
     temperature: softmax temperature of the soft term (T^2-scaled, Hinton).
     alpha: weight of the soft term; the hard (gold span) term gets ``1 - alpha``.
     layer_losses: ``{term: weight}`` for :class:`kdfast.nn.LayerKD` (None: logits only).
-    layer_mapping: LayerKD mapping of every layer term (``"mean"``, the default, ``"uniform"``, ``"skip"``, ``"first_k"``,
-        ``"last_k"``, ``"random"``, ``"mean"``, ``"learned"`` or a list; :mod:`kdfast.nn.layer_mapping`).
+    layer_mapping: LayerKD mapping of every layer term (``"mean"``, the default, ``"uniform"``, ``"skip"``,
+        ``"first_k"``, ``"last_k"``, ``"random"``, ``"learned"`` or a list; :mod:`kdfast.nn.layer_mapping`).
     attention_mapping, hidden_mapping: the mapping of the attention / hidden terms (None: ``layer_mapping``).
     mapping_k: k of ``first_k`` / ``last_k``; mapping_seed: seed of ``random`` (resampled each epoch).
     mapping_learning_rate: learning rate of the ``learned`` mapping's logits (no weight decay).
