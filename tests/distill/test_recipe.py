@@ -101,7 +101,6 @@ def test_rows_and_state_file(recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_prune_row_records_sparsity_and_warns_when_short(recipe):
     """The prune row says which sparsity the gates reached against the target, and the stage warns
     exactly when they fell more than SPARSITY_SHORTFALL short (here: a few steps, so they do)."""
@@ -117,6 +116,7 @@ def test_prune_row_records_sparsity_and_warns_when_short(recipe):
     assert "expected_sparsity" not in {r["model"]: r for r in recipe["rows2"]}["distil"]
 
 
+@pytest.mark.slow
 def test_each_stage_writes_a_loadable_model_of_its_kind(recipe, tok):
     from kdfast.distill.models import count_parameters, load_qa_model, model_kind
     from kdfast.nn import TernaryEmbedding, TernaryLinear
