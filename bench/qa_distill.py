@@ -112,6 +112,9 @@ def main(argv=None):
     ap.add_argument("--layer-losses", action="store_true", help="hidden MSE + attention KL layer terms too")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--only", choices=("stock", "kdfast"), default=None)
+    ap.add_argument("--no-group-by-length", action="store_true",
+                    help="kdfast side: random batches like the stock side (a diagnostic: length-grouped batches "
+                         "are one of the two sides' differences besides the loss and the padding)")
     ap.add_argument("--attention", choices=("kdfast", "sdpa"), default=None,
                     help="kdfast side's attention (default: what kdfast distill picks, recipe.training_attention)")
     a = ap.parse_args(argv)
@@ -185,7 +188,8 @@ def main(argv=None):
             cache = TeacherCache.build(teacher, dynamic, tok, os.path.join(tmp, "cache"), progress=False)
             windows = cache.attach(dynamic)
             cache_s = time.perf_counter() - t0
-            args = TrainingArguments(output_dir=os.path.join(tmp, name), train_sampling_strategy="group_by_length",
+            sampling = "random" if a.no_group_by_length else "group_by_length"
+            args = TrainingArguments(output_dir=os.path.join(tmp, name), train_sampling_strategy=sampling,
                                      length_column_name="length", **common)
             tr = DistillationTrainer(model=student, args=args, train_dataset=windows,
                                      data_collator=DistillCollator(tok), processing_class=tok, teacher=teacher,
@@ -206,7 +210,8 @@ def main(argv=None):
            f"student layers {a.student_layers}; batch {a.batch}; epochs {a.epochs}; "
            f"{'hidden+attention_kl layer losses' if a.layer_losses else 'logit KD only'}; "
            f"{'bf16' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads; kdfast side attention "
-           f"{a.attention or ('kdfast' if a.layer_losses else 'sdpa')}")
+           f"{a.attention or ('kdfast' if a.layer_losses else 'sdpa')}"
+           f"{'; kdfast side random batches (--no-group-by-length)' if a.no_group_by_length else ''}")
     for name, r in results.items():
         for metric, unit, v in (("epoch_time", "s", r["train_s"]), ("cache_time", "s", r["cache_s"]),
                                 ("f1", "F1", r["f1"]), ("em", "EM", r["em"])):
