@@ -1,5 +1,6 @@
 """The study's report from ``runs.csv``: a Markdown table of mean +- std per configuration, a
-heatmap of F1 over (attention weight, hidden weight), and the best configuration as a
+heatmap of F1 over (attention weight, hidden weight) (mapping x attention loss when every family has
+one weight point), and the best configuration as a
 distillation config.
 
 Spread: the sample standard deviation over seeds (ddof=1; 0 for one seed) and the min-max range,
@@ -69,36 +70,62 @@ def _family(e):
     return tuple(e[k] for k in KNOBS if k not in ("attention_weight", "hidden_weight"))
 
 
+def _no_layer_terms(e) -> bool:
+    return e["attention_loss"] == "none" and e["hidden_loss"] == "none"
+
+
 def write_heatmap(summary: list[dict], path: str) -> dict:
     """Mean F1 over (attention weight, hidden weight) for the best configuration's mapping and losses;
-    returns the family plotted. The best configuration whose family has more than one weight point is
-    plotted (when logits only wins, its family is a single cell: the best layer-term family is shown)."""
+    returns what was plotted (``axes`` and, for a weight heatmap, the family's knobs). The best
+    configuration whose family has more than one weight point is plotted (when logits only wins, its
+    family is a single cell: the best layer-term family is shown). A grid with one weight point per
+    family (weights fixed) is plotted as mapping x attention loss instead: the best F1 of each cell
+    over the other knobs, layer-term configurations only (logits only named in the title)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    best = next((e for e in summary if sum(_family(x) == _family(e) for x in summary) > 1), summary[0])
-    fam = [e for e in summary if _family(e) == _family(best)]
-    aws = sorted({e["attention_weight"] for e in fam})
-    hws = sorted({e["hidden_weight"] for e in fam})
-    grid = [[float("nan")] * len(aws) for _ in hws]
-    for e in fam:
-        grid[hws.index(e["hidden_weight"])][aws.index(e["attention_weight"])] = e["f1_mean"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(aws) + 2.5, 1.0 * len(hws) + 2.0))
+    best = next((e for e in summary if sum(_family(x) == _family(e) for x in summary) > 1), None)
+    layered = [e for e in summary if not _no_layer_terms(e)]
+    if best is None and layered:
+        ys = sorted({e["mapping"] for e in layered})
+        xs = sorted({e["attention_loss"] for e in layered})
+        xlabel, ylabel = "attention loss", "mapping"
+        grid = [[float("nan")] * len(xs) for _ in ys]
+        for e in layered:
+            i, j = ys.index(e["mapping"]), xs.index(e["attention_loss"])
+            grid[i][j] = e["f1_mean"] if math.isnan(grid[i][j]) else max(grid[i][j], e["f1_mean"])
+        plain = next((e for e in summary if _no_layer_terms(e)), None)
+        title = "dev F1 (best over the other knobs)" + \
+            (f"; logits only {plain['f1_mean']:.1f}" if plain is not None else "")
+        what = {"axes": "mapping x attention loss (best over the other knobs, layer-term configurations)"}
+    else:
+        best = best or summary[0]
+        fam = [e for e in summary if _family(e) == _family(best)]
+        xs = sorted({e["attention_weight"] for e in fam})
+        ys = sorted({e["hidden_weight"] for e in fam})
+        grid = [[float("nan")] * len(xs) for _ in ys]
+        for e in fam:
+            grid[ys.index(e["hidden_weight"])][xs.index(e["attention_weight"])] = e["f1_mean"]
+        xlabel, ylabel = f"attention weight ({best['attention_loss']})", f"hidden weight ({best['hidden_loss']})"
+        title = f"dev F1, mapping {best['mapping']}, logit {best['logit_loss']}"
+        what = {"axes": "attention weight x hidden weight",
+                **{k: best[k] for k in KNOBS if k not in ("attention_weight", "hidden_weight")}}
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 1.0 * len(ys) + 2.0))
     im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(aws)), [f"{w:g}" for w in aws])
-    ax.set_yticks(range(len(hws)), [f"{w:g}" for w in hws])
-    ax.set_xlabel(f"attention weight ({best['attention_loss']})")
-    ax.set_ylabel(f"hidden weight ({best['hidden_loss']})")
+    ax.set_xticks(range(len(xs)), [x if isinstance(x, str) else f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [y if isinstance(y, str) else f"{y:g}" for y in ys])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if not math.isnan(v):
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_title(f"dev F1, mapping {best['mapping']}, logit {best['logit_loss']}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="F1 (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {k: best[k] for k in KNOBS if k not in ("attention_weight", "hidden_weight")}
+    return what
 
 
 def best_config(summary: list[dict], train: dict) -> dict:
@@ -141,7 +168,7 @@ def write_report(rows: list[dict], train: dict, output_dir: str, *, title: str =
     text = [f"# {title}", "", f"{len(rows)} runs, {len(summary)} configurations. Spread: sample std over seeds "
             "(ddof=1) and min-max. Sorted by mean dev F1.", "", markdown_table(summary), "",
             f"Best: `{best['config']}` (F1 {best['f1_mean']:.2f} ± {best['f1_std']:.2f}). Heatmap "
-            f"({HEATMAP_FILE}): F1 over (attention weight, hidden weight) for {fam}."]
+            f"({HEATMAP_FILE}): F1 over {fam.pop('axes')}" + (f" for {fam}." if fam else ".")]
     with open(os.path.join(output_dir, SUMMARY_FILE), "w") as fh:
         fh.write("\n".join(text) + "\n")
     return best

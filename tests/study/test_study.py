@@ -85,4 +85,28 @@ def test_heatmap_plots_the_best_layer_family_when_logits_only_wins(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 0
     # Without a logits-only winner the top configuration's family is plotted, as before.
     fam = write_heatmap([e for e in summary if e["mapping"] == "uniform"], str(tmp_path / "u.png"))
-    assert fam["mapping"] == "uniform"
+    assert fam["mapping"] == "uniform" and fam["axes"] == "attention weight x hidden weight"
+
+
+def test_heatmap_with_fixed_weights_plots_mapping_by_attention_loss(tmp_path):
+    """Weights fixed (every family one cell, as in a reduced grid): mapping x attention loss is plotted,
+    each cell the best F1 over the other knobs, logits only left out of the cells."""
+    import matplotlib.image
+    from kdfast.study.grid import DEFAULT_CONFIG, LOGITS_ONLY
+    from kdfast.study.report import write_heatmap, write_report
+    summary = [dict(LOGITS_ONLY, f1_mean=39.0)]
+    for mapping, base in (("mean", 35.0), ("uniform", 26.0)):
+        for att, d in (("attention_score", 0.0), ("attention_kl", -2.0)):
+            summary.append(dict(DEFAULT_CONFIG, mapping=mapping, attention_loss=att, f1_mean=base + d))
+    summary.sort(key=lambda e: -e["f1_mean"])
+    what = write_heatmap(summary, str(tmp_path / "h.png"))
+    assert what == {"axes": "mapping x attention loss (best over the other knobs, layer-term configurations)"}
+    img = matplotlib.image.imread(str(tmp_path / "h.png"))
+    assert img.shape[0] > 100 and img.shape[1] > 100
+    # The report names what the heatmap shows.
+    rows = [{"run_id": f"{e['mapping']}-{e['attention_loss']}|seed=0", "config": f"{e['mapping']}-{e['attention_loss']}",
+             **{k: e[k] for k in DEFAULT_CONFIG}, "seed": 0, "exact_match": e["f1_mean"] - 5, "f1": e["f1_mean"],
+             "train_seconds": 1.0, "steps": 1, "learned_weights": ""} for e in summary]
+    write_report(rows, {"student_layers": "0,2", "max_steps": 1, "learning_rate": 1e-3, "batch_size": 2,
+                        "temperature": 2.0, "alpha": 0.5, "max_seq_length": 64, "doc_stride": 32}, str(tmp_path))
+    assert "F1 over mapping x attention loss" in (tmp_path / "results.md").read_text()
