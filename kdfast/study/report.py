@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from kdfast.study.grid import KNOBS, distill_config_dict
+from kdfast.study.grid import KNOBS, distill_config_dict, layer_losses
 
 SUMMARY_FILE, HEATMAP_FILE, BEST_FILE = "results.md", "heatmap.png", "best_config.json"
 
@@ -70,10 +70,6 @@ def _family(e):
     return tuple(e[k] for k in KNOBS if k not in ("attention_weight", "hidden_weight"))
 
 
-def _no_layer_terms(e) -> bool:
-    return e["attention_loss"] == "none" and e["hidden_loss"] == "none"
-
-
 def write_heatmap(summary: list[dict], path: str) -> dict:
     """Mean F1 over (attention weight, hidden weight) for the best configuration's mapping and losses;
     returns what was plotted (``axes`` and, for a weight heatmap, the family's knobs). The best
@@ -85,7 +81,7 @@ def write_heatmap(summary: list[dict], path: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     best = next((e for e in summary if sum(_family(x) == _family(e) for x in summary) > 1), None)
-    layered = [e for e in summary if not _no_layer_terms(e)]
+    layered = [e for e in summary if layer_losses(e) is not None]
     if best is None and layered:
         ys = sorted({e["mapping"] for e in layered})
         xs = sorted({e["attention_loss"] for e in layered})
@@ -94,7 +90,7 @@ def write_heatmap(summary: list[dict], path: str) -> dict:
         for e in layered:
             i, j = ys.index(e["mapping"]), xs.index(e["attention_loss"])
             grid[i][j] = e["f1_mean"] if math.isnan(grid[i][j]) else max(grid[i][j], e["f1_mean"])
-        plain = next((e for e in summary if _no_layer_terms(e)), None)
+        plain = next((e for e in summary if layer_losses(e) is None), None)
         title = "dev F1 (best over the other knobs)" + \
             (f"; logits only {plain['f1_mean']:.1f}" if plain is not None else "")
         what = {"axes": "mapping x attention loss (best over the other knobs, layer-term configurations)"}
