@@ -99,8 +99,10 @@ def run_synthetic(a, out, seed, log):
     from kdfast.distill.demo import run_demo
     rows = run_demo(out, num_train=a.num_train, num_dev=a.num_dev, seed=seed, teacher_epochs=a.teacher_epochs,
                     student_epochs=a.student_epochs, prune_epochs=a.prune_epochs, ternary_epochs=a.ternary_epochs,
-                    target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress)
-    return rows, (f"kdfast synthetic: {a.num_train} train / {a.num_dev} dev questions, epochs: teacher "
+                    target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress,
+                    teacher_num_train=a.teacher_train)
+    teacher = f" (teacher: {a.teacher_train})" if a.teacher_train else ""
+    return rows, (f"kdfast synthetic: {a.num_train}{teacher} train / {a.num_dev} dev questions, epochs: teacher "
                   f"{a.teacher_epochs:g}, student {a.student_epochs:g}, prune {a.prune_epochs:g} "
                   f"(target {a.target_sparsity:g} of the multiply-adds), ternary {a.ternary_epochs:g}")
 
@@ -142,6 +144,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--num-train", type=int, default=3000)
     ap.add_argument("--num-dev", type=int, default=500)
+    ap.add_argument("--teacher-train", type=int, default=None,
+                    help="--synthetic: the teacher trains on this many generated questions, the students on a "
+                         "random --num-train of them (run_demo(teacher_num_train=))")
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--max-eval", type=int, default=None)
     ap.add_argument("--max-seq-length", type=int, default=256)

@@ -116,6 +116,9 @@ class DemoArguments:
     num_train: int = field(default=1200, metadata={"help": "generated training questions"})
     num_dev: int = field(default=200, metadata={"help": "generated dev questions (unseen entities)"})
     seed: int = 0
+    teacher_num_train: int | None = field(default=None, metadata={
+        "help": "train the teacher on this many generated questions and the students on a random num_train of "
+                "them (a teacher that knows more than the students' labels; default: num_train)"})
     teacher_epochs: float = 2.0
     student_epochs: float = field(default=1.5, metadata={"help": "epochs of the no-KD baseline and of distillation"})
     prune_epochs: float = 1.5

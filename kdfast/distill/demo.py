@@ -38,9 +38,16 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
              fresh: bool = False, teacher_epochs: float = 2.0, student_epochs: float = 2.0,
              prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.7,
              disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3,
-             ternary_embeddings="all", ternary_float_dtype: str | None = "float16") -> list[dict]:
+             ternary_embeddings="all", ternary_float_dtype: str | None = "float16",
+             teacher_num_train: int | None = None) -> list[dict]:
     """Run the demo; returns the table rows (also written to ``output_dir/results.md``).
-    ``ternary_embeddings`` / ``ternary_float_dtype``: see :class:`kdfast.distill.recipe.RecipeConfig`."""
+    ``ternary_embeddings`` / ``ternary_float_dtype``: see :class:`kdfast.distill.recipe.RecipeConfig`.
+
+    ``teacher_num_train``: generate this many training questions and fine-tune the teacher on all of
+    them, while both students (no KD and distilled, and the later stages) train on a seeded random
+    subset of ``num_train`` of them: a teacher that knows more than the students' labelled data, as a
+    pretrained teacher does on real data (a from-scratch teacher trained on the students' data alone is
+    no better than the student without KD on this generator)."""
     import torch
     from kdfast.distill.models import load_qa_model
     from kdfast.distill.recipe import RecipeConfig, measure_row, read_state, run_recipe, write_state
@@ -59,16 +66,28 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
         shutil.rmtree(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(seed)
+    if teacher_num_train is not None and teacher_num_train < num_train:
+        raise ValueError(f"teacher_num_train={teacher_num_train} must be >= num_train={num_train} (the students' "
+                         "questions are a subset of the teacher's)")
     data_dir = os.path.join(output_dir, "data")
+    n_generated = teacher_num_train or num_train
     if not os.path.exists(os.path.join(data_dir, "dev.json")):
-        _log(f"generating {num_train} train / {num_dev} dev questions")
-        write_generated(data_dir, num_train=num_train, num_dev=num_dev, seed=seed, vocab_size=VOCAB_SIZE)
+        _log(f"generating {n_generated} train / {num_dev} dev questions")
+        write_generated(data_dir, num_train=n_generated, num_dev=num_dev, seed=seed, vocab_size=VOCAB_SIZE)
     tok = AutoTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer"))
     train = load_squad(os.path.join(data_dir, "train.json"))
+    if len(train) != n_generated:
+        raise ValueError(f"{data_dir}/train.json has {len(train)} questions, this run asks for {n_generated}: "
+                         "use another output_dir (or fresh=True) when changing num_train / teacher_num_train")
     dev = load_squad(os.path.join(data_dir, "dev.json"))
+    teacher_windows = None
+    if teacher_num_train is not None and teacher_num_train > num_train:
+        teacher_windows = train_features(train, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
+        train = train.shuffle(seed=seed).select(range(num_train))  # the students' labelled questions
     windows = train_features(train, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
     dev_windows = eval_features(dev, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
-    _log(f"{len(train)} train questions ({len(windows)} windows), {len(dev)} dev questions")
+    _log(f"{len(train)} train questions ({len(windows)} windows), {len(dev)} dev questions"
+         + (f"; the teacher trains on {n_generated} ({len(teacher_windows)} windows)" if teacher_windows else ""))
     opts = TrainOptions(num_train_epochs=teacher_epochs, per_device_train_batch_size=batch_size,
                         learning_rate=learning_rate, seed=seed, disable_tqdm=disable_tqdm, logging_steps=100,
                         warmup_ratio=0.1)
@@ -80,7 +99,8 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
         _log("fine-tuning the teacher")
         cfg = teacher_config(tok, **TEACHER)
         teacher = student_from_config(cfg, attn_implementation="sdpa", seed=seed)
-        trainer = train_stage(teacher, windows, tok, os.path.join(output_dir, "teacher"), opts)
+        trainer = train_stage(teacher, teacher_windows if teacher_windows is not None else windows, tok,
+                              os.path.join(output_dir, "teacher"), opts)
         trainer.model.save_pretrained(teacher_dir)
         tok.save_pretrained(teacher_dir)
         rows["teacher"] = measure_row("teacher", load_qa_model(teacher_dir), teacher_dir, dev, dev_windows, tok)
@@ -116,6 +136,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     table = with_speedup(table)
     write_results(output_dir, table, title="kdfast demo: QA distillation recipe on built-in synthetic data",
                   data={"generator": "kdfast.qa.synthetic (all domains)", "train_questions": len(train),
+                        "teacher_train_questions": n_generated,
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
                           "target_sparsity": target_sparsity,
