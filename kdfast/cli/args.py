@@ -77,6 +77,12 @@ class RecipeArguments:
                 "module-name patterns"})
     ternary_float_dtype: str = field(default="float16", metadata={
         "help": "storage of the tensors that stay full precision in the ternary model: float16 or float32"})
+    ternary_teacher: str = field(default="teacher", metadata={
+        "help": "who teaches the ternary stage: teacher (the cached teacher logits) or source (TernaryBERT: the "
+                "full-precision model the stage starts from, run live)"})
+    ternary_layer_losses: str | None = field(default=None, metadata={
+        "help": "LayerKD terms of the ternary stage, e.g. 'hidden:1,attention_score:1' (TernaryBERT's); with "
+                "--ternary_teacher source student layer m matches source layer m"})
     stages: str = field(default="distil,prune,ternary", metadata={"help": "comma-separated subset of the stages"})
 
 

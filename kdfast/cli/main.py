@@ -298,6 +298,8 @@ def cmd_compress(argv):
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
         dcfg = _distill_config(kd)
+        from kdfast.distill.trainer import parse_layer_losses
+        ternary_layer_losses = parse_layer_losses(rec.ternary_layer_losses, "--ternary_layer_losses")
         if kd.student_layers:
             from kdfast.distill.student import parse_student_layers
             parse_student_layers(kd.student_layers, teacher.config.num_hidden_layers)
@@ -313,7 +315,9 @@ def cmd_compress(argv):
                        prune_cost=rec.prune_cost,
                        ternary_epochs=rec.ternary_epochs, ternary_method=rec.ternary_method,
                        ternary_act_bits=rec.ternary_act_bits or None, ternary_embeddings=embeddings,
-                       ternary_float_dtype=float_dtype, max_seq_length=data.max_seq_length,
+                       ternary_float_dtype=float_dtype, ternary_teacher=rec.ternary_teacher,
+                       ternary_layer_losses=ternary_layer_losses,
+                       max_seq_length=data.max_seq_length,
                        doc_stride=data.doc_stride, version_2_with_negative=data.version_2_with_negative,
                        teacher_top_k=kd.teacher_top_k, stages=tuple(s.strip() for s in rec.stages.split(",")))
     try:

@@ -33,6 +33,7 @@ from kdfast.distill.teacher_cache import TeacherCache
 from kdfast.distill.trainer import DistillConfig
 
 STAGES = ("distil", "prune", "ternary")
+TERNARY_TEACHERS = ("teacher", "source")
 
 
 def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
@@ -76,6 +77,13 @@ class RecipeConfig:
     # MiniLM-L3 (vocab 30,522 x 384): 14.4x "word", 15.5x "all".
     ternary_embeddings: str | tuple | None = "all"
     ternary_float_dtype: str | None = "float16"  # storage of the tensors that stay full precision
+    # Who teaches the ternary stage: "teacher" (the cached teacher logits, as every other stage) or
+    # "source" (TernaryBERT: the full-precision model the stage starts from, run live, teaches its own
+    # ternary copy). ternary_layer_losses: LayerKD terms of that stage ({"hidden": 1.0,
+    # "attention_score": 1.0} is TernaryBERT's), layer i <- layer i of a "source" teacher (same depth),
+    # the distill config's mapping from the teacher otherwise; None: logits only.
+    ternary_teacher: str = "teacher"
+    ternary_layer_losses: dict | None = None
     max_seq_length: int = 384
     doc_stride: int = 128
     version_2_with_negative: bool = False
@@ -130,6 +138,25 @@ def measure_row(name: str, model, model_dir: str, dev_questions, dev_windows, to
             "latency_ms": speed["latency_ms"], "questions_per_s": speed["questions_per_s"], "path": model_dir}
 
 
+def _ternary_teaching(cfg: RecipeConfig, source_dir: str, teacher, teacher_dir: str, cached_windows,
+                      plain_windows):
+    """(distill config, teacher model, training windows) of the ternary stage (RecipeConfig.ternary_teacher,
+    ternary_layer_losses)."""
+    distill = cfg.distill
+    if cfg.ternary_layer_losses:
+        distill = dataclasses.replace(distill, layer_losses=dict(cfg.ternary_layer_losses))
+    if cfg.ternary_teacher == "source":
+        source = load_qa_model(source_dir, attn_implementation=training_attention(distill)).eval()
+        if cfg.ternary_layer_losses:  # the same depth: student layer m <- source layer m (numbered from 1)
+            depth = source.config.num_hidden_layers
+            distill = dataclasses.replace(distill, layer_mapping=list(range(1, depth + 1)), attention_mapping=None,
+                                          hidden_mapping=None)
+        return distill, source, plain_windows  # no cached teacher logits: the source's own, live
+    if cfg.ternary_layer_losses and not cfg.distill.layer_losses:  # capture needs the kdfast attention
+        teacher = load_qa_model(teacher_dir, attn_implementation="kdfast").eval()
+    return distill, teacher, cached_windows
+
+
 def _steps(n_windows, options: TrainOptions, epochs):
     return max(1, math.ceil(n_windows / options.per_device_train_batch_size) * epochs)
 
@@ -145,6 +172,8 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown recipe stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    if cfg.ternary_teacher not in TERNARY_TEACHERS:
+        raise ValueError(f"ternary_teacher must be one of {', '.join(TERNARY_TEACHERS)}, got {cfg.ternary_teacher!r}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     state = read_state(cfg.output_dir)
     teacher = load_qa_model(teacher_dir, attn_implementation=training_attention(cfg.distill)).eval()
@@ -155,7 +184,7 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
                                     doc_stride=cfg.doc_stride)
         cache = TeacherCache.build(teacher, windows, tokenizer, os.path.join(cfg.output_dir, "teacher_cache"),
                                    top_k=cfg.teacher_top_k, progress=not cfg.train.disable_tqdm)
-    windows = cache.attach(windows)
+    plain_windows, windows = windows, cache.attach(windows)
     common = dict(teacher=teacher, distill=cfg.distill)
     prev = None
     for stage in STAGES:
@@ -209,12 +238,15 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
         else:  # ternary
             if prev is None:
                 raise ValueError("the ternary stage needs a previous stage's model")
-            model = load_qa_model(prev, attn_implementation=training_attention(cfg.distill)).train()
+            t_distill, t_teacher, t_windows = _ternary_teaching(cfg, prev, teacher, teacher_dir, windows,
+                                                                plain_windows)
+            model = load_qa_model(prev, attn_implementation=training_attention(t_distill)).train()
             compress.quantize(model, method=cfg.ternary_method, act_bits=cfg.ternary_act_bits, qat=True,
                               embeddings=cfg.ternary_embeddings)
             opts = dataclasses.replace(cfg.train, num_train_epochs=cfg.ternary_epochs,
                                        learning_rate=cfg.ternary_learning_rate or cfg.train.learning_rate)
-            trainer = train_stage(model, windows, tokenizer, stage_dir, opts, **common)
+            trainer = train_stage(model, t_windows, tokenizer, stage_dir, opts, teacher=t_teacher,
+                                  distill=t_distill)
             model = compress.freeze(trainer.model.eval())
             if is_main_process():
                 save_ternary(model, model_dir, float_dtype=cfg.ternary_float_dtype)

@@ -159,8 +159,9 @@ def logit_kd_loss(student_start, student_end, teacher_start, teacher_end, mask, 
     return 0.5 * (head(student_start, teacher_start) + head(student_end, teacher_end))
 
 
-def parse_layer_losses(spec: str | None) -> dict | None:
-    """``"hidden:1,attention_kl:1"`` (or ``"hidden,attention_kl"``: weight 1) -> ``{term: weight}``."""
+def parse_layer_losses(spec: str | None, flag: str = "--layer_losses") -> dict | None:
+    """``"hidden:1,attention_kl:1"`` (or ``"hidden,attention_kl"``: weight 1) -> ``{term: weight}``;
+    errors name ``flag``."""
     if spec is None or str(spec).strip() in ("", "none"):
         return None
     from kdfast.nn.layer_kd import TERMS
@@ -168,11 +169,11 @@ def parse_layer_losses(spec: str | None) -> dict | None:
     for part in str(spec).split(","):
         name, _, w = part.strip().partition(":")
         if name not in TERMS:
-            raise ValueError(f"--layer_losses: unknown term {name!r}; terms are {', '.join(TERMS)}")
+            raise ValueError(f"{flag}: unknown term {name!r}; terms are {', '.join(TERMS)}")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:
-            raise ValueError(f"--layer_losses: weight of {name!r} must be a number, got {w!r}") from None
+            raise ValueError(f"{flag}: weight of {name!r} must be a number, got {w!r}") from None
     return out
 
 

@@ -167,6 +167,34 @@ def test_bad_prune_cost(squad_files, teacher_dir, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--ternary_layer_losses", "hidden:1,bogus", "--ternary_layer_losses: unknown term 'bogus'"),
+    ("--ternary_teacher", "fp32", "ternary_teacher must be one of teacher, source, got 'fp32'")])
+def test_bad_ternary_teaching_flags(squad_files, teacher_dir, tmp_path, flag, value, needle):
+    msg = cli_error(["compress", "--teacher_name_or_path", teacher_dir, flag, value,
+                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
+                     "--output_dir", str(tmp_path / "o")])
+    assert needle in msg
+
+
+def test_ternary_teaching_flags_reach_the_recipe(monkeypatch, squad_files, teacher_dir, tmp_path):
+    import kdfast.distill.recipe as recipe
+    seen = {}
+
+    def stop(cfg, *a, **kw):
+        seen["cfg"] = cfg
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(recipe, "run_recipe", stop)
+    msg = cli_error(["compress", "--teacher_name_or_path", teacher_dir, "--ternary-teacher", "source",
+                     "--ternary-layer-losses", "hidden:1,attention_score:2",
+                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
+                     "--output_dir", str(tmp_path / "o")])
+    assert "stopped by the test" in msg
+    assert seen["cfg"].ternary_teacher == "source"
+    assert seen["cfg"].ternary_layer_losses == {"hidden": 1.0, "attention_score": 2.0}
+
+
 def test_bad_squad_file_names_the_record(squad_files, tmp_path):
     data = json.loads(Path(squad_files[0]).read_text())
     qas = data["data"][0]["paragraphs"][0]["qas"]

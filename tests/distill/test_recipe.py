@@ -80,7 +80,7 @@ def recipe(tmp_path_factory, teacher_dir, tok, qa_data):
         rows2 = rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=messages.append)
         mp.setattr(rmod, "train_stage", never)
         rows3 = rmod.run_recipe(_config(out), teacher_dir, train, dev, tok, log=lambda m: None)
-    return dict(out=out, runs=runs, state1=state1, rows2=rows2, rows3=rows3, dev=dev, messages=messages)
+    return dict(out=out, runs=runs, state1=state1, rows2=rows2, rows3=rows3, train=train, dev=dev, messages=messages)
 
 
 @pytest.mark.slow
@@ -215,4 +215,60 @@ def test_unknown_stage_is_rejected(tmp_path, tok, qa_data):
     from kdfast.distill.recipe import RecipeConfig, run_recipe
     with pytest.raises(ValueError, match=r"unknown recipe stages \['quantise'\]"):
         run_recipe(RecipeConfig(output_dir=str(tmp_path), stages=("distil", "quantise")), str(tmp_path / "none"),
+                   qa_data[0], qa_data[1], tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_losses", [None, {"hidden": 1.0, "attention_score": 1.0}])
+def test_ternary_stage_taught_by_its_source(recipe, tmp_path, teacher_dir, tok, layer_losses):
+    """ternary_teacher="source" (TernaryBERT): the full-precision pruned model the stage starts from teaches
+    it live (no cached teacher logits in the batches), with its layers matched one to one when layer terms
+    are asked for; the stage writes a ternary model and its row."""
+    import shutil
+    import kdfast.distill.recipe as rmod
+    from kdfast.distill.models import count_parameters, load_qa_model, model_kind
+    out = str(tmp_path / "recipe")
+    for stage in ("distil", "prune"):
+        shutil.copytree(os.path.join(recipe["out"], stage), os.path.join(out, stage))
+    shutil.copytree(os.path.join(recipe["out"], "teacher_cache"), os.path.join(out, "teacher_cache"))
+    state = rmod.read_state(recipe["out"])
+    state["done"] = {k: dict(v, path=v["path"].replace(recipe["out"], out)) for k, v in state["done"].items()
+                     if k != "ternary"}
+    rmod.write_state(out, state)
+    seen = {}
+    real = rmod.train_stage
+
+    def train_stage(model, windows, tokenizer, output_dir, options, **kw):
+        seen.update(stage=os.path.basename(output_dir), columns=windows.column_names, **kw)
+        trainer = real(model, windows, tokenizer, output_dir, options, **kw)
+        seen["trainer"] = trainer
+        return trainer
+
+    cfg = rmod.RecipeConfig(**{**_config(out).__dict__, "ternary_teacher": "source",
+                               "ternary_layer_losses": layer_losses})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rmod, "train_stage", train_stage)
+        rows = rmod.run_recipe(cfg, teacher_dir, recipe["train"], recipe["dev"], tok, log=lambda m: None)
+    assert seen["stage"] == "ternary"
+    source = load_qa_model(os.path.join(out, "prune", "model"))
+    assert count_parameters(seen["teacher"]) == count_parameters(source)  # the pruned source, not the teacher
+    assert not any(c.startswith("teacher_") for c in seen["columns"])
+    trainer = seen["trainer"]
+    if layer_losses:
+        assert seen["distill"].layer_losses == layer_losses
+        depth = source.config.num_hidden_layers
+        assert seen["distill"].layer_mapping == list(range(1, depth + 1))  # layers are numbered from 1
+        logged = {k for h in trainer.state.log_history for k in h}
+        assert {"layer_hidden", "layer_attention_score"} <= logged, logged
+    else:
+        assert trainer.layer_kd is None and seen["distill"].layer_losses is None
+    assert [r["model"] for r in rows] == ["distil", "prune", "ternary"]
+    assert model_kind(os.path.join(out, "ternary", "model")) == "ternary"
+    assert 0.0 <= rows[-1]["f1"] <= 100.0
+
+
+def test_unknown_ternary_teacher_is_rejected(tmp_path, tok, qa_data):
+    from kdfast.distill.recipe import RecipeConfig, run_recipe
+    with pytest.raises(ValueError, match="ternary_teacher must be one of teacher, source, got 'fp32'"):
+        run_recipe(RecipeConfig(output_dir=str(tmp_path), ternary_teacher="fp32"), str(tmp_path / "none"),
                    qa_data[0], qa_data[1], tok)
