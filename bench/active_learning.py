@@ -214,6 +214,11 @@ def main(argv=None):
                          "pretrained one)")
     ap.add_argument("--kd_on_pool", action="store_true",
                     help="also distil on the unlabeled pool from the teacher cache (costs no labels)")
+    ap.add_argument("--query_fraction", type=float, default=None,
+                    help="questions labelled per round, a fraction of the pool (default: the mode's, 0.03 for "
+                         "full / real)")
+    ap.add_argument("--speed_questions", type=int, default=None,
+                    help="time pool scoring on the first N pool questions (default: the whole pool)")
     ap.add_argument("--no_reference", action="store_true",
                     help="skip the 100%% reference and the scoring-speed rows (a second process sharing --out "
                          "that runs other strategies while the first one measures them)")
@@ -234,7 +239,7 @@ def main(argv=None):
     size = dict(SIZES[mode])
     if a.max_pool:
         size["pool"] = a.max_pool
-    for key in ("pool", "dev", "epochs", "student_layers", "max_seq_length", "doc_stride"):
+    for key in ("pool", "dev", "epochs", "student_layers", "max_seq_length", "doc_stride", "query_fraction"):
         if getattr(a, key) is not None:
             size[key] = getattr(a, key)
     seeds = a.seeds or size["seeds"]
@@ -289,7 +294,8 @@ def main(argv=None):
                  "f1": round(ref_f1, 3), "pool_questions_per_s": "", "config": config, "machine": machine,
                  "timestamp": stamp})
     _log("pool scoring speed: kdfast vs HF sdpa padded")
-    speed = _scoring_speed(final_model if strategies else ref_dir, pool, tok, size)
+    speed_pool = pool.select(range(min(a.speed_questions, len(pool)))) if a.speed_questions else pool
+    speed = _scoring_speed(final_model if strategies else ref_dir, speed_pool, tok, size)
     for name, qps in speed.items():
         rows.append({"strategy": f"scoring:{name}", "seed": "", "labeled_fraction": "", "em": "", "f1": "",
                      "pool_questions_per_s": round(qps, 2), "config": config, "machine": machine, "timestamp": stamp})
@@ -306,7 +312,7 @@ def main(argv=None):
         print(f"| {strategy} | {len(lasts)} | {lasts[0]['labeled']} | {em} "
               f"| {_mean_spread([x['f1'] for x in lasts])} | {f'{statistics.fmean(qps):.1f}' if qps else 'n/a'} |")
     print(f"| reference (100%) | 1 | {len(pool)} | {ref_em:.2f} | {ref_f1:.2f} | |")
-    print(f"\npool scoring (margin, {len(pool)} questions, final student): kdfast {speed['kdfast']:.1f} q/s, "
+    print(f"\npool scoring (margin, {len(speed_pool)} questions, final student): kdfast {speed['kdfast']:.1f} q/s, "
           f"HF sdpa padded to {size['max_seq_length']} {speed['hf-sdpa-padded']:.1f} q/s "
           f"({speed['kdfast'] / speed['hf-sdpa-padded']:.2f}x)")
     print(f"\nrows appended to {path}; curves: {curve}  ({time.perf_counter() - t0:.0f} s)")
