@@ -108,9 +108,13 @@ def main_plot(argv=None) -> int:
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per log (default: strategy)")
     p.add_argument("--metric", default="f1", choices=sorted(METRICS))
     p.add_argument("--title", default=None)
+    p.add_argument("--reference", type=float, default=None,
+                   help="draw this score as a dashed line (e.g. the same student trained on 100%% of the pool)")
+    p.add_argument("--reference_label", default="100% of the pool", help="legend label of --reference")
     a = p.parse_args(argv)
+    ref = None if a.reference is None else {"label": a.reference_label, "value": a.reference}
     try:
-        path = plot_curves(a.logs, a.output, a.labels, metric=a.metric, title=a.title)
+        path = plot_curves(a.logs, a.output, a.labels, metric=a.metric, title=a.title, reference=ref)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise SystemExit(f"kdfast active-plot: error: {e}") from None
     print(f"wrote {path}")

@@ -336,6 +336,19 @@ def test_plot_curves(tmp_path):
         main_plot(["--logs", str(tmp_path / "missing.json"), "--output", str(tmp_path / "f.png")])
 
 
+def test_plot_cli_reference_line(tmp_path, monkeypatch):
+    import kdfast.active.plot as plot
+    (tmp_path / "a.json").write_text(json.dumps({"strategy": "random", "rounds": [{"fraction": 0.1, "f1": 1.0}]}))
+    seen = []
+    real = plot.plot_curves
+    monkeypatch.setattr(plot, "plot_curves", lambda *a, **kw: seen.append(kw["reference"]) or real(*a, **kw))
+    args = ["--logs", str(tmp_path / "a.json"), "--output", str(tmp_path / "r.png")]
+    assert plot.main_plot(args + ["--reference", "42.5", "--reference_label", "all labels"]) == 0
+    assert plot.main_plot(args) == 0
+    assert seen == [{"label": "all labels", "value": 42.5}, None]
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG
+
+
 def test_cli(data, tmp_path, capsys):
     from kdfast.cli.main import main
     root = data["root"]
