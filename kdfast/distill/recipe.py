@@ -138,6 +138,11 @@ def measure_row(name: str, model, model_dir: str, dev_questions, dev_windows, to
             "latency_ms": speed["latency_ms"], "questions_per_s": speed["questions_per_s"], "path": model_dir}
 
 
+def _encoder_layers(model):
+    base = getattr(model, model.base_model_prefix, model)
+    return list(base.encoder.layer)
+
+
 def _ternary_teaching(cfg: RecipeConfig, source_dir: str, teacher, teacher_dir: str, cached_windows,
                       plain_windows):
     """(distill config, teacher model, training windows) of the ternary stage (RecipeConfig.ternary_teacher,
@@ -149,7 +154,11 @@ def _ternary_teaching(cfg: RecipeConfig, source_dir: str, teacher, teacher_dir: 
         source = load_qa_model(source_dir, attn_implementation=training_attention(distill)).eval()
         if cfg.ternary_layer_losses:  # the same depth: student layer m <- source layer m (numbered from 1)
             depth = source.config.num_hidden_layers
-            distill = dataclasses.replace(distill, layer_mapping=list(range(1, depth + 1)), attention_mapping=None,
+            # a layer whose heads were all pruned has no attention to match: the attention terms skip it
+            heads = [getattr(layer.attention.self, "num_attention_heads", 1) for layer in _encoder_layers(source)]
+            attention = [m if h else None for m, h in zip(range(1, depth + 1), heads)]
+            distill = dataclasses.replace(distill, layer_mapping=list(range(1, depth + 1)),
+                                          attention_mapping=attention if None in attention else None,
                                           hidden_mapping=None)
         return distill, source, plain_windows  # no cached teacher logits: the source's own, live
     if cfg.ternary_layer_losses and not cfg.distill.layer_losses:  # capture needs the kdfast attention

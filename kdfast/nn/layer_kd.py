@@ -151,8 +151,9 @@ class LayerKD(nn.Module):
 
     @staticmethod
     def _layer(seq, i, what, count):
-        if len(seq) < count:
-            raise ValueError(f"LayerKD: {what} has {len(seq)} entries, the configuration needs {count}")
+        if i >= len(seq):  # only the mapped layers must be there (a pruned layer without heads has no q/k/v)
+            raise ValueError(f"LayerKD: {what} has {len(seq)} entries, the configuration needs entry {i} "
+                             f"(of {count})")
         if seq[i] is None:
             raise ValueError(f"LayerKD: {what}[{i}] is None (a capture that did not keep this layer); capture with "
                              "layers= and keep= from LayerKD.capture_args")

@@ -242,3 +242,25 @@ def test_separate_mappings_and_state_dict_unchanged_for_hard_mappings():
         ["hidden_proj.0.weight", "hidden_proj.0.bias"]
     with pytest.raises(ValueError, match="mapping must be one of"):
         LayerKD(_cfg(2, 8), _cfg(6, 8), attention_mapping="middle")
+
+
+def test_attention_terms_skip_a_layer_without_heads():
+    """A pruned layer whose heads were all removed gives no q/k/v (capture lists stop before it): with that
+    layer left out of the attention mapping (None) the terms use the other layers, and the hidden terms
+    still cover every layer; a mapping that needs the missing layer names the entry."""
+    B, L = 2, 7
+    s_hs, s_qkv = _fake_model(2, 8, 2, 4, B, L, 0)
+    t_hs, t_qkv = _fake_model(2, 8, 2, 4, B, L, 1)
+    mask = torch.ones(B, L)
+    kd = LayerKD(_cfg(2, 8), _cfg(2, 8), mapping=[1, 2], attention_mapping=[1, None],
+                 losses={"hidden": 1.0, "attention_score": 1.0})
+    total, terms = kd(s_hs, s_qkv[:1], t_hs, t_qkv[:1], mask)
+    d = torch.float64
+    want = attention_score_mse_reference(s_qkv[0][0].to(d), s_qkv[0][1].to(d), t_qkv[0][0].to(d),
+                                         t_qkv[0][1].to(d), mask)
+    assert abs(terms["attention_score"].item() - want.item()) <= 1e-4 * max(1.0, want.item())
+    want_h = sum(hidden_mse_reference(s_hs[m].to(d), t_hs[m].to(d), None, None, mask) for m in (1, 2))
+    assert abs(terms["hidden"].item() - want_h.item()) <= 1e-4 * max(1.0, want_h.item())
+    full = LayerKD(_cfg(2, 8), _cfg(2, 8), mapping=[1, 2], losses={"attention_score": 1.0})
+    with pytest.raises(ValueError, match=r"student_qkv has 1 entries, the configuration needs entry 1"):
+        full(s_hs, s_qkv[:1], t_hs, t_qkv[:1], mask)
