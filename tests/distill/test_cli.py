@@ -113,12 +113,15 @@ def test_unknown_layer_loss_term(squad_files, teacher_dir, tmp_path):
     assert "--layer_losses" in msg and "'bogus'" in msg and "attention_kl" in msg
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--layer_mapping", "diagonal", "--layer_mapping 'diagonal'"),
-                                                ("--logit_loss", "hinge", "logit_loss"),
-                                                ("--layer_weight_schedule", "two_stage:2", "two_stage:F"),
-                                                ("--term_weighting", "ema:1.5", "term_weighting")])
-def test_bad_distillation_option(squad_files, teacher_dir, tmp_path, flag, value, needle):
-    msg = cli_error(["distill", "--teacher_name_or_path", teacher_dir, flag, value,
+@pytest.mark.parametrize("cmd,flag,value,needle", [
+    ("distill", "--layer_mapping", "diagonal", "--layer_mapping 'diagonal'"),
+    ("distill", "--logit_loss", "hinge", "logit_loss"),
+    ("distill", "--layer_weight_schedule", "two_stage:2", "two_stage:F"),
+    ("distill", "--term_weighting", "ema:1.5", "term_weighting"),
+    ("compress", "--ternary_layer_losses", "hidden:1,bogus", "--ternary_layer_losses: unknown term 'bogus'"),
+    ("compress", "--ternary_teacher", "fp32", "ternary_teacher must be one of teacher, source, got 'fp32'")])
+def test_bad_distillation_option(squad_files, teacher_dir, tmp_path, cmd, flag, value, needle):
+    msg = cli_error([cmd, "--teacher_name_or_path", teacher_dir, flag, value,
                      "--train_file", squad_files[0], "--validation_file", squad_files[1],
                      "--output_dir", str(tmp_path / "o")])
     assert needle in msg
@@ -165,16 +168,6 @@ def test_bad_prune_cost(squad_files, teacher_dir, tmp_path):
                      "--output_dir", str(tmp_path / "o")])
     assert "--prune_cost must be flops or params" in msg and "'latency'" in msg
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-
-
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--ternary_layer_losses", "hidden:1,bogus", "--ternary_layer_losses: unknown term 'bogus'"),
-    ("--ternary_teacher", "fp32", "ternary_teacher must be one of teacher, source, got 'fp32'")])
-def test_bad_ternary_teaching_flags(squad_files, teacher_dir, tmp_path, flag, value, needle):
-    msg = cli_error(["compress", "--teacher_name_or_path", teacher_dir, flag, value,
-                     "--train_file", squad_files[0], "--validation_file", squad_files[1],
-                     "--output_dir", str(tmp_path / "o")])
-    assert needle in msg
 
 
 def test_ternary_teaching_flags_reach_the_recipe(monkeypatch, squad_files, teacher_dir, tmp_path):
