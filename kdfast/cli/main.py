@@ -351,6 +351,9 @@ def cmd_demo(argv):
     (a,) = _parser((DemoArguments,), "kdfast demo", COMMANDS["demo"]).parse_args_into_dataclasses(argv)
     from kdfast.distill.demo import run_demo
     embeddings, float_dtype = _ternary_storage(a)
+    if a.teacher_num_train is not None and a.teacher_num_train < a.num_train:
+        raise CLIError(f"--teacher_num_train {a.teacher_num_train} must be >= --num_train {a.num_train} (the "
+                       "students' questions are a subset of the teacher's)")
     run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh,
              teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs, prune_epochs=a.prune_epochs,
              ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity, ternary_embeddings=embeddings,

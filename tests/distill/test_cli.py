@@ -153,6 +153,12 @@ def test_demo_ternary_storage_flags(monkeypatch, argv, embeddings, float_dtype):
     assert (seen["ternary_embeddings"], seen["ternary_float_dtype"]) == (embeddings, float_dtype)
 
 
+def test_demo_teacher_num_train_below_num_train(tmp_path):
+    msg = cli_error(["demo", "--output_dir", str(tmp_path / "d"), "--num_train", "100", "--teacher-num-train", "50"])
+    assert "--teacher_num_train 50 must be >= --num_train 100" in msg
+    assert not (tmp_path / "d").exists()
+
+
 def test_bad_ternary_float_dtype(squad_files, teacher_dir, tmp_path):
     msg = cli_error(["demo", "--ternary-float-dtype", "float64"])
     assert "--ternary_float_dtype must be one of" in msg and "'float64'" in msg
