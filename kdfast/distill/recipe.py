@@ -138,11 +138,6 @@ def measure_row(name: str, model, model_dir: str, dev_questions, dev_windows, to
             "latency_ms": speed["latency_ms"], "questions_per_s": speed["questions_per_s"], "path": model_dir}
 
 
-def _encoder_layers(model):
-    base = getattr(model, model.base_model_prefix, model)
-    return list(base.encoder.layer)
-
-
 def _ternary_teaching(cfg: RecipeConfig, source_dir: str, teacher, teacher_dir: str, cached_windows,
                       plain_windows):
     """(distill config, teacher model, training windows) of the ternary stage (RecipeConfig.ternary_teacher,
@@ -155,7 +150,8 @@ def _ternary_teaching(cfg: RecipeConfig, source_dir: str, teacher, teacher_dir: 
         if cfg.ternary_layer_losses:  # the same depth: student layer m <- source layer m (numbered from 1)
             depth = source.config.num_hidden_layers
             # a layer whose heads were all pruned has no attention to match: the attention terms skip it
-            heads = [getattr(layer.attention.self, "num_attention_heads", 1) for layer in _encoder_layers(source)]
+            from kdfast.compress.prune import encoder_layers
+            heads = [getattr(layer.attention.self, "num_attention_heads", 1) for layer in encoder_layers(source)]
             attention = [m if h else None for m, h in zip(range(1, depth + 1), heads)]
             distill = dataclasses.replace(distill, layer_mapping=list(range(1, depth + 1)),
                                           attention_mapping=attention if None in attention else None,
