@@ -61,14 +61,14 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     from kdfast.qa.synthetic import write_generated
     from transformers import AutoTokenizer
 
+    if teacher_num_train is not None and teacher_num_train < num_train:
+        raise ValueError(f"teacher_num_train={teacher_num_train} must be >= num_train={num_train} (the students' "
+                         "questions are a subset of the teacher's)")
     t_start = time.perf_counter()
     if fresh and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(seed)
-    if teacher_num_train is not None and teacher_num_train < num_train:
-        raise ValueError(f"teacher_num_train={teacher_num_train} must be >= num_train={num_train} (the students' "
-                         "questions are a subset of the teacher's)")
     data_dir = os.path.join(output_dir, "data")
     n_generated = teacher_num_train or num_train
     if not os.path.exists(os.path.join(data_dir, "dev.json")):
