@@ -122,7 +122,8 @@ def _student(a, teacher, tok):
 def main(argv=None) -> int:
     from transformers import HfArgumentParser
 
-    from kdfast.augment.loop import METHODS, AugmentConfig, AugmentLoop, finetune_teacher
+    from kdfast.augment.loop import (METHODS, MLM_METHODS, AugmentConfig, AugmentLoop, finetune_teacher,
+                                     target_split, train_default_mlm)
     from kdfast.augment.report import markdown_table, plot_rewards
 
     parser = HfArgumentParser((AugmentArguments,), prog="kdfast augment",
@@ -148,7 +149,9 @@ def main(argv=None) -> int:
     evals = _records(a.validation_file, "--validation_file")
     tok = _tokenizer(a)
     os.makedirs(a.output_dir, exist_ok=True)
-    log = (lambda m: None) if a.disable_tqdm else (lambda m: print(f"[kdfast augment] {m}", flush=True))
+    def log(msg):  # --disable_tqdm turns the progress bars off, not the log
+        print(f"[kdfast augment] {msg}", flush=True)
+
     from kdfast.distill.models import load_qa_model
     if a.teacher_name_or_path:
         teacher = load_qa_model(a.teacher_name_or_path)
@@ -169,6 +172,13 @@ def main(argv=None) -> int:
     teacher.eval()
     results = []
     keep_rate = a.keep_rate
+    mlm_path = a.mlm_name_or_path
+    if mlm_path is None and any(m in MLM_METHODS for m in methods):
+        # One masked LM for every method that needs one (trained once, reused on a rerun).
+        mlm_path = os.path.join(a.output_dir, "mlm")
+        if not os.path.exists(os.path.join(mlm_path, "config.json")):
+            cfg = AugmentConfig(mlm_steps=a.mlm_steps, dev_fraction=a.dev_fraction, seed=a.seed)
+            train_default_mlm(cfg, source, target_split(cfg, target)[0], tok, mlm_path, log)
     for m in sorted(methods, key=lambda m: m != "full"):  # full first: its keep rate sizes the random selector
         out = os.path.join(a.output_dir, m)
         if os.path.exists(os.path.join(out, "state.pt")) and not a.resume_from_checkpoint:
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
                                 learning_rate=a.learning_rate, policy_learning_rate=a.policy_learning_rate,
                                 temperature=a.temperature, alpha=a.alpha,
                                 keep_rate=0.5 if keep_rate is None else keep_rate, dev_fraction=a.dev_fraction,
-                                mlm_path=a.mlm_name_or_path, mlm_steps=a.mlm_steps,
+                                mlm_path=mlm_path, mlm_steps=a.mlm_steps,
                                 max_seq_length=a.max_seq_length, doc_stride=a.doc_stride, seed=a.seed)
             loop = AugmentLoop(cfg, source=source, target=target, eval_records=evals, teacher=teacher,
                                student=_student(a, teacher, tok), tokenizer=tok, output_dir=out, log=log,

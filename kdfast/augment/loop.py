@@ -37,6 +37,7 @@ from kdfast.augment.selector import (MovingBaseline, Policy, candidate_state, re
 
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
 GENERATOR_METHODS = ("full", "random", "confidence")
+MLM_METHODS = GENERATOR_METHODS + ("tinybert",)  # the methods that need a masked LM
 
 
 @dataclasses.dataclass
@@ -114,6 +115,26 @@ def finetune_teacher(model, records, tokenizer, *, steps, batch_size=16, learnin
     return model.eval()
 
 
+def target_split(config, target):
+    """(train part, held-out dev part) of the target questions, as every run of ``config`` splits them."""
+    return split_target(answered(target), max(1, round(config.dev_fraction * len(target))), config.seed)
+
+
+def train_default_mlm(config, source, target_train, tokenizer, path, log=None):
+    """The small masked LM built in code (``config.mlm_hidden_size``, ``config.mlm_steps``), trained
+    on the source passages and the target's *train* part (never its held-out dev part) and saved
+    to ``path``. Several methods of one study can share it (``AugmentConfig.mlm_path``)."""
+    from kdfast.augment.mlm import build_mlm, train_mlm
+
+    texts = sorted({r["context"] for r in answered(source) + list(target_train)})
+    mlm = build_mlm(tokenizer, hidden_size=config.mlm_hidden_size, seed=config.seed)
+    loss = train_mlm(mlm, tokenizer, texts, steps=config.mlm_steps, seed=config.seed)
+    if log:
+        log(f"MLM trained {config.mlm_steps} steps on {len(texts)} passages, loss {loss:.2f}")
+    mlm.save_pretrained(path)
+    return mlm
+
+
 class AugmentLoop:
     """One run of one method. ``student`` is the initial student (its weights are the start of
     the warm-up); ``teacher`` a fine-tuned QA model; records in HF SQuAD column layout
@@ -126,8 +147,7 @@ class AugmentLoop:
         self.log = log or (lambda msg: None)
         self.progress = progress
         self.source = answered(source)
-        self.train, self.dev = split_target(answered(target), max(1, round(config.dev_fraction * len(target))),
-                                            config.seed)
+        self.train, self.dev = target_split(config, target)
         self.eval_records = eval_records
         self.domains = sorted({r.get("domain", "source") for r in self.source}) or ["source"]
         os.makedirs(output_dir, exist_ok=True)
@@ -138,7 +158,7 @@ class AugmentLoop:
 
     # --- setup ------------------------------------------------------------------------------
     def _mlm(self):
-        from kdfast.augment.mlm import WholeWordFiller, build_mlm, load_mlm, train_mlm
+        from kdfast.augment.mlm import WholeWordFiller, load_mlm
 
         c = self.cfg
         path = c.mlm_path or os.path.join(self.out, "mlm")
@@ -147,16 +167,12 @@ class AugmentLoop:
         elif c.mlm_path:
             raise FileNotFoundError(f"mlm_path: no masked-LM directory at {c.mlm_path}")
         else:
-            texts = sorted({r["context"] for r in self.source + self.train})
-            mlm = build_mlm(self.tok, hidden_size=c.mlm_hidden_size, seed=c.seed)
-            loss = train_mlm(mlm, self.tok, texts, steps=c.mlm_steps, seed=c.seed)
-            self.log(f"MLM trained {c.mlm_steps} steps on {len(texts)} passages, loss {loss:.2f}")
-            mlm.save_pretrained(path)
+            mlm = train_default_mlm(c, self.source, self.train, self.tok, path, self.log)
         return WholeWordFiller(mlm, self.tok)
 
     def _setup(self):
         c = self.cfg
-        if c.method in GENERATOR_METHODS or c.method == "tinybert":
+        if c.method in MLM_METHODS:
             self.filler = self._mlm()
         if c.method == "tinybert":
             self.neighbours = bl.EmbeddingNeighbours(self.teacher.get_input_embeddings().weight, self.filler.allowed)

@@ -37,11 +37,16 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["augment", *_argv(files, out, "--methods", "full,none,random")]) == 0
-    for f in ("augment_log.json", "results.md", "reward_curve.png", "full/state.pt", "none/augment_log.json"):
+    for f in ("augment_log.json", "results.md", "reward_curve.png", "full/state.pt", "none/augment_log.json",
+              "mlm/config.json"):
         assert os.path.exists(out / f), f
+    # One masked LM, trained once, serves both generator methods.
+    assert not os.path.exists(out / "full" / "mlm") and not os.path.exists(out / "random" / "mlm")
     log = json.loads((out / "augment_log.json").read_text())
     assert [r["method"] for r in log["results"]] == ["full", "none", "random"]
-    assert "| KD without augmentation |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| KD without augmentation |" in printed
+    assert printed.count("MLM trained 2 steps") == 1, printed
     with pytest.raises(SystemExit, match="--resume_from_checkpoint"):
         main(["augment", *_argv(files, out, "--methods", "none")])
     assert main(["augment", *_argv(files, out, "--methods", "none", "--resume_from_checkpoint")]) == 0
