@@ -93,3 +93,49 @@ def test_strategy_validation():
         Strategy(mask_rate=1.5)
     with pytest.raises(ValueError, match="steps"):
         Strategy(steps=0)
+
+
+def test_masked_lm_loss_equals_the_full_head_loss(aug_tok):
+    """The masked-positions-only head gives the loss of BertForMaskedLM's own (all positions) head."""
+    import torch
+
+    from kdfast.augment.mlm import build_mlm, masked_lm_loss
+
+    mlm = build_mlm(aug_tok, hidden_size=32, num_hidden_layers=1, intermediate_size=64, seed=3).double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(aug_tok), (3, 20), generator=g)
+    att = torch.ones_like(ids)
+    att[2, 15:] = 0
+    labels = torch.full_like(ids, -100)
+    pick = torch.rand(ids.shape, generator=g) < 0.3
+    pick[0, 0] = True
+    labels[pick] = ids[pick]
+    want = mlm(input_ids=ids, attention_mask=att, labels=labels).loss
+    got = masked_lm_loss(mlm, ids, att, labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    labels[1] = -100  # a row without masks changes nothing either way
+    torch.testing.assert_close(masked_lm_loss(mlm, ids, att, labels).double(),
+                               mlm(input_ids=ids, attention_mask=att, labels=labels).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_filler_slots_head_matches_the_full_head(aug_tok, aug_filler):
+    """The filler's slots-only vocabulary head picks what the full-sequence head would pick."""
+    import torch
+
+    from kdfast.augment.mlm import WholeWordFiller
+
+    class FullHead(torch.nn.Module):  # hides .bert/.cls: the plain path
+        def __init__(self, mlm):
+            super().__init__()
+            self.m = mlm
+
+        def forward(self, **kw):
+            return self.m(**kw)
+
+    ids = aug_tok("the river flows past the old town to the sea", add_special_tokens=True)["input_ids"]
+    ids[2] = ids[5] = ids[7] = aug_tok.mask_token_id
+    plain = WholeWordFiller(FullHead(aug_filler.mlm), aug_tok)
+    for seed in range(3):
+        a = aug_filler.fill(ids, torch.Generator().manual_seed(seed))
+        b = plain.fill(ids, torch.Generator().manual_seed(seed))
+        assert a == b and len(a) == 3 and None not in a
