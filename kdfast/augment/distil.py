@@ -67,6 +67,28 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
 
 
 @torch.no_grad()
+def mean_loss(model, windows, tokenizer, *, temperature=2.0, alpha=0.5, batch_size=32):
+    """The training loss of :func:`train_steps` (``alpha * KD + (1 - alpha) * CE`` over the span
+    tokens) on ``windows`` with teacher rows, in eval mode (no dropout), averaged over windows."""
+    was = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b:b + batch_size]
+            batch = collate(tokenizer, chunk)
+            out = forward(model, batch)
+            mask = span_mask(batch, batch["input_ids"].shape[1])
+            loss = qa_kd_loss(out.start_logits, out.end_logits, batch["teacher_start_logits"],
+                              batch["teacher_end_logits"], batch["start_positions"], batch["end_positions"],
+                              temperature=temperature, soft_weight=alpha, hard_weight=1.0 - alpha, mask=mask)
+            total += float(loss) * len(chunk)
+    finally:
+        model.train(was)
+    return total / max(1, len(windows))
+
+
+@torch.no_grad()
 def span_stats(model, tokenizer, windows, batch_size=32):
     """Per window: ``{"conf_start", "conf_end", "ent_start", "ent_end"}`` of ``model``'s span
     distributions (max probability and entropy in nats over CLS + context tokens)."""

@@ -56,6 +56,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     ("--train_file", "/nope/t.json", "--train_file /nope/t.json: no such file"),
     ("--teacher_name_or_path", "/nope/dir", "--teacher_name_or_path /nope/dir: no such directory"),
     ("--methods", "full,bogus", "--methods 'full,bogus': unknown"),
+    ("--reward", "bleu", "reward: unknown 'bleu'"),
 ])
 def test_cli_errors_name_the_argument(files, tmp_path, flag, value, match):
     from kdfast.augment.cli import main

@@ -87,3 +87,30 @@ def test_config_errors():
         AugmentConfig(method="nope")
     with pytest.raises(ValueError, match="dev_fraction"):
         AugmentConfig(dev_fraction=0.0)
+
+
+def test_dev_loss_reward_is_the_decrease_of_the_dev_loss(aug_data, aug_tok, aug_teacher, tmp_path):
+    """reward="dev_loss": each episode's reward is 100 x (dev loss before - after its distil steps),
+    the losses those of the students the checkpoints hold, recomputed here."""
+    from kdfast.augment.distil import mean_loss
+    from kdfast.augment.loop import load_state
+
+    cfg = _cfg(reward="dev_loss", episodes=1)
+    loop = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "r")
+    assert loop.run(max_phases=3) is None  # generate, select, distil of episode 0: the reward is computed
+    st = load_state(loop.state_path)
+    p = st["pending"]
+    student = tiny_model(aug_tok, seed=3).eval()
+    dev_w = loop.dev_windows
+    student.load_state_dict(st["warm_student"])
+    before = mean_loss(student, dev_w, aug_tok, temperature=cfg.temperature, alpha=cfg.alpha)
+    student.load_state_dict(st["student"])
+    after = mean_loss(student, dev_w, aug_tok, temperature=cfg.temperature, alpha=cfg.alpha)
+    assert before != after
+    assert p["dev_loss_before"] == pytest.approx(before, rel=1e-5)
+    assert p["reward"] == pytest.approx(100 * (before - after), rel=1e-4, abs=1e-4)
+    res = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "r").run(resume=True)
+    assert res["episodes"][0]["reward"] == pytest.approx(p["reward"])
+    assert res["episodes"][0]["dev_loss"] == pytest.approx(after, rel=1e-5)
+    with pytest.raises(ValueError, match="reward: unknown 'bleu'"):
+        AugmentConfig(reward="bleu")
