@@ -5,17 +5,30 @@ with 16 / 64 / 256 labeled questions (a quarter, by passage, held out as the sel
 reward dev; never trained on by any method); evaluation: biography *validation* questions
 (entities unseen in train). Per seed:
 
-1. teacher (4 x 256) fine-tuned on the source, then on each target size;
-   a second teacher fine-tuned on the target alone (random init) as the comparison row;
-2. student (1 x 128, ~13% of the teacher's parameters) distilled on the source once
-   (the stand-in for a general-distilled TinyBERT), shared by every method;
+1. teacher (``--teacher_shape``, default 4 x 256) fine-tuned on the source, then on each target
+   size; a second teacher fine-tuned on the target alone (random init) as the comparison row;
+2. student (``--student_shape``, default 1 x 128, ~13% of that teacher's parameters) distilled on
+   the source once (the stand-in for a general-distilled TinyBERT), shared by every method;
 3. every method of :mod:`kdfast.augment.loop` with the same warm-up / final budget.
+
+``--teacher_seed S`` trains step 1's source teacher and step 2's student once, from data seed S,
+and shares them across ``--seeds``: each seed then draws its own target questions (from a pool
+4x the largest size) and seeds every method. Either way they are saved under
+``--work_dir/base-seed<S>`` and loaded on a rerun (a finished method run is loaded too).
 
 Rows go to bench/results/augment.csv as they finish (a capped run keeps what it measured);
 ``--report`` rewrites bench/results/augment.md from the CSV.
 
     OMP_NUM_THREADS=1 python bench/augment.py --seeds 0 --sizes 16,64,256
+    OMP_NUM_THREADS=1 python bench/augment.py --seeds 1 --teacher_seed 0 --teacher_shape 6x128 \
+        --student_shape 1x64 --teacher_steps 2000 ...     # one process per seed, a shared teacher
     python bench/augment.py --report
+
+``--real --teacher DIR`` runs the one real-data case through ``kdfast augment``: source = the
+first ``--real_source`` questions of the real SQuAD train file in ../shared/data/squad, target =
+``--real_target`` questions from a few passages of the dev articles ``--real_articles`` (one
+topic), evaluated on every other question of those articles (no target passage among them);
+the teacher is a QA model fine-tuned on the source (bench/qa_recipe.py --real writes one).
 """
 from __future__ import annotations
 
@@ -36,10 +49,12 @@ COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", 
            "device", "timestamp", "version"]
 SOURCE = ("geography", "science", "history")
 TARGET = "biography"
-TEACHER = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)
-STUDENT = dict(num_hidden_layers=1, hidden_size=128, num_attention_heads=2, intermediate_size=512)
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
+VARIANTS = {"full_dev_loss": dict(method="full", reward="dev_loss")}  # bench names -> AugmentConfig fields
 DEVICE = "2-core AMD EPYC (Zen 3), no GPU, shared with 3 other developers' jobs"
+SQUAD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
+                         "squad")
+REAL_ARTICLES = "Ctenophora,Immune_system,Chloroplast"
 
 
 def _row(provider, metric, value, n, seed, config):
@@ -61,53 +76,107 @@ def _append(rows):
         w.writerows(rows)
 
 
-def run(a):
+def _shape(spec, flag):
+    """'LxH' -> BertConfig overrides: L layers of width H, H // 64 heads (at least 2), FFN 4H."""
+    try:
+        layers, hidden = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"augment {flag} {spec!r}: expected LAYERSxHIDDEN, e.g. 6x128") from None
+    return dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=max(2, hidden // 64),
+                intermediate_size=4 * hidden, max_position_embeddings=256)
+
+
+def _base(a, data_seed, n_target, log):
+    """Data, tokenizer, the source-trained teacher and the source-distilled student of ``data_seed``,
+    saved under ``work_dir/base-seed<data_seed>`` and loaded from there on a rerun."""
     import torch
-    from kdfast.augment.data import answered, relabel, split_target, synthetic_domains, to_windows
-    from kdfast.augment.distil import Scorer, train_steps
-    from kdfast.augment.loop import AugmentConfig, AugmentLoop, finetune_teacher
-    from kdfast.augment.mlm import build_mlm, train_mlm
-    from kdfast.distill.models import count_parameters
+    from kdfast.augment.data import answered, relabel, synthetic_domains, to_windows
+    from kdfast.augment.distil import train_steps
+    from kdfast.augment.loop import finetune_teacher
+    from kdfast.distill.models import load_qa_model, load_tokenizer
     from kdfast.distill.student import student_from_config
     from kdfast.qa.configs import student_config, teacher_config
     from kdfast.qa.tokenizer import train_wordpiece_tokenizer
+
+    d = synthetic_domains(SOURCE, TARGET, n_source=a.source_questions, n_target=n_target, n_target_dev_pool=0,
+                          n_eval=a.eval_questions or 80, seed=data_seed)
+    base_dir = os.path.join(a.work_dir, f"base-seed{data_seed}")
+    t_dir, s_path = os.path.join(base_dir, "teacher"), os.path.join(base_dir, "student0.pt")
+    teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
+    if os.path.exists(s_path):
+        log(f"data seed {data_seed}: loading the teacher and the source-distilled student from {base_dir}")
+        tok, teacher = load_tokenizer(t_dir), load_qa_model(t_dir, attn_implementation="sdpa").eval()
+        return d, tok, teacher, torch.load(s_path)
+    texts = [r["context"] for r in d["source"] + d["target"]] + [r["question"] for r in d["source"] + d["target"]]
+    tok = train_wordpiece_tokenizer(texts, vocab_size=2000)
+    teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=data_seed)
+    log(f"data seed {data_seed}: teacher {a.teacher_shape} on {len(d['source'])} source questions, {a.teacher_steps} steps")
+    finetune_teacher(teacher, d["source"], tok, steps=a.teacher_steps, seed=data_seed,
+                     learning_rate=a.teacher_learning_rate)
+    student0 = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa", seed=data_seed)
+    log(f"student {a.student_shape}: distilled {a.student_source_steps} steps on the source")
+    src_w = relabel(teacher, tok, to_windows(answered(d["source"]), tok))
+    train_steps(student0, src_w, tok, steps=a.student_source_steps, seed=data_seed)  # general-distillation stand-in
+    sd = {k: v.clone() for k, v in student0.state_dict().items()}
+    os.makedirs(base_dir, exist_ok=True)
+    teacher.save_pretrained(t_dir)
+    tok.save_pretrained(t_dir)
+    torch.save(sd, s_path)
+    return d, tok, teacher, sd
+
+
+def run(a):
+    import random
+
+    import torch
+    from kdfast.augment.data import split_target
+    from kdfast.augment.distil import Scorer
+    from kdfast.augment.loop import AugmentConfig, AugmentLoop, finetune_teacher, train_default_mlm
+    from kdfast.distill.models import count_parameters
+    from kdfast.distill.student import student_from_config
+    from kdfast.qa.configs import student_config, teacher_config
 
     torch.set_num_threads(a.threads)
     sizes = [int(s) for s in a.sizes.split(",")]
     methods = [m for m in a.methods.split(",") if m]
     work = a.work_dir
+    teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
     t0 = time.perf_counter()
 
     def log(msg):
         print(f"[bench augment {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
     for seed in [int(s) for s in a.seeds.split(",")]:
-        d = synthetic_domains(SOURCE, TARGET, n_source=a.source_questions, n_target=max(sizes),
-                              n_target_dev_pool=0, n_eval=a.eval_questions, seed=seed)
-        texts = [r["context"] for r in d["source"] + d["target"]] + [r["question"] for r in d["source"] + d["target"]]
-        tok = train_wordpiece_tokenizer(texts, vocab_size=2000)
-        base = student_from_config(teacher_config(tok, **TEACHER), attn_implementation="sdpa", seed=seed)
-        log(f"seed {seed}: teacher on {len(d['source'])} source questions, {a.teacher_steps} steps")
-        finetune_teacher(base, d["source"], tok, steps=a.teacher_steps, seed=seed)
-        student0 = student_from_config(student_config(tok, **STUDENT), attn_implementation="sdpa", seed=seed)
+        shared = a.teacher_seed is not None
+        # A shared teacher: one data seed for source, tokenizer and teacher; each seed draws its own
+        # target questions from a pool 4x the largest size, and seeds every method.
+        d, tok, base, student0_sd = _base(a, a.teacher_seed if shared else seed,
+                                          4 * max(sizes) if shared else max(sizes), log)
+        target_all = list(d["target"])
+        if shared:
+            random.Random(f"augment-target:{seed}").shuffle(target_all)
+        target_all = target_all[:max(sizes)]
+        student0 = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa")
         ratio = count_parameters(student0) / count_parameters(base)
-        log(f"student/teacher parameters: {count_parameters(student0)}/{count_parameters(base)} = {ratio:.3f}")
-        src_w = relabel(base, tok, to_windows(answered(d["source"]), tok))
-        train_steps(student0, src_w, tok, steps=a.student_source_steps, seed=seed)  # general-distillation stand-in
-        student0_sd = {k: v.clone() for k, v in student0.state_dict().items()}
+        log(f"seed {seed}: student/teacher parameters {count_parameters(student0)}/{count_parameters(base)} = "
+            f"{ratio:.3f}")
+        scorer = Scorer(d["eval"], tok)
         for n in sizes:
-            target = d["target"][:n]
+            target = target_all[:n]
             train_part, _ = split_target(target, max(1, round(0.25 * n)), seed)
-            scorer = Scorer(d["eval"], tok)
             cfg_common = {"source": SOURCE, "target": TARGET, "source_questions": len(d["source"]),
-                          "eval_questions": len(d["eval"]), "teacher": TEACHER, "student": STUDENT,
-                          "student_teacher_params": round(ratio, 4), "target_train_questions": len(train_part)}
-            teacher = student_from_config(teacher_config(tok, **TEACHER), attn_implementation="sdpa")
+                          "eval_questions": len(d["eval"]), "teacher": a.teacher_shape, "student": a.student_shape,
+                          "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
+                          "teacher_seed": a.teacher_seed, "student_teacher_params": round(ratio, 4),
+                          "target_train_questions": len(train_part)}
+            teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa")
             teacher.load_state_dict(base.state_dict())
-            finetune_teacher(teacher, train_part, tok, steps=a.teacher_target_steps, seed=seed)
+            finetune_teacher(teacher, train_part, tok, steps=a.teacher_target_steps, seed=seed,
+                             learning_rate=a.teacher_learning_rate)
             t_score = scorer(teacher)
-            only = student_from_config(teacher_config(tok, **TEACHER), attn_implementation="sdpa", seed=seed + 7)
-            finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed)
+            only = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=seed + 7)
+            finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed,
+                             learning_rate=a.teacher_learning_rate)
             o_score = scorer(only)
             log(f"n={n}: teacher (source + target) F1 {t_score['f1']:.1f}; teacher on target alone F1 "
                 f"{o_score['f1']:.1f}")
@@ -117,17 +186,16 @@ def run(a):
                       _row("teacher (target alone)", "exact_match", o_score["exact_match"], n, seed, cfg_common)])
             mlm_dir = os.path.join(work, f"seed{seed}-n{n}", "mlm")
             if not os.path.exists(os.path.join(mlm_dir, "config.json")):
-                mlm = build_mlm(tok, seed=seed)
-                train_mlm(mlm, tok, sorted({r["context"] for r in d["source"] + train_part}), steps=a.mlm_steps,
-                          seed=seed)
-                mlm.save_pretrained(mlm_dir)
+                train_default_mlm(AugmentConfig(mlm_steps=a.mlm_steps, seed=seed), d["source"], train_part, tok,
+                                  mlm_dir, log)
             keep_rate = 0.5
             for m in sorted(methods, key=lambda m: m != "full"):
                 t1 = time.perf_counter()
-                cfg = AugmentConfig(method=m, episodes=a.episodes, candidates_per_episode=a.candidates,
-                                    episode_steps=a.episode_steps, warmup_steps=a.warmup_steps,
-                                    final_steps=a.final_steps, keep_rate=keep_rate, mlm_path=mlm_dir, seed=seed)
-                student = student_from_config(student_config(tok, **STUDENT), attn_implementation="sdpa")
+                cfg = AugmentConfig(**VARIANTS.get(m, {"method": m}), episodes=a.episodes,
+                                    candidates_per_episode=a.candidates, episode_steps=a.episode_steps,
+                                    warmup_steps=a.warmup_steps, final_steps=a.final_steps, keep_rate=keep_rate,
+                                    mlm_path=mlm_dir, seed=seed)
+                student = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa")
                 student.load_state_dict(student0_sd)
                 out = os.path.join(work, f"seed{seed}-n{n}", m)
                 res = AugmentLoop(cfg, source=d["source"], target=target, eval_records=d["eval"], teacher=teacher,
@@ -148,12 +216,31 @@ def run(a):
 NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without augmentation",
          "tinybert": "TinyBERT word replacement", "mixkd": "MixKD embedding mixup",
          "source": "source data added unchanged", "random": "generator, random keep (same rate)",
-         "confidence": "generator, confidence-heuristic selector"}
+         "confidence": "generator, confidence-heuristic selector",
+         "full_dev_loss": "generator + reinforced selector, dev-loss reward"}
+
+
+SETUP_KEYS = ("teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
+              "student_teacher_params")
+
+
+def _setup_of(row):
+    c = json.loads(row["config"])
+    return tuple((k, json.dumps(c.get(k))) for k in SETUP_KEYS)
 
 
 def report():
     with open(CSV) as fh:
         rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
+    real = [r for r in rows if r["mode"].startswith("real")]
+    rows = [r for r in rows if not r["mode"].startswith("real")]
+    setup = _setup_of(rows[-1]) if rows else None
+    older = sum(_setup_of(r) != setup for r in rows)
+    latest = {}  # the setup of the newest row; a rerun of (method, size, seed) replaces the earlier row
+    for r in rows:
+        if _setup_of(r) == setup:
+            latest[(r["provider"], int(r["x_value"]), r["mode"])] = r
+    rows = list(latest.values())
     sizes = sorted({int(r["x_value"]) for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     cell = {}
@@ -175,9 +262,128 @@ def report():
                 spread = (max(v) - min(v)) / 2
                 out.append(f"{statistics.mean(v):.2f} +- {spread:.2f} [{len(v)}]")
         lines.append(f"| {NAMES.get(p, p)} | " + " | ".join(out) + " |")
+    if setup:
+        lines += ["", "Setup (from the rows' config): " + ", ".join(f"{k} {v}" for k, v in setup if v != "null")
+                  + (f". {older} F1 rows of earlier setups stay in the CSV, not in this table." if older else ".")]
+    if real:
+        c = json.loads(real[-1]["config"])
+        lines += ["", f"## Real SQuAD: source {c['source_questions']} questions of {c['source']}, target "
+                      f"{c['target_questions']} questions of {', '.join(c['target_articles'])}", "",
+                  f"Evaluated on the {c['eval_questions']} other questions of those articles; teacher "
+                  f"{c['teacher']}, student = its layers {c['student_layers']} "
+                  f"({100 * c['student_teacher_params']:.0f}% of its parameters); latest run of each row.", "",
+                  "| method | F1 | EM |", "|---|---|---|"]
+        with open(CSV) as fh:
+            em = {(r["provider"], r["mode"]): float(r["p50"]) for r in csv.DictReader(fh)
+                  if r["metric"] == "exact_match" and r["mode"].startswith("real")}
+        latest = {r["provider"]: r for r in real}
+        for p, r in latest.items():
+            lines.append(f"| {NAMES.get(p, p)} | {float(r['p50']):.2f} | {em.get((p, r['mode']), float('nan')):.2f} |")
     with open(MD, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _write_squad(path, records):
+    arts = {}
+    for r in records:
+        paras = arts.setdefault(r["title"], {})
+        paras.setdefault(r["context"], []).append(
+            {"id": r["id"], "question": r["question"],
+             "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"],
+                                                                         r["answers"]["answer_start"])]})
+    data = [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in paras.items()]}
+            for t, paras in arts.items()]
+    with open(path, "w") as fh:
+        json.dump({"version": "1.1", "data": data}, fh)
+
+
+def real_split(records, articles, n_target, seed):
+    """(target, eval) from the dev records of ``articles``: whole passages, drawn in a seeded order,
+    go to the target until it holds ``n_target`` questions; every other question of those articles
+    is an evaluation question (no passage in both)."""
+    import random
+
+    recs = [r for r in records if r["title"] in articles]
+    missing = sorted(set(articles) - {r["title"] for r in recs})
+    if missing:
+        raise SystemExit(f"augment --real_articles: not in the dev file: {', '.join(missing)}")
+    ctxs = list(dict.fromkeys(r["context"] for r in recs))
+    random.Random(f"augment-real:{seed}").shuffle(ctxs)
+    chosen, n = set(), 0
+    for c in ctxs:
+        if n >= n_target:
+            break
+        chosen.add(c)
+        n += sum(r["context"] == c for r in recs)
+    return [r for r in recs if r["context"] in chosen], [r for r in recs if r["context"] not in chosen]
+
+
+def run_real(a):
+    import torch
+    from kdfast.augment.cli import main as augment_main
+    from kdfast.augment.distil import Scorer
+    from kdfast.distill.models import count_parameters, load_qa_model, load_tokenizer
+    from kdfast.qa.load import load_squad
+
+    torch.set_num_threads(a.threads)
+    train = sorted(f for f in os.listdir(SQUAD_DIR) if f.startswith("train") and f.endswith(".json"))
+    cols = ("id", "title", "context", "question", "answers")
+    source = [{k: r[k] for k in cols} for r in load_squad(os.path.join(SQUAD_DIR, train[0]))][:a.real_source]
+    dev = [{k: r[k] for k in cols} for r in load_squad(os.path.join(SQUAD_DIR, "dev-v1.1.json"))]
+    articles = [t for t in a.real_articles.split(",") if t]
+    target, evals = real_split(dev, articles, a.real_target, a.seeds.split(",")[0])
+    evals = evals[:a.eval_questions] if a.eval_questions else evals
+    work = os.path.join(a.work_dir, "real")
+    os.makedirs(work, exist_ok=True)
+    paths = {n: os.path.join(work, f"{n}.json") for n in ("squad", "target", "eval")}
+    for n, recs in zip(paths, (source, target, evals)):
+        _write_squad(paths[n], recs)
+    print(f"[bench augment real] source {len(source)} questions ({train[0]}), target {len(target)} and evaluation "
+          f"{len(evals)} questions of {', '.join(articles)}", flush=True)
+    out = os.path.join(work, "run")
+    args = ["--source_file", paths["squad"], "--train_file", paths["target"], "--validation_file", paths["eval"],
+            "--teacher_name_or_path", a.teacher, "--student_layers", a.student_layers, "--methods", a.methods,
+            "--episodes", str(a.episodes), "--candidates_per_episode", str(a.candidates),
+            "--episode_steps", str(a.episode_steps), "--warmup_steps", str(a.warmup_steps),
+            "--final_steps", str(a.final_steps), "--learning_rate", str(a.learning_rate),
+            "--mlm_steps", str(a.mlm_steps), "--max_seq_length", "256", "--doc_stride", "96",
+            "--seed", a.seeds.split(",")[0], "--output_dir", out, "--disable_tqdm"]
+    if os.path.exists(os.path.join(out, "full", "state.pt")):
+        args.append("--resume_from_checkpoint")
+    t0 = time.perf_counter()
+    augment_main(args)
+    with open(os.path.join(out, "augment_log.json")) as fh:
+        results = json.load(fh)["results"]
+    teacher, tok = load_qa_model(a.teacher).eval(), load_tokenizer(a.teacher)
+    t_score = Scorer(evals, tok)(teacher)
+    from kdfast.distill.student import parse_student_layers, student_from_teacher
+    n_layers = teacher.config.num_hidden_layers
+    student = student_from_teacher(teacher, parse_student_layers(a.student_layers, n_layers))
+    s0 = Scorer(evals, tok)(student)  # the student before any target training
+    cfg = {"source": train[0], "source_questions": len(source), "target_articles": articles,
+           "target_questions": len(target), "eval_questions": len(evals), "teacher": a.teacher,
+           "student_layers": a.student_layers,
+           "student_teacher_params": round(count_parameters(student) / count_parameters(teacher), 4),
+           "episodes": a.episodes, "candidates": a.candidates, "warmup_steps": a.warmup_steps,
+           "final_steps": a.final_steps, "episode_steps": a.episode_steps, "learning_rate": a.learning_rate,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    seed = a.seeds.split(",")[0]
+    rows = []
+    for name, sc in (("teacher (source)", t_score), ("student from teacher layers, untrained on target", s0)):
+        rows += [_row(name, "f1", sc["f1"], len(target), seed, cfg),
+                 _row(name, "exact_match", sc["exact_match"], len(target), seed, cfg)]
+    for r in results:
+        c = dict(cfg, method=r["method"], kept=r["kept"])
+        rows += [_row(r["method"], "f1", r["eval"]["f1"], len(target), seed, c),
+                 _row(r["method"], "exact_match", r["eval"]["exact_match"], len(target), seed, c)]
+    for r in rows:
+        r["mode"] = f"real-seed{seed}"  # report() keeps these apart from the synthetic table
+    _append(rows)
+    for r in rows:
+        if r["metric"] == "f1":
+            print(f"[bench augment real] {r['provider']}: F1 {r['p50']:.2f}", flush=True)
+    report()
 
 
 def main():
@@ -186,7 +392,14 @@ def main():
     p.add_argument("--sizes", default="16,64,256")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--source_questions", type=int, default=600)
-    p.add_argument("--eval_questions", type=int, default=80)
+    p.add_argument("--eval_questions", type=int, default=None,
+                   help="evaluation questions (default: 80 synthetic; --real: every other question of the articles)")
+    p.add_argument("--teacher_shape", default="4x256", help="synthetic teacher LAYERSxHIDDEN")
+    p.add_argument("--student_shape", default="1x128", help="synthetic student LAYERSxHIDDEN")
+    p.add_argument("--teacher_seed", type=int, default=None,
+                   help="one teacher for every seed, built from this data seed (each seed still draws its own "
+                        "target questions and seeds every method); default: a teacher per seed")
+    p.add_argument("--teacher_learning_rate", type=float, default=1e-3)
     p.add_argument("--teacher_steps", type=int, default=120)
     p.add_argument("--teacher_target_steps", type=int, default=15)
     p.add_argument("--teacher_only_steps", type=int, default=30)
@@ -200,9 +413,23 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work_dir", default="/tmp/kdfast-bench-augment")
     p.add_argument("--report", action="store_true", help="only rewrite augment.md from augment.csv")
+    p.add_argument("--real", action="store_true", help="the real-data run (SQuAD in ../shared/data/squad)")
+    p.add_argument("--teacher", help="--real: a QA teacher directory fine-tuned on the source")
+    p.add_argument("--real_source", type=int, default=3000, help="--real: first N train questions as the source")
+    p.add_argument("--real_target", type=int, default=48, help="--real: target questions (whole passages)")
+    p.add_argument("--real_articles", default=REAL_ARTICLES, help="--real: the target topic's dev articles")
+    p.add_argument("--student_layers", default="0,2,4", help="--real: student = these teacher layers")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="--real: student learning rate")
     a = p.parse_args()
     if a.report:
         report()
+    elif a.real:
+        if not os.path.exists(os.path.join(SQUAD_DIR, "dev-v1.1.json")):
+            print(f"skipping --real: no SQuAD files in {os.path.normpath(SQUAD_DIR)}")
+            return
+        if not a.teacher or not os.path.isdir(a.teacher):
+            raise SystemExit("augment --real: --teacher DIR (a QA model fine-tuned on the source) is required")
+        run_real(a)
     else:
         run(a)
 
