@@ -66,25 +66,32 @@ def train_steps(model, windows, tokenizer, *, steps, batch_size=16, learning_rat
     return total / done
 
 
+def _eval_batches(model, tokenizer, windows, batch_size, *, drop_teacher=False):
+    """Yield ``(chunk, batch, outputs, span mask)`` over ``windows`` with ``model`` in eval mode
+    (its training mode is restored afterwards). Call it under ``torch.no_grad()``."""
+    was = model.training
+    model.eval()
+    try:
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b:b + batch_size]
+            rows = [{k: v for k, v in w.items() if not k.startswith("teacher_")} for w in chunk] if drop_teacher \
+                else chunk
+            batch = collate(tokenizer, rows)
+            yield chunk, batch, forward(model, batch), span_mask(batch, batch["input_ids"].shape[1])
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def mean_loss(model, windows, tokenizer, *, temperature=2.0, alpha=0.5, batch_size=32):
     """The training loss of :func:`train_steps` (``alpha * KD + (1 - alpha) * CE`` over the span
     tokens) on ``windows`` with teacher rows, in eval mode (no dropout), averaged over windows."""
-    was = model.training
-    model.eval()
     total = 0.0
-    try:
-        for b in range(0, len(windows), batch_size):
-            chunk = windows[b:b + batch_size]
-            batch = collate(tokenizer, chunk)
-            out = forward(model, batch)
-            mask = span_mask(batch, batch["input_ids"].shape[1])
-            loss = qa_kd_loss(out.start_logits, out.end_logits, batch["teacher_start_logits"],
-                              batch["teacher_end_logits"], batch["start_positions"], batch["end_positions"],
-                              temperature=temperature, soft_weight=alpha, hard_weight=1.0 - alpha, mask=mask)
-            total += float(loss) * len(chunk)
-    finally:
-        model.train(was)
+    for chunk, batch, out, mask in _eval_batches(model, tokenizer, windows, batch_size):
+        loss = qa_kd_loss(out.start_logits, out.end_logits, batch["teacher_start_logits"],
+                          batch["teacher_end_logits"], batch["start_positions"], batch["end_positions"],
+                          temperature=temperature, soft_weight=alpha, hard_weight=1.0 - alpha, mask=mask)
+        total += float(loss) * len(chunk)
     return total / max(1, len(windows))
 
 
@@ -93,24 +100,15 @@ def span_stats(model, tokenizer, windows, batch_size=32):
     """Per window: ``{"conf_start", "conf_end", "ent_start", "ent_end"}`` of ``model``'s span
     distributions (max probability and entropy in nats over CLS + context tokens)."""
     out_rows = []
-    was = model.training
-    model.eval()
-    try:
-        for b in range(0, len(windows), batch_size):
-            chunk = windows[b:b + batch_size]
-            batch = collate(tokenizer, [{k: v for k, v in w.items() if not k.startswith("teacher_")} for w in chunk])
-            out = forward(model, batch)
-            mask = span_mask(batch, batch["input_ids"].shape[1])
-            row = {}
-            for name, logit in (("start", out.start_logits), ("end", out.end_logits)):
-                logp = logit.float().masked_fill(~mask, float("-inf")).log_softmax(-1)
-                p = logp.exp()
-                row[f"conf_{name}"] = p.max(-1).values
-                row[f"ent_{name}"] = -(p * logp.masked_fill(~mask, 0.0)).sum(-1)
-            for i in range(len(chunk)):
-                out_rows.append({k: float(v[i]) for k, v in row.items()})
-    finally:
-        model.train(was)
+    for chunk, _, out, mask in _eval_batches(model, tokenizer, windows, batch_size, drop_teacher=True):
+        row = {}
+        for name, logit in (("start", out.start_logits), ("end", out.end_logits)):
+            logp = logit.float().masked_fill(~mask, float("-inf")).log_softmax(-1)
+            p = logp.exp()
+            row[f"conf_{name}"] = p.max(-1).values
+            row[f"ent_{name}"] = -(p * logp.masked_fill(~mask, 0.0)).sum(-1)
+        for i in range(len(chunk)):
+            out_rows.append({k: float(v[i]) for k, v in row.items()})
     return out_rows
 
 
@@ -119,25 +117,16 @@ def teacher_student_kl(student, tokenizer, windows, temperature=1.0, batch_size=
     """Per window ``KL(teacher || student)`` averaged over the start and end heads, computed with
     the fused :func:`kdfast.ops.kd_loss.kd_loss` (``reduction="none"``) over the span tokens."""
     vals = []
-    was = student.training
-    student.eval()
-    try:
-        for b in range(0, len(windows), batch_size):
-            chunk = windows[b:b + batch_size]
-            batch = collate(tokenizer, chunk)
-            out = forward(student, batch)
-            mask = span_mask(batch, batch["input_ids"].shape[1])
-            s = torch.cat([out.start_logits, out.end_logits]).float()
-            t = torch.cat([batch["teacher_start_logits"], batch["teacher_end_logits"]]).float()
-            m = torch.cat([mask, mask])
-            # Masked tokens get a large negative logit in both (no mass; finite so the kernel's
-            # arithmetic stays finite).
-            rows = kd_loss(s.masked_fill(~m, -1e4), t.masked_fill(~m, -1e4), temperature=temperature,
-                           reduction="none", scale_by_t2=False)
-            n = len(chunk)
-            vals += (0.5 * (rows[:n] + rows[n:])).tolist()
-    finally:
-        student.train(was)
+    for chunk, batch, out, mask in _eval_batches(student, tokenizer, windows, batch_size):
+        s = torch.cat([out.start_logits, out.end_logits]).float()
+        t = torch.cat([batch["teacher_start_logits"], batch["teacher_end_logits"]]).float()
+        m = torch.cat([mask, mask])
+        # Masked tokens get a large negative logit in both (no mass; finite so the kernel's
+        # arithmetic stays finite).
+        rows = kd_loss(s.masked_fill(~m, -1e4), t.masked_fill(~m, -1e4), temperature=temperature,
+                       reduction="none", scale_by_t2=False)
+        n = len(chunk)
+        vals += (0.5 * (rows[:n] + rows[n:])).tolist()
     return vals
 
 
