@@ -284,20 +284,6 @@ def report():
     print("\n".join(lines))
 
 
-def _write_squad(path, records):
-    arts = {}
-    for r in records:
-        paras = arts.setdefault(r["title"], {})
-        paras.setdefault(r["context"], []).append(
-            {"id": r["id"], "question": r["question"],
-             "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"],
-                                                                         r["answers"]["answer_start"])]})
-    data = [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in paras.items()]}
-            for t, paras in arts.items()]
-    with open(path, "w") as fh:
-        json.dump({"version": "1.1", "data": data}, fh)
-
-
 def real_split(records, articles, n_target, seed):
     """(target, eval) from the dev records of ``articles``: whole passages, drawn in a seeded order,
     go to the target until it holds ``n_target`` questions; every other question of those articles
@@ -324,7 +310,7 @@ def run_real(a):
     from kdfast.augment.cli import main as augment_main
     from kdfast.augment.distil import Scorer
     from kdfast.distill.models import count_parameters, load_qa_model, load_tokenizer
-    from kdfast.qa.load import load_squad
+    from kdfast.qa.load import load_squad, write_squad_json
 
     torch.set_num_threads(a.threads)
     train = sorted(f for f in os.listdir(SQUAD_DIR) if f.startswith("train") and f.endswith(".json"))
@@ -338,7 +324,7 @@ def run_real(a):
     os.makedirs(work, exist_ok=True)
     paths = {n: os.path.join(work, f"{n}.json") for n in ("squad", "target", "eval")}
     for n, recs in zip(paths, (source, target, evals)):
-        _write_squad(paths[n], recs)
+        write_squad_json(recs, paths[n])
     print(f"[bench augment real] source {len(source)} questions ({train[0]}), target {len(target)} and evaluation "
           f"{len(evals)} questions of {', '.join(articles)}", flush=True)
     out = os.path.join(work, "run")
