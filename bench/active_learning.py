@@ -127,7 +127,7 @@ def _teacher(out, pool, tok, size, teacher_dir):
     return path
 
 
-def _reference(out, pool, dev, tok, teacher_dir, size, lr=1e-3):
+def _reference(out, pool, dev, tok, teacher_dir, size, lr=1e-3, max_steps=-1):
     """The same student distilled on 100% of the pool with the same options: (em, f1, model dir)."""
     from kdfast.distill.models import inference_ready, load_qa_model
     from kdfast.distill.stage import train_stage
@@ -143,7 +143,7 @@ def _reference(out, pool, dev, tok, teacher_dir, size, lr=1e-3):
     layers = parse_student_layers(size["student_layers"], teacher.config.num_hidden_layers)
     student = student_from_teacher(teacher, layers, attn_implementation="kdfast")
     trainer = train_stage(student, cache.attach(windows), tok, os.path.join(out, "reference"),
-                          _options(size["epochs"], 0, lr), distill=DistillConfig())
+                          _options(size["epochs"], 0, lr, max_steps=max_steps), distill=DistillConfig())
     path = os.path.join(out, "reference", "model")
     trainer.save_model(path)
     m = evaluate_qa(inference_ready(load_qa_model(path)), tok, dev, features=eval_features(dev, tok, **kw),
@@ -206,6 +206,10 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=None, help="pool size in questions (default: the mode's)")
     ap.add_argument("--dev", type=int, default=None, help="dev questions (default: the mode's)")
     ap.add_argument("--epochs", type=float, default=None, help="student epochs per round (default: the mode's)")
+    ap.add_argument("--max_steps", type=int, default=-1,
+                    help="train every round and the 100%% reference for exactly this many steps (a fixed compute "
+                         "budget per round, as when each round trains to convergence) instead of --epochs over "
+                         "the labelled set; default: epochs")
     ap.add_argument("--student_layers", default=None, help="teacher layers the student keeps (default: the mode's)")
     ap.add_argument("--max_seq_length", type=int, default=None, help="window length (default: the mode's)")
     ap.add_argument("--doc_stride", type=int, default=None, help="window overlap (default: the mode's)")
@@ -256,7 +260,8 @@ def main(argv=None):
     teacher_dir = _teacher(out, pool, tok, size, a.teacher)
     config = (f"{source} pool={len(pool)} dev={len(dev)} teacher={a.teacher or size['teacher']} student_layers="
               f"{size['student_layers']} L={size['max_seq_length']} budget={a.budget} seed={size['seed_fraction']} "
-              f"query={size['query_fraction']} epochs={size['epochs']} lr={a.lr:g} kd_on_pool={a.kd_on_pool} mode={mode}")
+              f"query={size['query_fraction']} epochs={size['epochs']}"
+              f"{f' max_steps={a.max_steps}' if a.max_steps > 0 else ''} lr={a.lr:g} kd_on_pool={a.kd_on_pool} mode={mode}")
     machine = device_name("cpu")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rows, final = [], {}
@@ -266,7 +271,8 @@ def main(argv=None):
             cfg = ALConfig(os.path.join(out, f"{strategy}-seed{seed}"), strategy=strategy, seed=seed,
                            seed_fraction=size["seed_fraction"], query_fraction=size["query_fraction"],
                            budget=a.budget, student_layers=size["student_layers"],
-                           train=_options(size["epochs"], seed, a.lr), max_seq_length=size["max_seq_length"],
+                           train=_options(size["epochs"], seed, a.lr, max_steps=a.max_steps),
+                           max_seq_length=size["max_seq_length"],
                            doc_stride=size["doc_stride"], kd_on_pool=a.kd_on_pool, progress=False)
             loop = ActiveLearningLoop(cfg, pool, dev, tok, teacher_dir=teacher_dir)
             res = loop.run()
@@ -289,7 +295,7 @@ def main(argv=None):
         print(f"\nrows appended to {path} (--no_reference: no 100% reference, no scoring speed)")
         return 0
     _log("reference: the same student on 100% of the pool")
-    ref_em, ref_f1, ref_dir = _reference(out, pool, dev, tok, teacher_dir, size, a.lr)
+    ref_em, ref_f1, ref_dir = _reference(out, pool, dev, tok, teacher_dir, size, a.lr, a.max_steps)
     rows.append({"strategy": "reference-100%", "seed": 0, "labeled_fraction": 1.0, "em": round(ref_em, 3),
                  "f1": round(ref_f1, 3), "pool_questions_per_s": "", "config": config, "machine": machine,
                  "timestamp": stamp})

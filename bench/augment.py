@@ -49,6 +49,7 @@ COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", 
            "device", "timestamp", "version"]
 SOURCE = ("geography", "science", "history")
 TARGET = "biography"
+NOTES = "### What these numbers say"
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
 VARIANTS = {"full_dev_loss": dict(method="full", reward="dev_loss")}  # bench names -> AugmentConfig fields
 DEVICE = "2-core AMD EPYC (Zen 3), no GPU, shared with 3 other developers' jobs"
@@ -276,11 +277,21 @@ def report():
         with open(CSV) as fh:
             em = {(r["provider"], r["mode"]): float(r["p50"]) for r in csv.DictReader(fh)
                   if r["metric"] == "exact_match" and r["mode"].startswith("real")}
-        latest = {r["provider"]: r for r in real}
-        for p, r in latest.items():
-            lines.append(f"| {NAMES.get(p, p)} | {float(r['p50']):.2f} | {em.get((p, r['mode']), float('nan')):.2f} |")
+        # The latest run of each method, per masked LM (built-in from scratch / from the teacher's encoder).
+        from kdfast.augment.loop import MLM_METHODS
+        latest = {(r["provider"], r["provider"] in MLM_METHODS and bool(json.loads(r["config"]).get("mlm_init"))): r
+                  for r in real}
+        for (p, init), r in latest.items():
+            name = NAMES.get(p, p) + (" (MLM from the teacher's encoder)" if init else "")
+            lines.append(f"| {name} | {float(r['p50']):.2f} | {em.get((p, r['mode']), float('nan')):.2f} |")
+    notes = ""  # hand-written commentary after the tables survives a regenerated report
+    if os.path.exists(MD):
+        with open(MD) as fh:
+            text = fh.read()
+        if NOTES in text:
+            notes = "\n" + text[text.index(NOTES):]
     with open(MD, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write("\n".join(lines) + "\n" + notes)
     print("\n".join(lines))
 
 
@@ -327,7 +338,7 @@ def run_real(a):
         write_squad_json(recs, paths[n])
     print(f"[bench augment real] source {len(source)} questions ({train[0]}), target {len(target)} and evaluation "
           f"{len(evals)} questions of {', '.join(articles)}", flush=True)
-    out = os.path.join(work, "run")
+    out = os.path.join(work, "run-mlm-teacher" if a.mlm_init_teacher else "run")
     args = ["--source_file", paths["squad"], "--train_file", paths["target"], "--validation_file", paths["eval"],
             "--teacher_name_or_path", a.teacher, "--student_layers", a.student_layers, "--methods", a.methods,
             "--episodes", str(a.episodes), "--candidates_per_episode", str(a.candidates),
@@ -335,6 +346,8 @@ def run_real(a):
             "--final_steps", str(a.final_steps), "--learning_rate", str(a.learning_rate),
             "--mlm_steps", str(a.mlm_steps), "--max_seq_length", "256", "--doc_stride", "96",
             "--seed", a.seeds.split(",")[0], "--output_dir", out, "--disable_tqdm"]
+    if a.mlm_init_teacher:
+        args += ["--mlm_init", a.teacher]
     if os.path.exists(os.path.join(out, "full", "state.pt")):
         args.append("--resume_from_checkpoint")
     t0 = time.perf_counter()
@@ -353,7 +366,7 @@ def run_real(a):
            "student_teacher_params": round(count_parameters(student) / count_parameters(teacher), 4),
            "episodes": a.episodes, "candidates": a.candidates, "warmup_steps": a.warmup_steps,
            "final_steps": a.final_steps, "episode_steps": a.episode_steps, "learning_rate": a.learning_rate,
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "mlm_init": a.teacher if a.mlm_init_teacher else None, "seconds": round(time.perf_counter() - t0, 1)}
     seed = a.seeds.split(",")[0]
     rows = []
     for name, sc in (("teacher (source)", t_score), ("student from teacher layers, untrained on target", s0)):
@@ -364,7 +377,7 @@ def run_real(a):
         rows += [_row(r["method"], "f1", r["eval"]["f1"], len(target), seed, c),
                  _row(r["method"], "exact_match", r["eval"]["exact_match"], len(target), seed, c)]
     for r in rows:
-        r["mode"] = f"real-seed{seed}"  # report() keeps these apart from the synthetic table
+        r["mode"] = f"real-seed{seed}" + ("-mlm-teacher" if a.mlm_init_teacher else "")  # apart from synthetic
     _append(rows)
     for r in rows:
         if r["metric"] == "f1":
@@ -406,6 +419,9 @@ def main():
     p.add_argument("--real_articles", default=REAL_ARTICLES, help="--real: the target topic's dev articles")
     p.add_argument("--student_layers", default="0,2,4", help="--real: student = these teacher layers")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="--real: student learning rate")
+    p.add_argument("--mlm_init_teacher", action="store_true",
+                   help="--real: start the masked LM from the teacher's pretrained encoder (kdfast augment "
+                        "--mlm_init) instead of training a small one from scratch; its own work directory")
     a = p.parse_args()
     if a.report:
         report()

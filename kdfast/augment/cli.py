@@ -50,6 +50,9 @@ class AugmentArguments:
         "help": "share of --train_file held out (by passage) for the selector's reward; never trained on"})
     mlm_name_or_path: str | None = field(default=None, metadata={
         "help": "a local masked-LM directory (same tokenizer); default: train a small one on source + target"})
+    mlm_init: str | None = field(default=None, metadata={
+        "help": "start the masked LM from this pretrained BERT-family model directory (e.g. the teacher's, "
+                "when it was fine-tuned from a pretrained encoder; same tokenizer) instead of random weights"})
     mlm_steps: int = 300
     per_device_train_batch_size: int = 16
     learning_rate: float = 1e-3
@@ -140,6 +143,11 @@ def main(argv=None) -> int:
         raise _error(f"--teacher_name_or_path {a.teacher_name_or_path}: no such directory")
     if a.mlm_name_or_path and not os.path.isdir(a.mlm_name_or_path):
         raise _error(f"--mlm_name_or_path {a.mlm_name_or_path}: no such directory")
+    if a.mlm_init and not os.path.exists(os.path.join(a.mlm_init, "config.json")):
+        raise _error(f"--mlm_init {a.mlm_init}: no model directory (config.json) there")
+    if a.mlm_init and a.mlm_name_or_path:
+        raise _error("--mlm_init and --mlm_name_or_path exclude each other: the first trains a masked LM from "
+                     "an encoder, the second uses a trained one as it is")
     if a.episodes < 1:
         raise _error(f"--episodes {a.episodes}: expected >= 1")
     if a.source_file is None:
@@ -180,7 +188,8 @@ def main(argv=None) -> int:
         # One masked LM for every method that needs one (trained once, reused on a rerun).
         mlm_path = os.path.join(a.output_dir, "mlm")
         if not os.path.exists(os.path.join(mlm_path, "config.json")):
-            cfg = AugmentConfig(mlm_steps=a.mlm_steps, dev_fraction=a.dev_fraction, seed=a.seed)
+            cfg = AugmentConfig(mlm_steps=a.mlm_steps, mlm_init=a.mlm_init, dev_fraction=a.dev_fraction,
+                                seed=a.seed)
             train_default_mlm(cfg, source, target_split(cfg, target)[0], tok, mlm_path, log)
     for m in sorted(methods, key=lambda m: m != "full"):  # full first: its keep rate sizes the random selector
         out = os.path.join(a.output_dir, m)

@@ -65,6 +65,11 @@ class AugmentConfig:
     mlm_path: str | None = None
     mlm_steps: int = 300
     mlm_hidden_size: int = 64
+    # Start the built-in MLM from this pretrained BERT-family model directory (e.g. a teacher
+    # fine-tuned from a pretrained encoder) instead of random weights; its vocabulary must be the
+    # tokenizer's. mlm_learning_rate None: 2e-3 from scratch, 1e-4 from mlm_init.
+    mlm_init: str | None = None
+    mlm_learning_rate: float | None = None
     tinybert_rate: float = 0.3
     mix_alpha: float = 0.4
     max_seq_length: int = 256
@@ -128,16 +133,19 @@ def target_split(config, target):
 
 
 def train_default_mlm(config, source, target_train, tokenizer, path, log=None):
-    """The small masked LM built in code (``config.mlm_hidden_size``, ``config.mlm_steps``), trained
-    on the source passages and the target's *train* part (never its held-out dev part) and saved
-    to ``path``. Several methods of one study can share it (``AugmentConfig.mlm_path``)."""
+    """The masked LM built in code (``config.mlm_hidden_size``, or the encoder of
+    ``config.mlm_init``), trained ``config.mlm_steps`` steps on the source passages and the
+    target's *train* part (never its held-out dev part) and saved to ``path``. Several methods of
+    one study can share it (``AugmentConfig.mlm_path``)."""
     from kdfast.augment.mlm import build_mlm, train_mlm
 
     texts = sorted({r["context"] for r in answered(source) + list(target_train)})
-    mlm = build_mlm(tokenizer, hidden_size=config.mlm_hidden_size, seed=config.seed)
-    loss = train_mlm(mlm, tokenizer, texts, steps=config.mlm_steps, seed=config.seed)
+    mlm = build_mlm(tokenizer, hidden_size=config.mlm_hidden_size, seed=config.seed, init=config.mlm_init)
+    lr = config.mlm_learning_rate or (1e-4 if config.mlm_init else 2e-3)
+    loss = train_mlm(mlm, tokenizer, texts, steps=config.mlm_steps, learning_rate=lr, seed=config.seed)
     if log:
-        log(f"MLM trained {config.mlm_steps} steps on {len(texts)} passages, loss {loss:.2f}")
+        start = f" from {config.mlm_init}" if config.mlm_init else ""
+        log(f"MLM{start} trained {config.mlm_steps} steps on {len(texts)} passages, loss {loss:.2f}")
     mlm.save_pretrained(path)
     return mlm
 

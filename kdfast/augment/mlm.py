@@ -1,8 +1,11 @@
 """The masked language model that refills corrupted passages.
 
 For the built-in data a small BERT MLM is built in code (the QA tokenizer's vocabulary) and
-trained for a few hundred steps on source + target text; any local MLM directory
-(``AutoModelForMaskedLM``, same tokenizer) works instead.
+trained for a few hundred steps on source + target text. With a pretrained teacher (real data,
+a 30k-entry vocabulary) that small model learns little more than word frequencies in a few hundred
+steps; ``build_mlm(init=<teacher dir>)`` starts it from the teacher's pretrained encoder instead
+(word embeddings tied to the output layer, a new prediction head). Any local MLM directory
+(``AutoModelForMaskedLM``, same tokenizer) works as well.
 """
 from __future__ import annotations
 
@@ -12,8 +15,31 @@ import torch
 
 
 def build_mlm(tokenizer, *, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-              max_position_embeddings=512, seed=0):
+              max_position_embeddings=512, seed=0, init=None):
+    """A BERT masked LM for ``tokenizer``: built from the size arguments, or, with ``init`` (a saved
+    BERT-family model directory: a pretrained encoder or a QA model fine-tuned from one, e.g. the
+    teacher), that model's encoder with its word embeddings tied to the output layer and a freshly
+    initialised prediction transform (the size arguments are then unused)."""
     from transformers import BertConfig, BertForMaskedLM
+
+    if init is not None:
+        import os
+
+        if not os.path.exists(os.path.join(init, "config.json")):
+            raise FileNotFoundError(f"mlm_init: no model directory (config.json) at {init}")
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(init)
+        if not isinstance(cfg, BertConfig):
+            raise ValueError(f"mlm_init: {init} is a {cfg.model_type!r} model; a BERT-family encoder is needed")
+        if cfg.vocab_size != len(tokenizer):
+            raise ValueError(f"mlm_init: {init} has a {cfg.vocab_size}-entry vocabulary, the tokenizer "
+                             f"{len(tokenizer)}: use the tokenizer the model was trained with")
+        cfg.tie_word_embeddings = True
+        torch.manual_seed(seed)
+        mlm = BertForMaskedLM.from_pretrained(init, config=cfg)
+        mlm.tie_weights()
+        return mlm
 
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                      num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,

@@ -57,6 +57,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     ("--teacher_name_or_path", "/nope/dir", "--teacher_name_or_path /nope/dir: no such directory"),
     ("--methods", "full,bogus", "--methods 'full,bogus': unknown"),
     ("--reward", "bleu", "reward: unknown 'bleu'"),
+    ("--mlm_init", "/nope/enc", "--mlm_init /nope/enc: no model directory"),
 ])
 def test_cli_errors_name_the_argument(files, tmp_path, flag, value, match):
     from kdfast.augment.cli import main
@@ -68,3 +69,16 @@ def test_cli_errors_name_the_argument(files, tmp_path, flag, value, match):
         argv += [flag, value]
     with pytest.raises(SystemExit, match=match.replace("(", r"\(").replace("'", "'")):
         main(argv)
+
+
+def test_cli_mlm_init_starts_the_masked_lm_from_the_teacher(files, tmp_path, capsys):
+    from kdfast.augment.cli import main
+
+    out = tmp_path / "run"
+    assert main([*_argv(files, out, "--methods", "random", "--mlm_init", files["teacher"])]) == 0
+    cfg = json.loads((out / "mlm" / "config.json").read_text())
+    teacher = json.loads(open(os.path.join(files["teacher"], "config.json")).read())
+    assert cfg["intermediate_size"] == teacher["intermediate_size"] == 128  # the teacher's; the default MLM has 256
+    assert f"MLM from {files['teacher']} trained 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main(_argv(files, tmp_path / "e", "--mlm_init", files["teacher"], "--mlm_name_or_path", str(out / "mlm")))

@@ -139,3 +139,33 @@ def test_filler_slots_head_matches_the_full_head(aug_tok, aug_filler):
         a = aug_filler.fill(ids, torch.Generator().manual_seed(seed))
         b = plain.fill(ids, torch.Generator().manual_seed(seed))
         assert a == b and len(a) == 3 and None not in a
+
+
+def test_mlm_from_a_pretrained_encoder(aug_tok, aug_data, tmp_path):
+    """build_mlm(init=dir) carries the model's encoder over unchanged, ties the output layer to its
+    word embeddings, and trains from there; a vocabulary mismatch is refused naming mlm_init."""
+    from kdfast.augment.mlm import build_mlm, train_mlm
+    from kdfast.qa.tokenizer import train_wordpiece_tokenizer
+
+    from .conftest import tiny_model
+
+    qa = tiny_model(aug_tok, hidden=32, seed=5)
+    qa.save_pretrained(tmp_path / "qa")
+    mlm = build_mlm(aug_tok, init=str(tmp_path / "qa"), seed=0)
+    enc = dict(mlm.bert.named_parameters())
+    shared = [n for n, _ in qa.bert.named_parameters() if not n.startswith("pooler.")]
+    assert shared and all(n in enc for n in shared)
+    for n, p in qa.bert.named_parameters():
+        if n in enc:
+            torch.testing.assert_close(enc[n], p, rtol=0, atol=0)
+    emb = mlm.bert.embeddings.word_embeddings.weight
+    assert mlm.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+    before = emb.detach().clone()
+    train_mlm(mlm, aug_tok, [r["context"] for r in aug_data["source"]], steps=3, learning_rate=1e-3)
+    assert not torch.equal(before, emb)  # it trains the pretrained weights, tied head included
+    other = train_wordpiece_tokenizer([r["context"] for r in aug_data["source"]], vocab_size=300)
+    assert len(other) != len(aug_tok)
+    with pytest.raises(ValueError, match="mlm_init"):
+        build_mlm(other, init=str(tmp_path / "qa"))
+    with pytest.raises(FileNotFoundError, match="mlm_init"):
+        build_mlm(aug_tok, init=str(tmp_path / "nothing"))
