@@ -36,8 +36,15 @@ def build_mlm(tokenizer, *, hidden_size=64, num_hidden_layers=2, num_attention_h
             raise ValueError(f"mlm_init: {init} has a {cfg.vocab_size}-entry vocabulary, the tokenizer "
                              f"{len(tokenizer)}: use the tokenizer the model was trained with")
         cfg.tie_word_embeddings = True
+        from transformers.utils import logging as hf_logging
+
         torch.manual_seed(seed)
-        mlm = BertForMaskedLM.from_pretrained(init, config=cfg)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head and the dropped QA head are expected, not a warning
+        try:
+            mlm = BertForMaskedLM.from_pretrained(init, config=cfg)
+        finally:
+            hf_logging.set_verbosity(level)
         mlm.tie_weights()
         return mlm
 
