@@ -216,7 +216,8 @@ class AugmentLoop:
         if c.method == "full":
             self.policy = Policy(state_dim(len(self.domains)), c.policy_hidden)
             st["dev_f1"] = self.dev_scorer(self.student)["f1"]
-            st["dev_loss"] = self._dev_loss()
+            if c.reward == "dev_loss":  # an extra dev pass only where the reward needs it
+                st["dev_loss"] = self._dev_loss()
             st["policy"] = self.policy.state_dict()
             st["policy_opt"] = torch.optim.Adam(self.policy.parameters(), lr=c.policy_learning_rate).state_dict()
             st["baseline"] = MovingBaseline(c.baseline_beta).state_dict()
