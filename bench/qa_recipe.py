@@ -104,8 +104,10 @@ def run_synthetic(a, out, seed, log):
     rows = run_demo(out, num_train=a.num_train, num_dev=a.num_dev, seed=seed, teacher_epochs=a.teacher_epochs,
                     student_epochs=a.student_epochs, prune_epochs=a.prune_epochs, ternary_epochs=a.ternary_epochs,
                     target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress,
-                    teacher_num_train=a.teacher_train)
+                    teacher_num_train=a.teacher_train, kd_unlabeled=a.kd_unlabeled)
     teacher = f" (teacher: {a.teacher_train})" if a.teacher_train else ""
+    if a.kd_unlabeled:
+        teacher += f" (+ {a.teacher_train - a.num_train} unlabelled for distillation)"
     return rows, (f"kdfast synthetic: {a.num_train}{teacher} train / {a.num_dev} dev questions, epochs: teacher "
                   f"{a.teacher_epochs:g}, student {a.student_epochs:g}, prune {a.prune_epochs:g} "
                   f"(target {a.target_sparsity:g} of the multiply-adds), ternary {a.ternary_epochs:g}")
@@ -151,6 +153,9 @@ def main(argv=None):
     ap.add_argument("--teacher-train", type=int, default=None,
                     help="--synthetic: the teacher trains on this many generated questions, the students on a "
                          "random --num-train of them (run_demo(teacher_num_train=))")
+    ap.add_argument("--kd-unlabeled", action="store_true",
+                    help="synthetic, with --teacher-train: the recipe also distils on the teacher's other questions, "
+                         "answers dropped (teacher soft labels only: run_demo(kd_unlabeled=True))")
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--max-eval", type=int, default=None)
     ap.add_argument("--max-seq-length", type=int, default=256)
@@ -182,6 +187,8 @@ def main(argv=None):
     if a.synthetic and (a.ternary_teacher != "teacher" or a.ternary_layer_losses):
         sys.exit("qa_recipe: --ternary-teacher / --ternary-layer-losses apply to --real only (the synthetic run is "
                  "kdfast demo's recipe)")
+    if a.kd_unlabeled and not (a.synthetic and a.teacher_train and a.teacher_train > a.num_train):
+        sys.exit("qa_recipe: --kd-unlabeled needs --synthetic and --teacher-train larger than --num-train")
     if a.real and not os.path.exists(os.path.join(a.data, "train-du-v1.1.json")):
         sys.exit(f"qa_recipe: the real SQuAD files are not in {a.data}")
     from kdfast.distill.report import machine, markdown_table, with_speedup

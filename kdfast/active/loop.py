@@ -49,12 +49,12 @@ from kdfast.active.pool import score_pool, select_queries, world
 from kdfast.active.strategies import get_strategy
 from kdfast.distill.stage import TrainOptions
 from kdfast.distill.trainer import DistillConfig
+from kdfast.distill.unlabeled import IGNORE_POSITION, without_labels
 
 STAGES = ("train", "evaluate", "score", "select", "label")
 SEED_STAGES = ("seed_select", "seed_label")
 STATE_FILE = "al_state.json"
 LABELS_FILE = "human_labels.json"
-IGNORE_POSITION = 100_000
 LABELLING = ("simulate", "annotate")
 _NOT_COMPARED = ("output_dir", "progress")
 _SECONDS = ("train_seconds", "eval_seconds", "score_seconds", "select_seconds")
@@ -376,10 +376,7 @@ class ActiveLearningLoop:
         if self.config.kd_on_pool:
             un = [r for q in self.ids if q not in lab_set for r in self.rows[q]]
             if un:
-                pool_part = self.train_windows.select(un).map(
-                    lambda b: {"start_positions": [IGNORE_POSITION] * len(b["start_positions"]),
-                               "end_positions": [IGNORE_POSITION] * len(b["end_positions"])},
-                    batched=True, desc="pool windows (soft labels only)", load_from_cache_file=False)
+                pool_part = without_labels(self.train_windows.select(un), "pool windows (soft labels only)")
                 ds = concatenate_datasets([ds, pool_part]) if len(ds) else pool_part
         return ds
 

@@ -58,6 +58,10 @@ class DistillArguments:
     term_weighting: str = field(default="fixed", metadata={
         "help": "fixed, or ema[:decay] (each term divided by its running magnitude before its weight)"})
     teacher_top_k: int | None = field(default=None, metadata={"help": "cache only the teacher's top-k logits"})
+    unlabeled_file: str | None = field(default=None, metadata={
+        "help": "SQuAD JSON / JSON lines questions to distil on with the teacher's soft labels only (a transfer "
+                "set: their answers are never read; write \"answers\": [] where there are none); ids must differ "
+                "from the training questions'"})
     no_teacher_cache: bool = field(default=False, metadata={"help": "run the teacher every step (stock way)"})
 
 
@@ -125,6 +129,9 @@ class DemoArguments:
     teacher_num_train: int | None = field(default=None, metadata={
         "help": "train the teacher on this many generated questions and the students on a random num_train of "
                 "them (a teacher that knows more than the students' labels; default: num_train)"})
+    kd_unlabeled: bool = field(default=False, metadata={
+        "help": "with --teacher_num_train: the recipe also distils on the teacher's other questions, answers dropped "
+                "(teacher soft labels only; the student without KD cannot use them)"})
     teacher_epochs: float = 2.0
     student_epochs: float = field(default=1.5, metadata={"help": "epochs of the no-KD baseline and of distillation"})
     prune_epochs: float = 1.5

@@ -100,6 +100,25 @@ def _questions(data: DataArguments, which: str):
     return ds
 
 
+def _unlabeled(kd: DistillArguments, train=None):
+    """--unlabeled_file -> questions Dataset (answers dropped), or None."""
+    if not kd.unlabeled_file:
+        return None
+    from kdfast.qa.load import SquadFormatError, load_squad
+    _need_file("--unlabeled_file", kd.unlabeled_file)
+    try:
+        ds = load_squad(kd.unlabeled_file, version_2=True)  # empty answers allowed; never read
+    except SquadFormatError as e:
+        raise CLIError(f"--unlabeled_file: {e}") from None
+    if train is not None:
+        from kdfast.distill.unlabeled import check_disjoint
+        try:
+            check_disjoint(train, ds)
+        except ValueError as e:
+            raise CLIError(f"--unlabeled_file: {e}") from None
+    return ds.remove_columns([c for c in ("answers", "is_impossible") if c in ds.column_names])
+
+
 def _tokenizer(model_args: ModelArguments | None, data: DataArguments | None, *extra_dirs):
     from kdfast.distill.models import load_tokenizer
     candidates = [getattr(model_args, "tokenizer_name", None), getattr(model_args, "model_name_or_path", None),
@@ -258,6 +277,7 @@ def cmd_distill(argv):
     from kdfast.distill.recipe import training_attention
     from kdfast.distill.stage import train_stage
     from kdfast.distill.teacher_cache import TeacherCache
+    from kdfast.distill.unlabeled import unlabeled_windows, with_unlabeled
     from kdfast.qa.features import train_features
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required (fine-tune a teacher with kdfast fine-tune)")
@@ -271,9 +291,14 @@ def cmd_distill(argv):
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     train, dev = _questions(data, "train"), _questions(data, "validation")
+    unlabeled = _unlabeled(kd, train)
     with targs.main_process_first(desc="windowing and teacher cache"):
         windows = train_features(train, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride,
                                  num_proc=data.preprocessing_num_workers)
+        if unlabeled is not None:
+            windows = with_unlabeled(windows, unlabeled_windows(
+                unlabeled, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride,
+                num_proc=data.preprocessing_num_workers))
         if not kd.no_teacher_cache:
             cache = TeacherCache.build(teacher, windows, tok, os.path.join(targs.output_dir, "teacher_cache"),
                                        top_k=kd.teacher_top_k, progress=not targs.disable_tqdm)
@@ -281,7 +306,8 @@ def cmd_distill(argv):
     trainer = train_stage(student, windows, tok, targs.output_dir, targs, teacher=teacher, distill=cfg)
     recipe = {"mode": "distill", "teacher": kd.teacher_name_or_path, "temperature": kd.temperature,
               "alpha": kd.alpha, "layer_losses": kd.layer_losses, "teacher_cache": not kd.no_teacher_cache,
-              "epochs": targs.num_train_epochs}
+              "epochs": targs.num_train_epochs,
+              "unlabeled_questions": len(unlabeled) if unlabeled is not None else 0}
     return _finish(targs.output_dir, trainer.model, tok, dev, data, trainer, "distilled", recipe, len(train))
 
 
@@ -308,6 +334,7 @@ def cmd_compress(argv):
     if rec.prune_cost not in ("flops", "params"):
         raise CLIError(f"--prune_cost must be flops or params, not {rec.prune_cost!r}")
     train, dev = _questions(data, "train"), _questions(data, "validation")
+    unlabeled = _unlabeled(kd, train)
     embeddings, float_dtype = _ternary_storage(rec)
     cfg = RecipeConfig(output_dir=targs.output_dir, student_layers=kd.student_layers or
                        str(max(1, teacher.config.num_hidden_layers // 2)), student_path=model_args.model_name_or_path,
@@ -321,7 +348,7 @@ def cmd_compress(argv):
                        doc_stride=data.doc_stride, version_2_with_negative=data.version_2_with_negative,
                        teacher_top_k=kd.teacher_top_k, stages=tuple(s.strip() for s in rec.stages.split(",")))
     try:
-        rows = run_recipe(cfg, kd.teacher_name_or_path, train, dev, tok)
+        rows = run_recipe(cfg, kd.teacher_name_or_path, train, dev, tok, unlabeled_questions=unlabeled)
     except ValueError as e:
         raise CLIError(str(e)) from None
     dev_windows = eval_features(dev, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride)
@@ -330,6 +357,7 @@ def cmd_compress(argv):
     rows = with_speedup([t_row] + rows)
     write_results(targs.output_dir, rows, title="kdfast compression recipe",
                   data={"train": data.train_file, "validation": data.validation_file, "train_questions": len(train),
+                        "unlabeled_questions (distillation only)": len(unlabeled) if unlabeled is not None else 0,
                         "dev_questions": len(dev)},
                   recipe={**{k: v for k, v in dataclasses.asdict(rec).items()}, "temperature": kd.temperature,
                           "alpha": kd.alpha, "layer_losses": kd.layer_losses})
@@ -354,10 +382,13 @@ def cmd_demo(argv):
     if a.teacher_num_train is not None and a.teacher_num_train < a.num_train:
         raise CLIError(f"--teacher_num_train {a.teacher_num_train} must be >= --num_train {a.num_train} (the "
                        "students' questions are a subset of the teacher's)")
+    if a.kd_unlabeled and not (a.teacher_num_train is not None and a.teacher_num_train > a.num_train):
+        raise CLIError("--kd_unlabeled distils on the teacher's questions beyond --num_train: give "
+                       "--teacher_num_train larger than --num_train")
     run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh,
              teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs, prune_epochs=a.prune_epochs,
              ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity, ternary_embeddings=embeddings,
-             ternary_float_dtype=float_dtype, teacher_num_train=a.teacher_num_train)
+             ternary_float_dtype=float_dtype, teacher_num_train=a.teacher_num_train, kd_unlabeled=a.kd_unlabeled)
     return 0
 
 

@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_qa_model": "models", "load_tokenizer": "models", "save_ternary": "models", "model_kind": "models",
     "count_parameters": "models", "weights_size": "models", "inference_ready": "models",
     "cpu_speed": "measure",
+    "IGNORE_POSITION": "unlabeled", "unlabeled_windows": "unlabeled", "with_unlabeled": "unlabeled",
+    "without_labels": "unlabeled",
 }
 
 __all__ = sorted(_EXPORTS)

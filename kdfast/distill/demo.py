@@ -39,7 +39,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
              prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.7,
              disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3,
              ternary_embeddings="all", ternary_float_dtype: str | None = "float16",
-             teacher_num_train: int | None = None) -> list[dict]:
+             teacher_num_train: int | None = None, kd_unlabeled: bool = False) -> list[dict]:
     """Run the demo; returns the table rows (also written to ``output_dir/results.md``).
     ``ternary_embeddings`` / ``ternary_float_dtype``: see :class:`kdfast.distill.recipe.RecipeConfig`.
 
@@ -47,7 +47,12 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     them, while both students (no KD and distilled, and the later stages) train on a seeded random
     subset of ``num_train`` of them: a teacher that knows more than the students' labelled data, as a
     pretrained teacher does on real data (a from-scratch teacher trained on the students' data alone is
-    no better than the student without KD on this generator)."""
+    no better than the student without KD on this generator).
+
+    ``kd_unlabeled`` (needs ``teacher_num_train > num_train``): the recipe's stages also distil on the
+    teacher's other ``teacher_num_train - num_train`` questions with their answers dropped (teacher soft
+    labels only, :mod:`kdfast.distill.unlabeled`): unlabelled in-domain questions as a transfer set. The
+    student without KD trains on the ``num_train`` labelled questions either way."""
     import torch
     from kdfast.distill.models import load_qa_model
     from kdfast.distill.recipe import RecipeConfig, measure_row, read_state, run_recipe, write_state
@@ -64,6 +69,9 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     if teacher_num_train is not None and teacher_num_train < num_train:
         raise ValueError(f"teacher_num_train={teacher_num_train} must be >= num_train={num_train} (the students' "
                          "questions are a subset of the teacher's)")
+    if kd_unlabeled and not (teacher_num_train is not None and teacher_num_train > num_train):
+        raise ValueError("kd_unlabeled distils on the teacher's questions beyond num_train: it needs "
+                         f"teacher_num_train > num_train (got {teacher_num_train} and {num_train})")
     t_start = time.perf_counter()
     if fresh and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
@@ -80,14 +88,18 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
         raise ValueError(f"{data_dir}/train.json has {len(train)} questions, this run asks for {n_generated}: "
                          "use another output_dir (or fresh=True) when changing num_train / teacher_num_train")
     dev = load_squad(os.path.join(data_dir, "dev.json"))
-    teacher_windows = None
+    teacher_windows = unlabeled = None
     if teacher_num_train is not None and teacher_num_train > num_train:
         teacher_windows = train_features(train, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
-        train = train.shuffle(seed=seed).select(range(num_train))  # the students' labelled questions
+        shuffled = train.shuffle(seed=seed)
+        train = shuffled.select(range(num_train))  # the students' labelled questions
+        if kd_unlabeled:  # the rest, answers never read: a transfer set for distillation
+            unlabeled = shuffled.select(range(num_train, len(shuffled))).remove_columns("answers")
     windows = train_features(train, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
     dev_windows = eval_features(dev, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE)
     _log(f"{len(train)} train questions ({len(windows)} windows), {len(dev)} dev questions"
-         + (f"; the teacher trains on {n_generated} ({len(teacher_windows)} windows)" if teacher_windows else ""))
+         + (f"; the teacher trains on {n_generated} ({len(teacher_windows)} windows)" if teacher_windows else "")
+         + (f"; the recipe also distils on {len(unlabeled)} unlabelled questions" if unlabeled else ""))
     opts = TrainOptions(num_train_epochs=teacher_epochs, per_device_train_batch_size=batch_size,
                         learning_rate=learning_rate, seed=seed, disable_tqdm=disable_tqdm, logging_steps=100,
                         warmup_ratio=0.1)
@@ -129,7 +141,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
         ternary_learning_rate=learning_rate / 4, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE,
         ternary_embeddings=ternary_embeddings, ternary_float_dtype=ternary_float_dtype)
     names = {"distil": "distilled student", "prune": "pruned student", "ternary": "ternary student"}
-    recipe_rows = run_recipe(recipe, teacher_dir, train, dev, tok, log=_log)
+    recipe_rows = run_recipe(recipe, teacher_dir, train, dev, tok, unlabeled_questions=unlabeled, log=_log)
     state = read_state(output_dir)
     table = [state["demo_rows"]["teacher"], state["demo_rows"]["student without KD"]]
     table += [dict(r, model=names[r["model"]]) for r in recipe_rows]
@@ -137,6 +149,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     write_results(output_dir, table, title="kdfast demo: QA distillation recipe on built-in synthetic data",
                   data={"generator": "kdfast.qa.synthetic (all domains)", "train_questions": len(train),
                         "teacher_train_questions": n_generated,
+                        "unlabeled_questions (distillation only)": len(unlabeled) if unlabeled else 0,
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
                           "target_sparsity": target_sparsity,

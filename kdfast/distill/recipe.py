@@ -31,6 +31,7 @@ from kdfast.distill.stage import TrainOptions, train_stage
 from kdfast.distill.student import parse_student_layers, student_from_config, student_from_teacher
 from kdfast.distill.teacher_cache import TeacherCache
 from kdfast.distill.trainer import DistillConfig
+from kdfast.distill.unlabeled import check_disjoint, unlabeled_windows, with_unlabeled
 
 STAGES = ("distil", "prune", "ternary")
 TERNARY_TEACHERS = ("teacher", "source")
@@ -167,8 +168,12 @@ def _steps(n_windows, options: TrainOptions, epochs):
 
 
 def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questions, tokenizer, *,
-               log=print) -> list[dict]:
-    """Run (or resume) the recipe; returns the rows of the stages in ``cfg.stages``."""
+               unlabeled_questions=None, log=print) -> list[dict]:
+    """Run (or resume) the recipe; returns the rows of the stages in ``cfg.stages``.
+
+    ``unlabeled_questions``: a transfer set (questions ``Dataset``; answers, if any, are never read).
+    Every stage also distils on their windows, with the teacher's soft labels only (see
+    :mod:`kdfast.distill.unlabeled`); their ids must differ from the training questions'."""
     import torch
     from kdfast import compress
     from kdfast.nn import SparsityController
@@ -179,12 +184,18 @@ def run_recipe(cfg: RecipeConfig, teacher_dir: str, train_questions, dev_questio
         raise ValueError(f"unknown recipe stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
     if cfg.ternary_teacher not in TERNARY_TEACHERS:
         raise ValueError(f"ternary_teacher must be one of {', '.join(TERNARY_TEACHERS)}, got {cfg.ternary_teacher!r}")
+    if unlabeled_questions is not None and len(unlabeled_questions):
+        check_disjoint(train_questions, unlabeled_questions)
     os.makedirs(cfg.output_dir, exist_ok=True)
     state = read_state(cfg.output_dir)
     teacher = load_qa_model(teacher_dir, attn_implementation=training_attention(cfg.distill)).eval()
     with main_process_first():  # torchrun: windows and the teacher cache are made once, then read
         windows = train_features(train_questions, tokenizer, max_seq_length=cfg.max_seq_length,
                                  doc_stride=cfg.doc_stride)
+        if unlabeled_questions is not None and len(unlabeled_questions):
+            windows = with_unlabeled(windows, unlabeled_windows(unlabeled_questions, tokenizer,
+                                                                max_seq_length=cfg.max_seq_length,
+                                                                doc_stride=cfg.doc_stride))
         dev_windows = eval_features(dev_questions, tokenizer, max_seq_length=cfg.max_seq_length,
                                     doc_stride=cfg.doc_stride)
         cache = TeacherCache.build(teacher, windows, tokenizer, os.path.join(cfg.output_dir, "teacher_cache"),

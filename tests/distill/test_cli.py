@@ -159,6 +159,17 @@ def test_demo_teacher_num_train_below_num_train(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_kd_unlabeled_needs_more_teacher_questions(tmp_path, monkeypatch):
+    msg = cli_error(["demo", "--output_dir", str(tmp_path / "d"), "--num_train", "100", "--kd-unlabeled"])
+    assert "--kd_unlabeled" in msg and "--teacher_num_train larger than --num_train" in msg
+    assert not (tmp_path / "d").exists()
+    import kdfast.distill.demo as demo
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.update(kw))
+    assert run_main(["demo", "--num_train", "100", "--teacher_num_train", "300", "--kd_unlabeled"]) == 0
+    assert seen["kd_unlabeled"] is True and seen["teacher_num_train"] == 300
+
+
 def test_bad_ternary_float_dtype(squad_files, teacher_dir, tmp_path):
     msg = cli_error(["demo", "--ternary-float-dtype", "float64"])
     assert "--ternary_float_dtype must be one of" in msg and "'float64'" in msg
@@ -299,3 +310,53 @@ def test_fine_tune_then_distill(generated, tmp_path, capsys):
     assert len(caches) == 1
     recipe = json.loads((ds / "metrics.json").read_text())["recipe"]
     assert recipe["temperature"] == 3 and recipe["alpha"] == 0.8 and recipe["teacher_cache"] is True
+
+
+def _unlabeled_file(path, questions, *, prefix="u-", answers=True):
+    """JSON lines of ``questions`` under new ids, ``"answers": []`` (or no answers field)."""
+    with open(path, "w") as fh:
+        for q in questions:
+            rec = {"id": prefix + q["id"], "question": q["question"], "context": q["context"]}
+            if answers:
+                rec["answers"] = []
+            fh.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_distill_on_unlabeled_questions(generated, tmp_path):
+    from datasets import load_from_disk
+    from kdfast.qa.load import load_squad
+    from kdfast.qa.features import train_features
+    from transformers import AutoTokenizer
+    data = ["--train_file", str(generated / "train.json"), "--validation_file", str(generated / "dev.json"), *SMALL]
+    teacher = tmp_path / "t"
+    assert run_main(["fine-tune", *data, "--output_dir", str(teacher), "--model_preset", "student", "--max_steps",
+                     "2", "--per_device_train_batch_size", "4", *TRAIN_FLAGS]) == 0
+    train = load_squad(str(generated / "train.json"))
+    unl = _unlabeled_file(tmp_path / "unl.jsonl", train.select(range(12)))
+    out = tmp_path / "ds"
+    assert run_main(["distill", *data, "--teacher_name_or_path", str(teacher), "--student_layers", "1",
+                     "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                     "--unlabeled-file", unl, *TRAIN_FLAGS]) == 0
+    recipe = json.loads((out / "metrics.json").read_text())["recipe"]
+    assert recipe["unlabeled_questions"] == 12
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    n_train = len(train_features(train, tok, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE))
+    (cache,) = [p for p in (out / "teacher_cache").iterdir() if p.name.startswith("teacher-")]
+    ids = load_from_disk(str(cache))["example_id"]
+    assert len(ids) > n_train and sum(i.startswith("u-") for i in ids) == len(ids) - n_train
+
+    # named errors, before any training
+    msg = cli_error(["distill", *data, "--teacher_name_or_path", str(teacher), "--output_dir", str(tmp_path / "e1"),
+                     "--unlabeled_file", str(tmp_path / "nope.json")])
+    assert "--unlabeled_file" in msg and "nope.json" in msg
+    clash = _unlabeled_file(tmp_path / "clash.jsonl", train.select(range(3)), prefix="")
+    msg = cli_error(["compress", *data, "--teacher_name_or_path", str(teacher), "--output_dir", str(tmp_path / "e2"),
+                     "--unlabeled_file", clash])
+    assert "--unlabeled_file: 3 unlabeled questions have the ids of labelled training questions" in msg
+    bare = _unlabeled_file(tmp_path / "bare.jsonl", train.select(range(2)), answers=False)
+    msg = cli_error(["distill", *data, "--teacher_name_or_path", str(teacher), "--output_dir", str(tmp_path / "e3"),
+                     "--unlabeled_file", bare])
+    assert "--unlabeled_file:" in msg and "missing field 'answers'" in msg
+    assert not any((tmp_path / e).exists() for e in ("e1", "e2", "e3"))

@@ -16,15 +16,16 @@ ROW = dict(exact_match=1.0, f1=2.0, parameters=10, encoder_weights=5, size_mb=0.
 @pytest.fixture
 def recorded(monkeypatch):
     """run_demo with training, measuring and the recipe replaced by recorders (the split is under test)."""
-    seen = {"train_stage": [], "recipe": None}
+    seen = {"train_stage": [], "recipe": None, "unlabeled": None}
 
     def fake_train_stage(model, windows, tok, out, opts, **kw):
         seen["train_stage"].append((os.path.basename(out), len(windows), len(set(windows["example_id"]))
                                     if "example_id" in windows.column_names else None))
         return types.SimpleNamespace(model=model)
 
-    def fake_run_recipe(cfg, teacher_dir, train, dev, tok, log=print):
+    def fake_run_recipe(cfg, teacher_dir, train, dev, tok, unlabeled_questions=None, log=print):
         seen["recipe"] = list(train["id"])
+        seen["unlabeled"] = unlabeled_questions
         return []
 
     monkeypatch.setattr(stage, "train_stage", fake_train_stage)
@@ -53,8 +54,23 @@ def test_teacher_trains_on_more_questions_than_the_students(recorded, tmp_path):
     assert len(students) == 30 and len(set(students)) == 30
     assert set(students) <= set(generated)
     assert students != generated[:30]  # a random subset, not the first domain's questions
+    assert recorded["unlabeled"] is None  # only kd_unlabeled hands the rest to the recipe
     with open(os.path.join(out, "metrics.json")) as fh:
         assert json.load(fh)["data"]["teacher_train_questions"] == 90
+
+
+def test_kd_unlabeled_hands_the_teachers_other_questions_to_the_recipe(recorded, tmp_path):
+    out = str(tmp_path / "demo")
+    demo.run_demo(out, num_train=30, num_dev=6, teacher_num_train=90, kd_unlabeled=True, disable_tqdm=True)
+    students, unl = recorded["recipe"], recorded["unlabeled"]
+    assert len(unl) == 60 and "answers" not in unl.column_names
+    assert set(unl["id"]) | set(students) == set(_generated_ids(out)) and not set(unl["id"]) & set(students)
+    (_, _, no_kd_questions), = [r for r in recorded["train_stage"] if r[0] == "student-no-kd"]
+    assert no_kd_questions == 30  # the baseline never sees them
+    with open(os.path.join(out, "metrics.json")) as fh:
+        assert json.load(fh)["data"]["unlabeled_questions (distillation only)"] == 60
+    with pytest.raises(ValueError, match="kd_unlabeled .* needs teacher_num_train > num_train"):
+        demo.run_demo(str(tmp_path / "c"), num_train=30, num_dev=6, kd_unlabeled=True)
 
 
 def test_without_teacher_num_train_everyone_trains_on_the_same_questions(recorded, tmp_path):
