@@ -104,12 +104,13 @@ def run_synthetic(a, out, seed, log):
     rows = run_demo(out, num_train=a.num_train, num_dev=a.num_dev, seed=seed, teacher_epochs=a.teacher_epochs,
                     student_epochs=a.student_epochs, prune_epochs=a.prune_epochs, ternary_epochs=a.ternary_epochs,
                     target_sparsity=a.target_sparsity, disable_tqdm=a.no_progress,
-                    teacher_num_train=a.teacher_train, kd_unlabeled=a.kd_unlabeled)
+                    teacher_num_train=a.teacher_train, kd_unlabeled=a.kd_unlabeled, distil_epochs=a.distil_epochs)
     teacher = f" (teacher: {a.teacher_train})" if a.teacher_train else ""
     if a.kd_unlabeled:
         teacher += f" (+ {a.teacher_train - a.num_train} unlabelled for distillation)"
+    distil = f", distil {a.distil_epochs:g}" if a.distil_epochs is not None else ""
     return rows, (f"kdfast synthetic: {a.num_train}{teacher} train / {a.num_dev} dev questions, epochs: teacher "
-                  f"{a.teacher_epochs:g}, student {a.student_epochs:g}, prune {a.prune_epochs:g} "
+                  f"{a.teacher_epochs:g}, student {a.student_epochs:g}{distil}, prune {a.prune_epochs:g} "
                   f"(target {a.target_sparsity:g} of the multiply-adds), ternary {a.ternary_epochs:g}")
 
 
@@ -163,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--student-layers", default="0,2,4")
     ap.add_argument("--teacher-epochs", type=float, default=2.0)
     ap.add_argument("--student-epochs", type=float, default=2.0)
+    ap.add_argument("--distil-epochs", type=float, default=None,
+                    help="synthetic: epochs of the distil stage (default --student-epochs)")
     ap.add_argument("--prune-epochs", type=float, default=1.0)
     ap.add_argument("--ternary-epochs", type=float, default=1.0)
     ap.add_argument("--ternary-embeddings", default="all",

@@ -134,6 +134,9 @@ class DemoArguments:
                 "(teacher soft labels only; the student without KD cannot use them)"})
     teacher_epochs: float = 2.0
     student_epochs: float = field(default=1.5, metadata={"help": "epochs of the no-KD baseline and of distillation"})
+    distil_epochs: float | None = field(default=None, metadata={
+        "help": "epochs of the distil stage (default --student_epochs; with --kd_unlabeled an epoch also covers the "
+                "unlabelled questions)"})
     prune_epochs: float = 1.5
     ternary_epochs: float = 1.0
     target_sparsity: float = 0.7

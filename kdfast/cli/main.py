@@ -388,7 +388,8 @@ def cmd_demo(argv):
     run_demo(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, seed=a.seed, fresh=a.fresh,
              teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs, prune_epochs=a.prune_epochs,
              ternary_epochs=a.ternary_epochs, target_sparsity=a.target_sparsity, ternary_embeddings=embeddings,
-             ternary_float_dtype=float_dtype, teacher_num_train=a.teacher_num_train, kd_unlabeled=a.kd_unlabeled)
+             ternary_float_dtype=float_dtype, teacher_num_train=a.teacher_num_train, kd_unlabeled=a.kd_unlabeled,
+             distil_epochs=a.distil_epochs)
     return 0
 
 

@@ -39,7 +39,8 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
              prune_epochs: float = 1.0, ternary_epochs: float = 1.0, target_sparsity: float = 0.7,
              disable_tqdm: bool = False, batch_size: int = 16, learning_rate: float = 1e-3,
              ternary_embeddings="all", ternary_float_dtype: str | None = "float16",
-             teacher_num_train: int | None = None, kd_unlabeled: bool = False) -> list[dict]:
+             teacher_num_train: int | None = None, kd_unlabeled: bool = False,
+             distil_epochs: float | None = None) -> list[dict]:
     """Run the demo; returns the table rows (also written to ``output_dir/results.md``).
     ``ternary_embeddings`` / ``ternary_float_dtype``: see :class:`kdfast.distill.recipe.RecipeConfig`.
 
@@ -52,7 +53,9 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     ``kd_unlabeled`` (needs ``teacher_num_train > num_train``): the recipe's stages also distil on the
     teacher's other ``teacher_num_train - num_train`` questions with their answers dropped (teacher soft
     labels only, :mod:`kdfast.distill.unlabeled`): unlabelled in-domain questions as a transfer set. The
-    student without KD trains on the ``num_train`` labelled questions either way."""
+    student without KD trains on the ``num_train`` labelled questions either way. ``distil_epochs``: epochs
+    of the distil stage (default ``student_epochs``; with ``kd_unlabeled`` an epoch covers the unlabelled
+    questions too, so fewer epochs give the distillation as many steps as the baseline's labelled epochs)."""
     import torch
     from kdfast.distill.models import load_qa_model
     from kdfast.distill.recipe import RecipeConfig, measure_row, read_state, run_recipe, write_state
@@ -136,7 +139,8 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     recipe = RecipeConfig(
         output_dir=output_dir, student_layers=STUDENT_LAYERS,
         distill=DistillConfig(temperature=2.0, alpha=0.5),
-        train=TrainOptions(**{**opts.__dict__, "num_train_epochs": student_epochs}),
+        train=TrainOptions(**{**opts.__dict__, "num_train_epochs": student_epochs if distil_epochs is None
+                              else distil_epochs}),
         prune_epochs=prune_epochs, target_sparsity=target_sparsity, ternary_epochs=ternary_epochs,
         ternary_learning_rate=learning_rate / 4, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE,
         ternary_embeddings=ternary_embeddings, ternary_float_dtype=ternary_float_dtype)
@@ -152,6 +156,8 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
                         "unlabeled_questions (distillation only)": len(unlabeled) if unlabeled else 0,
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
+                          "student_epochs": student_epochs,
+                          "distil_epochs": student_epochs if distil_epochs is None else distil_epochs,
                           "target_sparsity": target_sparsity,
                           "prune_cost": recipe.prune_cost,
                           "ternary": f"twn, W2A8, ternary embeddings: {ternary_embeddings}, "

@@ -166,8 +166,9 @@ def test_demo_kd_unlabeled_needs_more_teacher_questions(tmp_path, monkeypatch):
     import kdfast.distill.demo as demo
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.update(kw))
-    assert run_main(["demo", "--num_train", "100", "--teacher_num_train", "300", "--kd_unlabeled"]) == 0
-    assert seen["kd_unlabeled"] is True and seen["teacher_num_train"] == 300
+    assert run_main(["demo", "--num_train", "100", "--teacher_num_train", "300", "--kd_unlabeled",
+                     "--distil-epochs", "0.5"]) == 0
+    assert seen["kd_unlabeled"] is True and seen["teacher_num_train"] == 300 and seen["distil_epochs"] == 0.5
 
 
 def test_bad_ternary_float_dtype(squad_files, teacher_dir, tmp_path):

@@ -16,16 +16,18 @@ ROW = dict(exact_match=1.0, f1=2.0, parameters=10, encoder_weights=5, size_mb=0.
 @pytest.fixture
 def recorded(monkeypatch):
     """run_demo with training, measuring and the recipe replaced by recorders (the split is under test)."""
-    seen = {"train_stage": [], "recipe": None, "unlabeled": None}
+    seen = {"train_stage": [], "recipe": None, "unlabeled": None, "epochs": {}}
 
     def fake_train_stage(model, windows, tok, out, opts, **kw):
         seen["train_stage"].append((os.path.basename(out), len(windows), len(set(windows["example_id"]))
                                     if "example_id" in windows.column_names else None))
+        seen["epochs"][os.path.basename(out)] = opts.num_train_epochs
         return types.SimpleNamespace(model=model)
 
     def fake_run_recipe(cfg, teacher_dir, train, dev, tok, unlabeled_questions=None, log=print):
         seen["recipe"] = list(train["id"])
         seen["unlabeled"] = unlabeled_questions
+        seen["epochs"]["distil"] = cfg.train.num_train_epochs
         return []
 
     monkeypatch.setattr(stage, "train_stage", fake_train_stage)
@@ -88,3 +90,13 @@ def test_teacher_num_train_errors(recorded, tmp_path):
     demo.run_demo(out, num_train=30, num_dev=6, disable_tqdm=True)
     with pytest.raises(ValueError, match="train.json has 30 questions, this run asks for 90"):
         demo.run_demo(out, num_train=30, num_dev=6, teacher_num_train=90)
+
+
+def test_distil_epochs(recorded, tmp_path):
+    demo.run_demo(str(tmp_path / "a"), num_train=30, num_dev=6, student_epochs=2.0, disable_tqdm=True)
+    assert recorded["epochs"]["student-no-kd"] == 2.0 and recorded["epochs"]["distil"] == 2.0
+    demo.run_demo(str(tmp_path / "b"), num_train=30, num_dev=6, student_epochs=2.0, distil_epochs=0.5,
+                  disable_tqdm=True)
+    assert recorded["epochs"]["student-no-kd"] == 2.0 and recorded["epochs"]["distil"] == 0.5
+    with open(os.path.join(tmp_path / "b", "metrics.json")) as fh:
+        assert json.load(fh)["recipe"]["distil_epochs"] == 0.5
