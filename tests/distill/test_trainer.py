@@ -351,3 +351,22 @@ def test_pruning_adds_the_penalty_and_logs_sparsity(tok, cached, teacher, tmp_pa
         assert 0.0 <= h["expected_sparsity"] < 1.0
         assert "target_sparsity" in h
     assert logs[-1]["target_sparsity"] == pytest.approx(0.5 * 2 / 4)
+
+
+def test_length_grouped_sampler_reads_lengths_once_as_a_list(tok, windows, tmp_path):
+    """group_by_length: the sampler gets the ``length`` column as a plain list (datasets' lazy Column made
+    every index a table slice), in the dataset's order, including a concatenated (labelled + unlabelled) set;
+    its batches group similar lengths as Trainer's do."""
+    from datasets import concatenate_datasets
+    from kdfast.distill.unlabeled import without_labels
+    ds = concatenate_datasets([windows, without_labels(windows.select(range(0, len(windows), 2)))])
+    trainer = make_trainer(random_student(tok), ds, tok, tmp_path, group_by_length=True,
+                           per_device_train_batch_size=4)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler.lengths, list) and sampler.lengths == list(ds["length"])
+    order = list(sampler)
+    assert sorted(order) == list(range(len(ds)))
+    # the first index is the longest window (LengthGroupedSampler puts the longest megabatch first)
+    assert ds["length"][order[0]] == max(ds["length"])
+    plain = make_trainer(random_student(tok), ds, tok, tmp_path / "r", group_by_length=False)
+    assert not hasattr(plain._get_train_sampler(), "lengths")
