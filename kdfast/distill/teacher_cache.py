@@ -10,7 +10,8 @@ largest of those are kept (with their positions) and the student matches the
 renormalised top-k distribution.
 
 The cache is a ``datasets`` directory (Arrow, memory-mapped) named by a key of
-the teacher's weights and the windows' fingerprint, so epochs, later pipeline
+the teacher's weights and the windows' content (``windows_fingerprint``: the same
+windows read from another copy of the data find the same cache), so epochs, later pipeline
 stages and active-learning rounds reuse it; a different teacher or other
 windows get another key. Rows are keyed by ``(example_id, window)`` and
 checked against the windows when attached.
@@ -39,6 +40,33 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_KEY_COLUMNS = ("example_id", "window", "input_ids", "token_type_ids", "cls_index", "context_start", "context_end")
+
+
+def windows_fingerprint(features) -> str:
+    """sha256 over what the teacher sees and the rows are keyed by (ids, windows, tokens, spans), in order.
+
+    Content, not ``datasets``' fingerprint: that one follows the file a set was read from (path and
+    modification time), so the same windows read from a copied or moved run directory would build the
+    cache again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    h = hashlib.sha256(str(len(features)).encode())
+    cols = [c for c in _KEY_COLUMNS if c in features.column_names]
+    for batch in features.select_columns(cols).with_format("arrow").iter(batch_size=_CHUNK):
+        for name in cols:
+            col = batch.column(name).combine_chunks()
+            h.update(name.encode())
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                h.update(pc.list_value_length(col).to_numpy(zero_copy_only=False).tobytes())
+                col = col.flatten()
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                h.update("\0".join(col.to_pylist()).encode())
+            else:
+                h.update(col.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _segment(row_s, row_e, cls, c0, c1):
     idx = np.concatenate([[cls], np.arange(c0, c1 + 1)])
     return row_s[idx], row_e[idx]
@@ -52,8 +80,7 @@ class TeacherCache:
 
     @staticmethod
     def key(teacher_fp: str, features, top_k: int | None) -> str:
-        fp = getattr(features, "_fingerprint", None) or str(len(features))
-        return hashlib.sha256(f"{teacher_fp}|{fp}|{top_k}".encode()).hexdigest()[:20]
+        return hashlib.sha256(f"{teacher_fp}|{windows_fingerprint(features)}|{top_k}".encode()).hexdigest()[:20]
 
     @classmethod
     def build(cls, teacher, features, tokenizer, cache_dir: str, *, batch_size: int = 64, top_k: int | None = None,

@@ -97,6 +97,46 @@ def test_other_teacher_or_windows_get_another_cache(built, teacher, sub, tok, ca
     assert not [d for d in os.listdir(cache_dir) if d.endswith(".tmp")]
 
 
+def test_same_windows_with_another_datasets_fingerprint_find_the_cache(built, teacher, sub, tok, cache_dir,
+                                                                        monkeypatch):
+    """The key follows the windows' content: the same windows under another ``datasets`` fingerprint (as
+    when a run directory is copied, or the tokenizer is read from another path) reuse the cache."""
+    from kdfast.distill.teacher_cache import TeacherCache, windows_fingerprint
+    same = sub.map(lambda w: w, new_fingerprint="another-fingerprint-same-windows")
+    assert same._fingerprint != sub._fingerprint
+    assert windows_fingerprint(same) == windows_fingerprint(sub)
+
+    def boom(*a, **k):
+        raise AssertionError("the teacher ran although the same windows are cached")
+
+    monkeypatch.setattr(teacher, "forward", boom)
+    assert TeacherCache.build(teacher, same, tok, cache_dir, progress=False).path == built.path
+
+
+def test_windows_fingerprint_sees_tokens_spans_ids_and_order(sub):
+    from kdfast.distill.teacher_cache import windows_fingerprint
+    base = windows_fingerprint(sub)
+
+    def edit(i, **change):
+        return sub.map(lambda w, k: {**w, **change} if k == i else w, with_indices=True,
+                       new_fingerprint=f"edit-{i}-{sorted(change)}")
+
+    w = sub[3]
+    tokens = list(w["input_ids"])
+    tokens[-2] = tokens[-2] + 1
+    variants = {
+        "a token": edit(3, input_ids=tokens),
+        "a context end": edit(3, context_end=w["context_end"] - 1),
+        "an example id": edit(3, example_id=w["example_id"] + "x"),
+        "a window index": edit(3, window=w["window"] + 1),
+        "the order": sub.select([1, 0] + list(range(2, len(sub)))),
+        "one window fewer": sub.select(range(len(sub) - 1)),
+    }
+    for what, v in variants.items():
+        assert windows_fingerprint(v) != base, what
+    assert windows_fingerprint(sub.select(range(len(sub)))) == base
+
+
 def test_attach_checks_the_windows(built, sub):
     out = built.attach(sub)
     assert {"teacher_start", "teacher_end"} <= set(out.column_names)
