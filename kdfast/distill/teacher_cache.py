@@ -46,9 +46,8 @@ _KEY_COLUMNS = ("example_id", "window", "input_ids", "token_type_ids", "cls_inde
 def windows_fingerprint(features) -> str:
     """sha256 over what the teacher sees and the rows are keyed by (ids, windows, tokens, spans), in order.
 
-    Content, not ``datasets``' fingerprint: that one follows the file a set was read from (path and
-    modification time), so the same windows read from a copied or moved run directory would build the
-    cache again."""
+    Content, not ``datasets``' fingerprint: that one follows how the windows were made (the tokenizer's
+    path among others), so the same windows made in a copied or moved run directory built the cache again."""
     import pyarrow as pa
     import pyarrow.compute as pc
     h = hashlib.sha256(str(len(features)).encode())
