@@ -136,11 +136,12 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
                                                  dev_windows, tok)
         write_state(output_dir, state)
 
+    if distil_epochs is None:
+        distil_epochs = student_epochs
     recipe = RecipeConfig(
         output_dir=output_dir, student_layers=STUDENT_LAYERS,
         distill=DistillConfig(temperature=2.0, alpha=0.5),
-        train=TrainOptions(**{**opts.__dict__, "num_train_epochs": student_epochs if distil_epochs is None
-                              else distil_epochs}),
+        train=TrainOptions(**{**opts.__dict__, "num_train_epochs": distil_epochs}),
         prune_epochs=prune_epochs, target_sparsity=target_sparsity, ternary_epochs=ternary_epochs,
         ternary_learning_rate=learning_rate / 4, max_seq_length=MAX_SEQ_LENGTH, doc_stride=DOC_STRIDE,
         ternary_embeddings=ternary_embeddings, ternary_float_dtype=ternary_float_dtype)
@@ -157,7 +158,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
                         "dev_questions": len(dev), "max_seq_length": MAX_SEQ_LENGTH},
                   recipe={"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "temperature": 2.0, "alpha": 0.5,
                           "student_epochs": student_epochs,
-                          "distil_epochs": student_epochs if distil_epochs is None else distil_epochs,
+                          "distil_epochs": distil_epochs,
                           "target_sparsity": target_sparsity,
                           "prune_cost": recipe.prune_cost,
                           "ternary": f"twn, W2A8, ternary embeddings: {ternary_embeddings}, "
