@@ -51,7 +51,10 @@ SOURCE = ("geography", "science", "history")
 TARGET = "biography"
 NOTES = "### What these numbers say"
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
-VARIANTS = {"full_dev_loss": dict(method="full", reward="dev_loss")}  # bench names -> AugmentConfig fields
+BOTH = ("target", "source")  # candidates from target questions and from retrieved source questions
+VARIANTS = {"full_dev_loss": dict(method="full", reward="dev_loss"),  # bench names -> AugmentConfig fields
+            "full_src": dict(method="full", bases=BOTH), "random_src": dict(method="random", bases=BOTH),
+            "confidence_src": dict(method="confidence", bases=BOTH)}
 DEVICE = "2-core AMD EPYC (Zen 3), no GPU, shared with 3 other developers' jobs"
 SQUAD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
                          "squad")
@@ -189,10 +192,12 @@ def run(a):
             if not os.path.exists(os.path.join(mlm_dir, "config.json")):
                 train_default_mlm(AugmentConfig(mlm_steps=a.mlm_steps, seed=seed), d["source"], train_part, tok,
                                   mlm_dir, log)
-            keep_rate = 0.5
-            for m in sorted(methods, key=lambda m: m != "full"):
+            keep_rates = {}  # per candidate bases: the full method's keep rate sizes the random / confidence keep
+            for m in sorted(methods, key=lambda m: m not in ("full", "full_src")):
                 t1 = time.perf_counter()
-                cfg = AugmentConfig(**VARIANTS.get(m, {"method": m}), episodes=a.episodes,
+                fields = VARIANTS.get(m, {"method": m})
+                keep_rate = keep_rates.get(fields.get("bases", ("target",)), 0.5)
+                cfg = AugmentConfig(**fields, episodes=a.episodes,
                                     candidates_per_episode=a.candidates, episode_steps=a.episode_steps,
                                     warmup_steps=a.warmup_steps, final_steps=a.final_steps, keep_rate=keep_rate,
                                     mlm_path=mlm_dir, seed=seed)
@@ -201,9 +206,9 @@ def run(a):
                 out = os.path.join(work, f"seed{seed}-n{n}", m)
                 res = AugmentLoop(cfg, source=d["source"], target=target, eval_records=d["eval"], teacher=teacher,
                                   student=student, tokenizer=tok, output_dir=out, log=log).run(resume=True)
-                if m == "full":
+                if cfg.method == "full" and cfg.reward == "f1":
                     cand = sum(e["candidates"] for e in res["episodes"])
-                    keep_rate = res["kept"] / cand if cand else 0.5
+                    keep_rates[cfg.bases] = keep_rate = res["kept"] / cand if cand else 0.5
                 c = dict(cfg_common, method=m, kept=res["kept"], seconds=round(time.perf_counter() - t1, 1),
                          episodes=a.episodes, candidates=a.candidates, warmup_steps=a.warmup_steps,
                          final_steps=a.final_steps, episode_steps=a.episode_steps, keep_rate=round(keep_rate, 3))
@@ -218,7 +223,10 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
          "tinybert": "TinyBERT word replacement", "mixkd": "MixKD embedding mixup",
          "source": "source data added unchanged", "random": "generator, random keep (same rate)",
          "confidence": "generator, confidence-heuristic selector",
-         "full_dev_loss": "generator + reinforced selector, dev-loss reward"}
+         "full_dev_loss": "generator + reinforced selector, dev-loss reward",
+         "full_src": "generator with source-based candidates + reinforced selector",
+         "random_src": "generator with source-based candidates, random keep (same rate)",
+         "confidence_src": "generator with source-based candidates, confidence-heuristic selector"}
 
 
 SETUP_KEYS = ("teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",

@@ -38,6 +38,10 @@ class AugmentArguments:
         "help": "random-init student instead: a config.json path or 'student' (the built-in config)"})
     methods: str = field(default="full,none", metadata={
         "help": "comma-separated: full, none, tinybert, mixkd, source, random, confidence"})
+    bases: str = field(default="target", metadata={
+        "help": "what generated candidates start from, comma-separated: target (the target questions, passages "
+                "mixed with retrieved source text), source (retrieved source questions, passages mixed with the "
+                "target passage's words)"})
     episodes: int = 8
     candidates_per_episode: int = 32
     episode_steps: int = 8
@@ -139,6 +143,10 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise _error(f"--methods {a.methods!r}: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
+    from kdfast.augment.generator import BASES
+    bases = tuple(b.strip() for b in a.bases.split(",") if b.strip())
+    if not bases or any(b not in BASES for b in bases):
+        raise _error(f"--bases {a.bases!r}: expected a comma-separated subset of {', '.join(BASES)}")
     if a.teacher_name_or_path and not os.path.isdir(a.teacher_name_or_path):
         raise _error(f"--teacher_name_or_path {a.teacher_name_or_path}: no such directory")
     if a.mlm_name_or_path and not os.path.isdir(a.mlm_name_or_path):
@@ -205,6 +213,7 @@ def main(argv=None) -> int:
                                 temperature=a.temperature, alpha=a.alpha,
                                 keep_rate=0.5 if keep_rate is None else keep_rate, dev_fraction=a.dev_fraction,
                                 mlm_path=mlm_path, mlm_steps=a.mlm_steps,
+                                bases=bases,
                                 max_seq_length=a.max_seq_length, doc_stride=a.doc_stride, seed=a.seed)
             loop = AugmentLoop(cfg, source=source, target=target, eval_records=evals, teacher=teacher,
                                student=_student(a, teacher, tok), tokenizer=tok, output_dir=out, log=log,

@@ -3,11 +3,16 @@
 For a target question/passage the nearest source-domain passages are retrieved (mean-pooled
 encoder states, cosine). A candidate comes from a short corrupt-and-reconstruct chain: mask a
 fraction of the passage's words (never a word that overlaps the answer), fill some masked
-runs with spans of the retrieved source passage, refill the other masked words with a masked
-LM, and repeat ``steps`` times. The answer text is never touched and its character offset is
+runs with spans of the other passage, refill the other masked words with a masked LM, and
+repeat ``steps`` times. The answer text is never touched and its character offset is
 recomputed after every step, so ``context[start:start + len(text)] == text`` always holds.
 
-A strategy is the tuple (mask rate, source-mix rate, steps, source domain).
+The chain starts from one of two bases: ``target`` (the target question and passage, masked
+runs filled from the retrieved source passage: new passages for the few target questions) or
+``source`` (a question of the retrieved source passage, that passage's masked runs filled from
+the target passage: new questions pulled towards the target domain).
+
+A strategy is the tuple (mask rate, mix rate, steps, source domain, base).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Strategy:
     mix_rate: float = 0.5
     steps: int = 1
     source_domain: str = ""
+    base: str = "target"
 
     def __post_init__(self):
         if not 0.0 <= self.mask_rate <= 1.0:
@@ -35,14 +41,22 @@ class Strategy:
             raise ValueError(f"mix_rate: expected a value in [0, 1], got {self.mix_rate}")
         if self.steps < 1:
             raise ValueError(f"steps: expected >= 1, got {self.steps}")
+        if self.base not in BASES:
+            raise ValueError(f"base: expected one of {', '.join(BASES)}, got {self.base!r}")
 
     def name(self):
-        return f"m{self.mask_rate:g}-x{self.mix_rate:g}-k{self.steps}-{self.source_domain or 'src'}"
+        return f"{self.base}-m{self.mask_rate:g}-x{self.mix_rate:g}-k{self.steps}-{self.source_domain or 'src'}"
 
 
-def strategy_grid(source_domains, mask_rates=(0.15, 0.3, 0.5), mix_rates=(0.0, 0.5, 1.0), steps=(1, 2)):
-    """Every strategy of the grid, for every source domain."""
-    return [Strategy(m, x, k, d) for d in source_domains for m in mask_rates for x in mix_rates for k in steps]
+BASES = ("target", "source")
+"""What a candidate starts from: a target question (``target``) or a retrieved source question (``source``)."""
+
+
+def strategy_grid(source_domains, mask_rates=(0.15, 0.3, 0.5), mix_rates=(0.0, 0.5, 1.0), steps=(1, 2),
+                  bases=("target",)):
+    """Every strategy of the grid, for every source domain and base."""
+    return [Strategy(m, x, k, d, b) for b in bases for d in source_domains for m in mask_rates for x in mix_rates
+            for k in steps]
 
 
 def words(text, tokenizer=None):
@@ -91,10 +105,11 @@ def rebuild(text, segs, replacement, anchor):
 
 def manipulate(record, strategy, *, source_text=None, filler=None, tokenizer=None, rng=None, generator=None,
                new_id=None):
-    """One candidate from ``record`` (a target question) by ``strategy``.
+    """One candidate from ``record`` by ``strategy``.
 
-    ``source_text``: the retrieved source passage (its words fill masked runs with probability
-    ``mix_rate``); ``filler``: a :class:`kdfast.augment.mlm.WholeWordFiller` for the other
+    ``record``: the question the chain starts from (a target question for ``base="target"``,
+    a retrieved source question for ``base="source"``); ``source_text``: the other domain's
+    passage (its words fill masked runs with probability ``mix_rate``); ``filler``: a :class:`kdfast.augment.mlm.WholeWordFiller` for the other
     masked words (without one they keep their text). Returns a new record with the same
     question and answer text and the recomputed ``answer_start``.
     """

@@ -31,7 +31,7 @@ import torch
 from kdfast.augment import baselines as bl
 from kdfast.augment.data import answered, relabel, split_target, to_windows
 from kdfast.augment.distil import Scorer, mean_loss, span_stats, teacher_student_kl, train_steps
-from kdfast.augment.generator import embed, manipulate, retrieve, strategy_grid
+from kdfast.augment.generator import BASES, embed, manipulate, retrieve, strategy_grid
 from kdfast.augment.selector import (MovingBaseline, Policy, candidate_state, reinforce_loss, sample_actions,
                                      state_dim)
 
@@ -62,6 +62,10 @@ class AugmentConfig:
     mask_rates: tuple = (0.15, 0.3, 0.5)
     mix_rates: tuple = (0.0, 0.5, 1.0)
     chain_steps: tuple = (1, 2)
+    # What the generator's candidates start from (kdfast.augment.generator.BASES): "target" (the
+    # target questions, passages mixed with retrieved source text) and / or "source" (retrieved
+    # source questions, passages mixed with the target passage's words).
+    bases: tuple = ("target",)
     mlm_path: str | None = None
     mlm_steps: int = 300
     mlm_hidden_size: int = 64
@@ -91,6 +95,10 @@ class AugmentConfig:
             raise ValueError(f"keep_rate: expected a value in [0, 1], got {self.keep_rate}")
         self.mask_rates, self.mix_rates, self.chain_steps = (tuple(self.mask_rates), tuple(self.mix_rates),
                                                              tuple(self.chain_steps))
+        self.bases = tuple(self.bases)
+        bad = [b for b in self.bases if b not in BASES]
+        if bad or not self.bases:
+            raise ValueError(f"bases: unknown or empty {bad or list(self.bases)}; choose from {', '.join(BASES)}")
 
 
 def _seed(*tags):
@@ -193,6 +201,9 @@ class AugmentLoop:
             self.neighbours = bl.EmbeddingNeighbours(self.teacher.get_input_embeddings().weight, self.filler.allowed)
         if c.method in GENERATOR_METHODS or c.method == "full":
             ctxs = sorted({r["context"] for r in self.source})
+            self.src_by_ctx = {}
+            for r in self.source:
+                self.src_by_ctx.setdefault(r["context"], []).append(r)
             self.src_ctx = {d: [x for x in ctxs if any(r["context"] == x and r.get("domain", "source") == d
                                                        for r in self.source)] for d in self.domains}
             tgt_ctx = [r["context"] for r in self.train]
@@ -202,7 +213,7 @@ class AugmentLoop:
             for d, lst in self.src_ctx.items():
                 idx = retrieve(q, embed(self.teacher, self.tok, lst), c.retrieve_k)
                 self.neigh[d] = [[lst[j] for j in row] for row in idx.tolist()]
-            self.grid = strategy_grid(self.domains, c.mask_rates, c.mix_rates, c.chain_steps)
+            self.grid = strategy_grid(self.domains, c.mask_rates, c.mix_rates, c.chain_steps, c.bases)
 
     def _fresh_state(self):
         c = self.cfg
@@ -251,8 +262,13 @@ class AugmentLoop:
                 continue
             s = self.grid[rng.randrange(len(self.grid))]
             src = self.neigh[s.source_domain][i][rng.randrange(len(self.neigh[s.source_domain][i]))]
-            out = manipulate(rec, s, source_text=src, filler=self.filler, tokenizer=self.tok, rng=rng,
-                             generator=gen, new_id=f"{rec['id']}-aug{e}-{j}")
+            if s.base == "source":  # a question of the retrieved source passage, mixed with the target's words
+                src_rec = rng.choice(self.src_by_ctx[src])
+                out = manipulate(src_rec, s, source_text=rec["context"], filler=self.filler, tokenizer=self.tok,
+                                 rng=rng, generator=gen, new_id=f"{src_rec['id']}-saug{e}-{j}")
+            else:
+                out = manipulate(rec, s, source_text=src, filler=self.filler, tokenizer=self.tok, rng=rng,
+                                 generator=gen, new_id=f"{rec['id']}-aug{e}-{j}")
             out["domain_index"] = self.domains.index(s.source_domain)
             cands.append(out)
         windows = self.win(cands)

@@ -1,8 +1,9 @@
 """The reinforced selector: a small policy network that keeps or drops each candidate.
 
 State of a candidate (:func:`candidate_state`): teacher confidence and entropy over start and
-end, teacher-student KL, similarity to the target data, the strategy's parameters, the
-source domain (one-hot) and the student's current dev F1. Actions: keep (1) / drop (0), one
+end, teacher-student KL, similarity to the target data, the strategy's parameters (its base:
+1 for a source question, 0 for a target one), the source domain (one-hot) and the student's
+current dev F1. Actions: keep (1) / drop (0), one
 Bernoulli per candidate. Training: REINFORCE with a moving-average baseline,
 
     loss = -(R - b) * sum_i log pi(a_i | s_i),    b <- beta * b + (1 - beta) * R
@@ -16,7 +17,7 @@ from torch import nn
 
 
 def state_dim(num_domains):
-    return 10 + num_domains
+    return 11 + num_domains
 
 
 def candidate_state(stats, kl, sim, strategy, domain_index, num_domains, dev_f1):
@@ -27,7 +28,8 @@ def candidate_state(stats, kl, sim, strategy, domain_index, num_domains, dev_f1)
         one_hot[domain_index] = 1.0
     return [stats["conf_start"], stats["conf_end"], stats["ent_start"] / 5.0, stats["ent_end"] / 5.0,
             float(torch.log1p(torch.tensor(max(kl, 0.0)))), sim, strategy.get("mask_rate", 0.0),
-            strategy.get("mix_rate", 0.0), strategy.get("steps", 0) / 3.0, dev_f1 / 100.0] + one_hot
+            strategy.get("mix_rate", 0.0), strategy.get("steps", 0) / 3.0, dev_f1 / 100.0,
+            float(strategy.get("base") == "source")] + one_hot
 
 
 class Policy(nn.Module):

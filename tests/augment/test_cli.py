@@ -36,7 +36,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     from kdfast.cli.main import main
 
     out = tmp_path / "run"
-    assert main(["augment", *_argv(files, out, "--methods", "full,none,random")]) == 0
+    assert main(["augment", *_argv(files, out, "--methods", "full,none,random", "--bases", "target,source")]) == 0
     for f in ("augment_log.json", "results.md", "reward_curve.png", "full/state.pt", "none/augment_log.json",
               "mlm/config.json"):
         assert os.path.exists(out / f), f
@@ -44,6 +44,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     assert not os.path.exists(out / "full" / "mlm") and not os.path.exists(out / "random" / "mlm")
     log = json.loads((out / "augment_log.json").read_text())
     assert [r["method"] for r in log["results"]] == ["full", "none", "random"]
+    assert json.loads((out / "full" / "augment_log.json").read_text())["config"]["bases"] == ["target", "source"]
     printed = capsys.readouterr().out
     assert "| KD without augmentation |" in printed
     assert printed.count("MLM trained 2 steps") == 1, printed
@@ -58,6 +59,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     ("--methods", "full,bogus", "--methods 'full,bogus': unknown"),
     ("--reward", "bleu", "reward: unknown 'bleu'"),
     ("--mlm_init", "/nope/enc", "--mlm_init /nope/enc: no model directory"),
+    ("--bases", "target,passage", "--bases 'target,passage': expected a comma-separated subset of target, source"),
 ])
 def test_cli_errors_name_the_argument(files, tmp_path, flag, value, match):
     from kdfast.augment.cli import main

@@ -93,6 +93,17 @@ def test_strategy_validation():
         Strategy(mask_rate=1.5)
     with pytest.raises(ValueError, match="steps"):
         Strategy(steps=0)
+    with pytest.raises(ValueError, match="base: expected one of target, source, got 'both'"):
+        Strategy(base="both")
+
+
+def test_strategy_grid_bases():
+    one = strategy_grid(["geo", "sci"], mask_rates=(0.1, 0.2), mix_rates=(0.5,), steps=(1,))
+    both = strategy_grid(["geo", "sci"], mask_rates=(0.1, 0.2), mix_rates=(0.5,), steps=(1,),
+                         bases=("target", "source"))
+    assert len(one) == 4 and {s.base for s in one} == {"target"}
+    assert len(both) == 8 and sorted(s.base for s in both) == ["source"] * 4 + ["target"] * 4
+    assert len({s.name() for s in both}) == 8
 
 
 def test_masked_lm_loss_equals_the_full_head_loss(aug_tok):

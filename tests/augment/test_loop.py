@@ -82,11 +82,44 @@ def test_resume_refuses_another_method(aug_data, aug_tok, aug_teacher, tmp_path)
         _loop(_cfg("source", episodes=1), aug_data, aug_tok, aug_teacher, tmp_path).run(resume=True)
 
 
+def test_source_based_candidates(aug_data, aug_tok, aug_teacher, tmp_path, monkeypatch):
+    """bases=("source",): every candidate is a question of a retrieved source passage (its own
+    answer, at the recomputed offset), its masked runs filled with words of a target *train*
+    passage (mix rate 1: no masked-LM refill), never with a word only the held-out dev has."""
+    import kdfast.augment.loop as loop_mod
+
+    loop = _loop(_cfg("random", episodes=1, bases=("source",), mask_rates=(0.5,), mix_rates=(1.0,)),
+                 aug_data, aug_tok, aug_teacher, tmp_path)
+    loop._setup()
+    made = []
+    real = loop_mod.manipulate
+    monkeypatch.setattr(loop_mod, "manipulate", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    windows = loop._generate(0)
+    assert len(made) == 4 and windows
+    src = {r["id"]: r for r in aug_data["source"]}
+    seen = {w for r in loop.train + aug_data["source"] for w in r["context"].split()}
+    dev_only = {w for r in loop.dev for w in r["context"].split()} - seen
+    assert dev_only, "no dev-only words: the leak check would prove nothing"
+    for c in made:
+        r = src[c["origin"]]
+        assert c["id"].startswith(f"{r['id']}-saug") and c["strategy"]["base"] == "source"
+        assert c["question"] == r["question"] and c["answers"]["text"] == r["answers"]["text"]
+        start, text = c["answers"]["answer_start"][0], c["answers"]["text"][0]
+        assert c["context"][start:start + len(text)] == text and c["context"] != r["context"]
+        assert not set(c["context"].split()) & dev_only
+    assert {w["strategy"]["base"] for w in windows} == {"source"}
+    assert all(0 <= w["domain_index"] < len(loop.domains) for w in windows)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="method"):
         AugmentConfig(method="nope")
     with pytest.raises(ValueError, match="dev_fraction"):
         AugmentConfig(dev_fraction=0.0)
+    with pytest.raises(ValueError, match="bases: unknown or empty"):
+        AugmentConfig(bases=("target", "passage"))
+    with pytest.raises(ValueError, match="bases: unknown or empty"):
+        AugmentConfig(bases=())
 
 
 def test_dev_loss_reward_is_the_decrease_of_the_dev_loss(aug_data, aug_tok, aug_teacher, tmp_path):
