@@ -156,6 +156,14 @@ def run(a):
         # target questions from a pool 4x the largest size, and seeds every method.
         d, tok, base, student0_sd = _base(a, a.teacher_seed if shared else seed,
                                           4 * max(sizes) if shared else max(sizes), log)
+        # The teacher's weights identify the setup: a teacher retrained on another machine or thread count
+        # differs in its last bits, and its rows must not mix with the earlier teacher's in one table.
+        import hashlib
+        h = hashlib.sha256()
+        for k, v in sorted(base.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().contiguous().numpy().tobytes())
+        teacher_sha = h.hexdigest()[:12]
         target_all = list(d["target"])
         if shared:
             random.Random(f"augment-target:{seed}").shuffle(target_all)
@@ -171,7 +179,9 @@ def run(a):
             cfg_common = {"source": SOURCE, "target": TARGET, "source_questions": len(d["source"]),
                           "eval_questions": len(d["eval"]), "teacher": a.teacher_shape, "student": a.student_shape,
                           "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
+                          "teacher_target_steps": a.teacher_target_steps, "teacher_only_steps": a.teacher_only_steps,
                           "teacher_seed": a.teacher_seed, "student_teacher_params": round(ratio, 4),
+                          "teacher_sha": teacher_sha,
                           "target_train_questions": len(train_part)}
             teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa")
             teacher.load_state_dict(base.state_dict())
@@ -230,7 +240,7 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
 
 
 SETUP_KEYS = ("teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
-              "student_teacher_params")
+              "student_teacher_params", "teacher_sha")
 
 
 def _setup_of(row):
