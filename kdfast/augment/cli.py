@@ -64,6 +64,12 @@ class AugmentArguments:
     reward: str = field(default="f1", metadata={
         "help": "the selector's reward: f1 (change of the student's held-out dev F1, the paper's) or dev_loss "
                 "(decrease of its KD + CE loss there: less noisy on a few dev questions)"})
+    reward_baseline: str = field(default="moving_average", metadata={
+        "help": "what the full method subtracts from the reward: moving_average (REINFORCE) or critic "
+                "(actor-critic: a value network on the episode's candidate states)"})
+    choose_strategy: bool = field(default=False, metadata={
+        "help": "the full method's policy also picks which generator strategy makes each candidate "
+                "(default: strategies drawn uniformly); the random / confidence selectors keep drawing uniformly"})
     temperature: float = 2.0
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft term; the hard term gets 1 - alpha"})
     max_seq_length: int = 256
@@ -209,7 +215,8 @@ def main(argv=None) -> int:
                                 episode_steps=a.episode_steps, warmup_steps=a.warmup_steps,
                                 final_steps=a.final_steps, batch_size=a.per_device_train_batch_size,
                                 learning_rate=a.learning_rate, policy_learning_rate=a.policy_learning_rate,
-                                reward=a.reward,
+                                reward=a.reward, reward_baseline=a.reward_baseline,
+                                choose_strategy=a.choose_strategy,
                                 temperature=a.temperature, alpha=a.alpha,
                                 keep_rate=0.5 if keep_rate is None else keep_rate, dev_fraction=a.dev_fraction,
                                 mlm_path=mlm_path, mlm_steps=a.mlm_steps,

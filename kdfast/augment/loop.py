@@ -13,6 +13,10 @@ Every phase ends with an atomic checkpoint (``state.pt``: write to a temporary f
 ``os.replace``); every phase draws its randomness from ``(seed, episode, phase)``, so a run
 stopped after any phase and resumed gives the same final state as an uninterrupted run.
 
+The full method's selector subtracts a moving-average baseline from the reward (REINFORCE) or,
+with ``reward_baseline="critic"``, a learned value (actor-critic); with ``choose_strategy`` its
+policy also draws each candidate's generator strategy (otherwise drawn uniformly).
+
 Methods: ``full`` (generator + reinforced selector), ``none`` (KD without augmentation),
 ``tinybert``, ``mixkd``, ``source`` (source added unchanged), ``random`` (generator, random
 keep at ``keep_rate``), ``confidence`` (generator, keep the ``keep_rate`` most teacher-confident).
@@ -32,11 +36,12 @@ from kdfast.augment import baselines as bl
 from kdfast.augment.data import answered, relabel, split_target, to_windows
 from kdfast.augment.distil import Scorer, mean_loss, span_stats, teacher_student_kl, train_steps
 from kdfast.augment.generator import BASES, embed, manipulate, retrieve, strategy_grid
-from kdfast.augment.selector import (MovingBaseline, Policy, candidate_state, reinforce_loss, sample_actions,
-                                     state_dim)
+from kdfast.augment.selector import (Critic, MovingBaseline, Policy, StrategyPolicy, candidate_state,
+                                     reinforce_loss, sample_actions, state_dim)
 
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
 REWARDS = ("f1", "dev_loss")
+REWARD_BASELINES = ("moving_average", "critic")
 GENERATOR_METHODS = ("full", "random", "confidence")
 MLM_METHODS = GENERATOR_METHODS + ("tinybert",)  # the methods that need a masked LM
 
@@ -83,12 +88,22 @@ class AugmentConfig:
     # split) or "dev_loss" (100 x the decrease of the student's KD + CE loss on that split: a
     # continuous signal where the split holds a handful of questions and F1 moves in big steps).
     reward: str = "f1"
+    # The baseline subtracted from the reward: "moving_average" (REINFORCE) or "critic" (actor-critic:
+    # a value network on the episode's mean candidate state, kdfast.augment.selector.Critic).
+    reward_baseline: str = "moving_average"
+    critic_learning_rate: float = 0.01
+    # The optional second action of the full method: the policy also chooses which strategy of the
+    # grid generates each candidate (kdfast.augment.selector.StrategyPolicy); default uniform sampling.
+    choose_strategy: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}; choose from {', '.join(METHODS)}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward: unknown {self.reward!r}; choose from {', '.join(REWARDS)}")
+        if self.reward_baseline not in REWARD_BASELINES:
+            raise ValueError(f"reward_baseline: unknown {self.reward_baseline!r}; choose from "
+                             f"{', '.join(REWARD_BASELINES)}")
         if not 0.0 < self.dev_fraction < 1.0:
             raise ValueError(f"dev_fraction: expected a value in (0, 1), got {self.dev_fraction}")
         if not 0.0 <= self.keep_rate <= 1.0:
@@ -232,6 +247,14 @@ class AugmentLoop:
             st["policy"] = self.policy.state_dict()
             st["policy_opt"] = torch.optim.Adam(self.policy.parameters(), lr=c.policy_learning_rate).state_dict()
             st["baseline"] = MovingBaseline(c.baseline_beta).state_dict()
+            if c.reward_baseline == "critic":
+                critic = Critic(state_dim(len(self.domains)), c.policy_hidden)
+                st["critic"] = critic.state_dict()
+                st["critic_opt"] = torch.optim.Adam(critic.parameters(), lr=c.critic_learning_rate).state_dict()
+            if c.choose_strategy:
+                spol = StrategyPolicy(len(self.grid))
+                st["strategy_policy"] = spol.state_dict()
+                st["strategy_opt"] = torch.optim.Adam(spol.parameters(), lr=c.policy_learning_rate).state_dict()
         return st
 
     def _dev_loss(self):
@@ -252,6 +275,9 @@ class AugmentLoop:
         if c.method == "mixkd":
             return bl.mix_windows(self.train_windows, n, rng=rng, alpha=c.mix_alpha)
         cands = []
+        chosen = (self.strategy_policy.sample(n, _gen(c.seed, e, "strategy")).tolist()
+                  if c.method == "full" and c.choose_strategy else None)
+        self.strategy_indices = chosen
         for j in range(n):
             i = rng.randrange(len(self.train))
             rec = self.train[i]
@@ -260,7 +286,7 @@ class AugmentLoop:
                                                  neighbours=self.neighbours, rate=c.tinybert_rate, rng=rng,
                                                  generator=gen, new_id=f"{rec['id']}-tb{e}-{j}"))
                 continue
-            s = self.grid[rng.randrange(len(self.grid))]
+            s = self.grid[rng.randrange(len(self.grid)) if chosen is None else chosen[j]]
             src = self.neigh[s.source_domain][i][rng.randrange(len(self.neigh[s.source_domain][i]))]
             if s.base == "source":  # a question of the retrieved source passage, mixed with the target's words
                 src_rec = rng.choice(self.src_by_ctx[src])
@@ -329,6 +355,16 @@ class AugmentLoop:
             popt.load_state_dict(st["policy_opt"])
             base = MovingBaseline()
             base.load_state_dict(st["baseline"])
+            if c.reward_baseline == "critic":
+                critic = Critic(state_dim(len(self.domains)), c.policy_hidden)
+                critic.load_state_dict(st["critic"])
+                copt = torch.optim.Adam(critic.parameters(), lr=c.critic_learning_rate)
+                copt.load_state_dict(st["critic_opt"])
+            if c.choose_strategy:
+                self.strategy_policy = StrategyPolicy(len(self.grid))
+                self.strategy_policy.load_state_dict(st["strategy_policy"])
+                sopt = torch.optim.Adam(self.strategy_policy.parameters(), lr=c.policy_learning_rate)
+                sopt.load_state_dict(st["strategy_opt"])
         phases = 0
 
         def checkpoint():
@@ -337,6 +373,11 @@ class AugmentLoop:
             if c.method == "full":
                 st["policy"], st["policy_opt"] = self.policy.state_dict(), popt.state_dict()
                 st["baseline"] = base.state_dict()
+                if c.reward_baseline == "critic":
+                    st["critic"], st["critic_opt"] = critic.state_dict(), copt.state_dict()
+                if c.choose_strategy:
+                    st["strategy_policy"] = self.strategy_policy.state_dict()
+                    st["strategy_opt"] = sopt.state_dict()
             save_state(self.state_path, st)
             phases += 1
             return max_phases is not None and phases >= max_phases
@@ -348,7 +389,8 @@ class AugmentLoop:
             e = st["episode"]
             if st["phase"] == "generate":
                 windows = self._generate(e)
-                st["pending"] = {"windows": relabel(self.teacher, self.tok, windows)}
+                st["pending"] = {"windows": relabel(self.teacher, self.tok, windows),
+                                 "strategy_indices": getattr(self, "strategy_indices", None)}
                 st["phase"] = "select"
                 if checkpoint():
                     return None
@@ -378,14 +420,30 @@ class AugmentLoop:
                 p = st["pending"]
                 entry = {"episode": e, "candidates": len(p["windows"]), "kept": int(sum(p["actions"]))}
                 if c.method == "full" and p["windows"]:
-                    adv = base.advantage_and_update(p["reward"])
+                    if c.reward_baseline == "critic":
+                        value = critic(p["states"])
+                        adv = p["reward"] - float(value.detach())
+                        copt.zero_grad()
+                        ((value - p["reward"]) ** 2).backward()
+                        copt.step()
+                        baseline = float(value.detach())
+                    else:
+                        adv = base.advantage_and_update(p["reward"])
+                        baseline = base.value
                     loss = reinforce_loss(self.policy, p["states"], torch.tensor(p["actions"]), adv)
                     popt.zero_grad()
                     loss.backward()
                     popt.step()
+                    if c.choose_strategy and p.get("strategy_indices"):
+                        sopt.zero_grad()
+                        (-float(adv) * self.strategy_policy.log_prob(p["strategy_indices"])).backward()
+                        sopt.step()
+                        probs = self.strategy_policy.probs().detach()
+                        entry.update(top_strategy=self.grid[int(probs.argmax())].name(),
+                                     top_strategy_prob=float(probs.max()))
                     if c.reward == "dev_loss":
                         entry.update(dev_loss=st["dev_loss"])
-                    entry.update(reward=p["reward"], advantage=adv, dev_f1=st["dev_f1"], baseline=base.value,
+                    entry.update(reward=p["reward"], advantage=adv, dev_f1=st["dev_f1"], baseline=baseline,
                                  keep_prob=float(self.policy.keep_prob(p["states"]).detach().mean()))
                 st["kept"] += [w for w, a in zip(p["windows"], p["actions"]) if a > 0.5]
                 st["log"].append(entry)

@@ -81,3 +81,39 @@ class MovingBaseline:
 
     def load_state_dict(self, d):
         self.beta, self.value = d["beta"], d["value"]
+
+
+class StrategyPolicy(nn.Module):
+    """The optional second action: which generator strategy to sample next, a categorical
+    distribution over the strategy grid (logits start at zero: uniform, as without it).
+    Trained with the same advantage: ``loss = -(R - b) * sum_j log pi(strategy_j)``."""
+
+    def __init__(self, num_strategies):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_strategies))
+
+    def probs(self):
+        return torch.softmax(self.logits, -1)
+
+    def sample(self, n, generator):
+        with torch.no_grad():
+            return torch.multinomial(self.probs(), n, replacement=True, generator=generator)
+
+    def log_prob(self, indices):
+        return torch.log_softmax(self.logits, -1)[torch.as_tensor(indices, dtype=torch.long)].sum()
+
+
+class Critic(nn.Module):
+    """The actor-critic option: ``V(mean state of the episode's candidates)`` predicts the
+    episode's reward and replaces the moving average as the baseline (advantage ``R - V``);
+    trained on ``(V - R)^2``. The mean state carries the student's current dev F1, so the
+    critic can expect smaller gains from a better student."""
+
+    def __init__(self, dim, hidden=32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, states):
+        return self.net(states.mean(0)).squeeze(-1)

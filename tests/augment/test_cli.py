@@ -36,7 +36,8 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     from kdfast.cli.main import main
 
     out = tmp_path / "run"
-    assert main(["augment", *_argv(files, out, "--methods", "full,none,random", "--bases", "target,source")]) == 0
+    assert main(["augment", *_argv(files, out, "--methods", "full,none,random", "--bases", "target,source",
+                                           "--reward-baseline", "critic", "--choose_strategy")]) == 0
     for f in ("augment_log.json", "results.md", "reward_curve.png", "full/state.pt", "none/augment_log.json",
               "mlm/config.json"):
         assert os.path.exists(out / f), f
@@ -44,7 +45,9 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     assert not os.path.exists(out / "full" / "mlm") and not os.path.exists(out / "random" / "mlm")
     log = json.loads((out / "augment_log.json").read_text())
     assert [r["method"] for r in log["results"]] == ["full", "none", "random"]
-    assert json.loads((out / "full" / "augment_log.json").read_text())["config"]["bases"] == ["target", "source"]
+    full_cfg = json.loads((out / "full" / "augment_log.json").read_text())["config"]
+    assert full_cfg["bases"] == ["target", "source"] and full_cfg["reward_baseline"] == "critic"
+    assert full_cfg["choose_strategy"] is True
     printed = capsys.readouterr().out
     assert "| KD without augmentation |" in printed
     assert printed.count("MLM trained 2 steps") == 1, printed
@@ -58,6 +61,7 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     ("--teacher_name_or_path", "/nope/dir", "--teacher_name_or_path /nope/dir: no such directory"),
     ("--methods", "full,bogus", "--methods 'full,bogus': unknown"),
     ("--reward", "bleu", "reward: unknown 'bleu'"),
+    ("--reward_baseline", "mean", "reward_baseline: unknown 'mean'"),
     ("--mlm_init", "/nope/enc", "--mlm_init /nope/enc: no model directory"),
     ("--bases", "target,passage", "--bases 'target,passage': expected a comma-separated subset of target, source"),
 ])

@@ -111,6 +111,41 @@ def test_source_based_candidates(aug_data, aug_tok, aug_teacher, tmp_path, monke
     assert all(0 <= w["domain_index"] < len(loop.domains) for w in windows)
 
 
+@pytest.mark.parametrize("stop_after", [1, 4])  # after episode 0's generate; after its update (episode 1 next)
+def test_actor_critic_and_strategy_choice_resume(aug_data, aug_tok, aug_teacher, tmp_path, stop_after):
+    """reward_baseline="critic" + choose_strategy: the candidates use the strategies the strategy
+    policy drew, the log carries the critic's value as the baseline, and a run stopped mid-episode
+    and resumed ends in the same state as an uninterrupted one."""
+    from kdfast.augment.loop import load_state
+
+    cfg = _cfg(reward_baseline="critic", choose_strategy=True, bases=("target", "source"))
+    a = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "a")
+    assert a.run(max_phases=1) is None
+    p = load_state(a.state_path)["pending"]
+    assert len(p["strategy_indices"]) == cfg.candidates_per_episode
+    drawn = {a.grid[i] for i in p["strategy_indices"]}
+    for w in p["windows"]:
+        assert any(w["strategy"] == dict(mask_rate=s.mask_rate, mix_rate=s.mix_rate, steps=s.steps,
+                                         source_domain=s.source_domain, base=s.base) for s in drawn)
+    res_a = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "a").run(resume=True)
+    first, second = res_a["episodes"]
+    assert first["baseline"] == 0.0 and first["advantage"] == pytest.approx(first["reward"])
+    assert "top_strategy" in first and 0 < first["top_strategy_prob"] <= 1
+    assert second["advantage"] == pytest.approx(second["reward"] - second["baseline"])
+    st_a = load_state(a.state_path)
+    if first["reward"] != 0:  # a zero advantage leaves the strategy policy where it started
+        assert not torch.equal(st_a["strategy_policy"]["logits"], torch.zeros(len(a.grid)))
+
+    b = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "b")
+    assert b.run(max_phases=stop_after) is None
+    res_b = _loop(cfg, aug_data, aug_tok, aug_teacher, tmp_path / "b").run(resume=True)
+    assert res_b["episodes"] == res_a["episodes"] and res_b["eval"] == res_a["eval"]
+    st_b = load_state(b.state_path)
+    for k in ("strategy_policy", "critic", "policy"):
+        for name, v in st_a[k].items():
+            assert torch.equal(v, st_b[k][name]), (k, name)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="method"):
         AugmentConfig(method="nope")
@@ -120,6 +155,8 @@ def test_config_errors():
         AugmentConfig(bases=("target", "passage"))
     with pytest.raises(ValueError, match="bases: unknown or empty"):
         AugmentConfig(bases=())
+    with pytest.raises(ValueError, match="reward_baseline: unknown 'mean'"):
+        AugmentConfig(reward_baseline="mean")
 
 
 def test_dev_loss_reward_is_the_decrease_of_the_dev_loss(aug_data, aug_tok, aug_teacher, tmp_path):

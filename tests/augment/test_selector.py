@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from kdfast.augment.selector import MovingBaseline, Policy, candidate_state, reinforce_loss, state_dim
+from kdfast.augment.selector import (Critic, MovingBaseline, Policy, StrategyPolicy, candidate_state, reinforce_loss,
+                                     state_dim)
 
 
 def test_policy_gradient_hand_computed():
@@ -52,4 +53,44 @@ def test_moving_baseline():
 def test_state_layout():
     s = candidate_state({"conf_start": 0.9, "conf_end": 0.8, "ent_start": 1.0, "ent_end": 2.0}, 0.5, 0.3,
                         {"mask_rate": 0.3, "mix_rate": 0.5, "steps": 2}, 1, 2, 40.0)
-    assert len(s) == state_dim(2) and s[-2:] == [0.0, 1.0] and s[9] == 0.4
+    assert len(s) == state_dim(2) and s[-2:] == [0.0, 1.0] and s[9] == 0.4 and s[10] == 0.0
+    s = candidate_state({"conf_start": 0.9, "conf_end": 0.8, "ent_start": 1.0, "ent_end": 2.0}, 0.5, 0.3,
+                        {"mask_rate": 0.3, "mix_rate": 0.5, "steps": 2, "base": "source"}, 0, 2, 40.0)
+    assert s[10] == 1.0 and s[-2:] == [1.0, 0.0]
+
+
+def test_strategy_policy_gradient_hand_computed():
+    """loss = -A * sum_j log softmax(z)[s_j]; by hand d loss / d z_k = -A * (count_k - n * p_k)."""
+    pol = StrategyPolicy(3)
+    with torch.no_grad():
+        pol.logits.copy_(torch.tensor([0.2, -0.4, 1.0]))
+    idx, adv = [0, 0, 2, 1, 0], 1.5
+    loss = -adv * pol.log_prob(idx)
+    loss.backward()
+    e = [math.exp(v) for v in (0.2, -0.4, 1.0)]
+    p = [v / sum(e) for v in e]
+    counts = [3, 1, 1]
+    want = [-adv * (counts[k] - len(idx) * p[k]) for k in range(3)]
+    assert torch.allclose(pol.logits.grad, torch.tensor(want), atol=1e-6)
+    assert abs(loss.item() - (-adv * sum(math.log(p[i]) for i in idx))) < 1e-5
+    # Zero logits: uniform; a seeded generator gives the same draws.
+    u = StrategyPolicy(4)
+    assert torch.allclose(u.probs(), torch.full((4,), 0.25))
+    draws = [u.sample(50, torch.Generator().manual_seed(3)).tolist() for _ in range(2)]
+    assert draws[0] == draws[1] and set(draws[0]) == {0, 1, 2, 3}
+
+
+def test_critic_starts_at_zero_and_learns_the_reward():
+    torch.manual_seed(0)
+    critic = Critic(5, hidden=8)
+    states = torch.randn(7, 5)
+    assert critic(states).item() == 0.0  # zero last layer: the first advantage is the reward itself
+    opt = torch.optim.Adam(critic.parameters(), lr=0.05)
+    errs = []
+    for _ in range(100):
+        v = critic(states)
+        errs.append(abs(v.item() - 3.0))
+        opt.zero_grad()
+        ((v - 3.0) ** 2).backward()
+        opt.step()
+    assert errs[-1] < 0.1 * errs[0]
