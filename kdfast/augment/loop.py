@@ -456,6 +456,11 @@ class AugmentLoop:
                 if checkpoint():
                     return None
         bar.close()
+        rewarded = sum(1 for e in st["log"] if e.get("reward"))
+        if c.method == "full" and st["log"] and not rewarded and not st["done"]:
+            self.log(f"[full] warning: the reward was 0 in all {len(st['log'])} episodes (the student's {c.reward} on "
+                     f"the {len(self.dev)} held-out questions never changed), so the selector kept its initial "
+                     "policy: a random keep. More held-out questions or --reward dev_loss give it a signal.")
         if not st["done"]:
             self.student.load_state_dict(st["warm_student"])
             data = self.train_windows + st["kept"]
@@ -470,7 +475,7 @@ class AugmentLoop:
         self.student.load_state_dict(st["student"])
         result = {"method": c.method, "eval": st["final"], "held_out_dev": st["final_dev"],
                   "kept": len(st["kept"]), "target_train_questions": len(self.train),
-                  "target_dev_questions": len(self.dev), "episodes": st["log"]}
+                  "target_dev_questions": len(self.dev), "rewarded_episodes": rewarded, "episodes": st["log"]}
         with open(os.path.join(self.out, "augment_log.json"), "w") as fh:
             json.dump({"config": dataclasses.asdict(c), **result}, fh, indent=2)
         return result

@@ -146,6 +146,31 @@ def test_actor_critic_and_strategy_choice_resume(aug_data, aug_tok, aug_teacher,
             assert torch.equal(v, st_b[k][name]), (k, name)
 
 
+def test_zero_rewards_warn_that_the_selector_did_not_learn(aug_data, aug_tok, aug_teacher, tmp_path, monkeypatch):
+    import kdfast.augment.loop as loop_mod
+
+    class Flat:  # a held-out F1 that never moves: every F1 reward is 0
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, model):
+            return {"f1": 0.0, "exact_match": 0.0}
+
+    monkeypatch.setattr(loop_mod, "Scorer", Flat)
+    logs = []
+    loop = AugmentLoop(_cfg(), source=aug_data["source"], target=aug_data["target"], eval_records=aug_data["eval"],
+                       teacher=aug_teacher, student=tiny_model(aug_tok, seed=3), tokenizer=aug_tok,
+                       output_dir=str(tmp_path / "f1"), log=logs.append)
+    res = loop.run()
+    assert res["rewarded_episodes"] == 0 and any("reward was 0 in all 2 episodes" in m for m in logs)
+    logs.clear()
+    loop = AugmentLoop(_cfg(reward="dev_loss"), source=aug_data["source"], target=aug_data["target"],
+                       eval_records=aug_data["eval"], teacher=aug_teacher, student=tiny_model(aug_tok, seed=3),
+                       tokenizer=aug_tok, output_dir=str(tmp_path / "dl"), log=logs.append)
+    res = loop.run()
+    assert res["rewarded_episodes"] == 2 and not any("warning" in m for m in logs)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="method"):
         AugmentConfig(method="nope")
