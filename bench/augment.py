@@ -54,7 +54,8 @@ METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence"
 BOTH = ("target", "source")  # candidates from target questions and from retrieved source questions
 VARIANTS = {"full_dev_loss": dict(method="full", reward="dev_loss"),  # bench names -> AugmentConfig fields
             "full_src": dict(method="full", bases=BOTH), "random_src": dict(method="random", bases=BOTH),
-            "confidence_src": dict(method="confidence", bases=BOTH)}
+            "confidence_src": dict(method="confidence", bases=BOTH),
+            "full_src_dev_loss": dict(method="full", bases=BOTH, reward="dev_loss")}
 DEVICE = "2-core AMD EPYC (Zen 3), no GPU, shared with 3 other developers' jobs"
 SQUAD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
                          "squad")
@@ -236,7 +237,8 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
          "full_dev_loss": "generator + reinforced selector, dev-loss reward",
          "full_src": "generator with source-based candidates + reinforced selector",
          "random_src": "generator with source-based candidates, random keep (same rate)",
-         "confidence_src": "generator with source-based candidates, confidence-heuristic selector"}
+         "confidence_src": "generator with source-based candidates, confidence-heuristic selector",
+         "full_src_dev_loss": "generator with source-based candidates + reinforced selector, dev-loss reward"}
 
 
 SETUP_KEYS = ("teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
