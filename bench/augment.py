@@ -47,7 +47,7 @@ CSV = os.path.join(RESULTS, "augment.csv")
 MD = os.path.join(RESULTS, "augment.md")
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80", "config",
            "device", "timestamp", "version"]
-SOURCE = ("geography", "science", "history")
+SOURCE = ("geography", "science", "history")  # the defaults of --source_domains / --target_domain
 TARGET = "biography"
 NOTES = "### What these numbers say"
 METHODS = ("full", "none", "tinybert", "mixkd", "source", "random", "confidence")
@@ -103,7 +103,7 @@ def _base(a, data_seed, n_target, log):
     from kdfast.qa.configs import student_config, teacher_config
     from kdfast.qa.tokenizer import train_wordpiece_tokenizer
 
-    d = synthetic_domains(SOURCE, TARGET, n_source=a.source_questions, n_target=n_target, n_target_dev_pool=0,
+    d = synthetic_domains(a.source_domains, a.target_domain, n_source=a.source_questions, n_target=n_target, n_target_dev_pool=0,
                           n_eval=a.eval_questions or 80, seed=data_seed)
     base_dir = os.path.join(a.work_dir, f"base-seed{data_seed}")
     t_dir, s_path = os.path.join(base_dir, "teacher"), os.path.join(base_dir, "student0.pt")
@@ -177,7 +177,7 @@ def run(a):
         for n in sizes:
             target = target_all[:n]
             train_part, _ = split_target(target, max(1, round(0.25 * n)), seed)
-            cfg_common = {"source": SOURCE, "target": TARGET, "source_questions": len(d["source"]),
+            cfg_common = {"source": list(a.source_domains), "target": a.target_domain, "source_questions": len(d["source"]),
                           "eval_questions": len(d["eval"]), "teacher": a.teacher_shape, "student": a.student_shape,
                           "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
                           "teacher_target_steps": a.teacher_target_steps, "teacher_only_steps": a.teacher_only_steps,
@@ -241,7 +241,7 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
          "full_src_dev_loss": "generator with source-based candidates + reinforced selector, dev-loss reward"}
 
 
-SETUP_KEYS = ("teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
+SETUP_KEYS = ("source", "target", "teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
               "student_teacher_params", "teacher_sha")
 
 
@@ -263,12 +263,14 @@ def report():
             latest[(r["provider"], int(r["x_value"]), r["mode"])] = r
     rows = list(latest.values())
     sizes = sorted({int(r["x_value"]) for r in rows})
+    last = json.loads(rows[-1]["config"]) if rows else {}
+    src, tgt = last.get("source", SOURCE), last.get("target", TARGET)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     cell = {}
     for r in rows:
         cell.setdefault((r["provider"], int(r["x_value"])), []).append(float(r["p50"]))
     lines = ["# kdfast augment: learning to augment on the built-in generator", "",
-             f"Machine: {DEVICE}. Source {'+'.join(SOURCE)}, target {TARGET}; F1 on target validation questions "
+             f"Machine: {DEVICE}. Source {'+'.join(src)}, target {tgt}; F1 on target validation questions "
              "(mean over seeds, +- half the min-max spread, [n seeds]). Measured numbers only; "
              "see bench/results/augment.csv for every row and its config.", "",
              "| method | " + " | ".join(f"{n} target questions" for n in sizes) + " |",
@@ -409,6 +411,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0")
     p.add_argument("--sizes", default="16,64,256")
+    p.add_argument("--source_domains", default=",".join(SOURCE),
+                   help="synthetic source domains, comma-separated (kdfast.qa.synthetic.DOMAINS)")
+    p.add_argument("--target_domain", default=TARGET, help="synthetic target domain (not a source domain)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--source_questions", type=int, default=600)
     p.add_argument("--eval_questions", type=int, default=None,
@@ -443,6 +448,7 @@ def main():
                    help="--real: start the masked LM from the teacher's pretrained encoder (kdfast augment "
                         "--mlm_init) instead of training a small one from scratch; its own work directory")
     a = p.parse_args()
+    a.source_domains = tuple(d for d in a.source_domains.split(",") if d)
     if a.report:
         report()
     elif a.real:
