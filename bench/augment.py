@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import hashlib
 import json
 import os
 import statistics
@@ -159,7 +160,6 @@ def run(a):
                                           4 * max(sizes) if shared else max(sizes), log)
         # The teacher's weights identify the setup: a teacher retrained on another machine or thread count
         # differs in its last bits, and its rows must not mix with the earlier teacher's in one table.
-        import hashlib
         h = hashlib.sha256()
         for k, v in sorted(base.state_dict().items()):
             h.update(k.encode())
@@ -204,9 +204,14 @@ def run(a):
                 train_default_mlm(AugmentConfig(mlm_steps=a.mlm_steps, seed=seed), d["source"], train_part, tok,
                                   mlm_dir, log)
             keep_rates = {}  # per candidate bases: the full method's keep rate sizes the random / confidence keep
-            for m in sorted(methods, key=lambda m: m not in ("full", "full_src")):
+            def fields_of(m):
+                return VARIANTS.get(m, {"method": m})
+
+            # Full methods with the F1 reward first: their keep rates size the random / confidence keeps.
+            for m in sorted(methods, key=lambda m: (fields_of(m)["method"], fields_of(m).get("reward", "f1"))
+                            != ("full", "f1")):
                 t1 = time.perf_counter()
-                fields = VARIANTS.get(m, {"method": m})
+                fields = fields_of(m)
                 keep_rate = keep_rates.get(fields.get("bases", ("target",)), 0.5)
                 cfg = AugmentConfig(**fields, episodes=a.episodes,
                                     candidates_per_episode=a.candidates, episode_steps=a.episode_steps,
