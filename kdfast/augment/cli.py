@@ -153,6 +153,10 @@ def main(argv=None) -> int:
     bases = tuple(b.strip() for b in a.bases.split(",") if b.strip())
     if not bases or any(b not in BASES for b in bases):
         raise _error(f"--bases {a.bases!r}: expected a comma-separated subset of {', '.join(BASES)}")
+    try:  # the config's own checks (reward, reward baseline, ...) before any data, model or training
+        AugmentConfig(reward=a.reward, reward_baseline=a.reward_baseline, dev_fraction=a.dev_fraction, bases=bases)
+    except ValueError as e:
+        raise _error(f"--{e}") from None
     if a.teacher_name_or_path and not os.path.isdir(a.teacher_name_or_path):
         raise _error(f"--teacher_name_or_path {a.teacher_name_or_path}: no such directory")
     if a.mlm_name_or_path and not os.path.isdir(a.mlm_name_or_path):

@@ -60,8 +60,8 @@ def test_cli_runs_and_writes_outputs(files, tmp_path, capsys):
     ("--train_file", "/nope/t.json", "--train_file /nope/t.json: no such file"),
     ("--teacher_name_or_path", "/nope/dir", "--teacher_name_or_path /nope/dir: no such directory"),
     ("--methods", "full,bogus", "--methods 'full,bogus': unknown"),
-    ("--reward", "bleu", "reward: unknown 'bleu'"),
-    ("--reward_baseline", "mean", "reward_baseline: unknown 'mean'"),
+    ("--reward", "bleu", "--reward: unknown 'bleu'"),
+    ("--reward_baseline", "mean", "--reward_baseline: unknown 'mean'"),
     ("--mlm_init", "/nope/enc", "--mlm_init /nope/enc: no model directory"),
     ("--bases", "target,passage", "--bases 'target,passage': expected a comma-separated subset of target, source"),
 ])
@@ -75,6 +75,7 @@ def test_cli_errors_name_the_argument(files, tmp_path, flag, value, match):
         argv += [flag, value]
     with pytest.raises(SystemExit, match=match.replace("(", r"\(").replace("'", "'")):
         main(argv)
+    assert not (tmp_path / "e" / "mlm").exists()  # refused before any training
 
 
 def test_cli_mlm_init_starts_the_masked_lm_from_the_teacher(files, tmp_path, capsys):
