@@ -114,7 +114,9 @@ class GenerateArguments:
     output_dir: str = field(metadata={"help": "writes train.json, dev.json and tokenizer/ here"})
     num_train: int = 2000
     num_dev: int = 500
-    domains: str | None = field(default=None, metadata={"help": "comma-separated domains (default: all)"})
+    domains: str | None = field(default=None, metadata={
+        "help": "comma-separated domains (default: biography,geography,science,history; also sport, near "
+                "biography, for transfer studies)"})
     version_2_with_negative: bool = False
     seed: int = 0
     vocab_size: int = 4000

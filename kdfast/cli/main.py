@@ -180,11 +180,11 @@ def cmd_eval(argv):
 def cmd_generate(argv):
     (a,) = _parser((GenerateArguments,), "kdfast generate-data", COMMANDS["generate-data"]) \
         .parse_args_into_dataclasses(argv)
-    from kdfast.qa.synthetic import DOMAINS, write_generated
+    from kdfast.qa.synthetic import DOMAINS, RELATED_DOMAINS, write_generated
     domains = tuple(d.strip() for d in a.domains.split(",")) if a.domains else DOMAINS
-    bad = [d for d in domains if d not in DOMAINS]
+    bad = [d for d in domains if d not in DOMAINS and d not in RELATED_DOMAINS]
     if bad:
-        raise CLIError(f"--domains: unknown {bad}; available: {', '.join(DOMAINS)}")
+        raise CLIError(f"--domains: unknown {bad}; available: {', '.join(DOMAINS + tuple(RELATED_DOMAINS))}")
     paths = write_generated(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, domains=domains,
                             version_2=a.version_2_with_negative, seed=a.seed, vocab_size=a.vocab_size)
     for k, v in paths.items():

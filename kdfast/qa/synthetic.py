@@ -33,6 +33,10 @@ from pathlib import Path
 DOMAINS = ("biography", "geography", "science", "history")
 """Available topic domains."""
 
+RELATED_DOMAINS = {"sport": "biography"}
+"""Domains outside the default mix (``DOMAINS``), each near one of them: {name: its relative}.
+A target domain for transfer studies (``bench/augment.py --target_domain sport``)."""
+
 NAME_TYPES = frozenset({"person", "place", "org", "work", "object", "event"})
 """Answer types (``meta["answer_type"]``) that are generated names, split train/dev."""
 
@@ -255,36 +259,44 @@ _BIO_VENUES = (("the", "{} Opera House"), ("the", "{} Gallery"), ("the", "Grand 
                ("the", "{} Festival"))
 
 
-def _bio_make(rng, nm):
-    w = _BIO
+def _life_maker(w, schools, awards, venues, work):
+    """make(rng, namer) for a domain about one person's life (biography and its
+    relatives): lexicon ``w`` (first-name, surname, town syllables; ``prof``),
+    organisation forms (school, award, venue), and ``work(nm) -> _V``."""
 
-    def person(female):
-        first = nm.word(w["fa"], w["fb"]) if female else nm.word(w["ma"], w["mb"])
-        return _person(first + " " + nm.word(w["la"], w["lb"]), female)
+    def make(rng, nm):
+        def person(female):
+            first = nm.word(w["fa"], w["fb"]) if female else nm.word(w["ma"], w["mb"])
+            return _person(first + " " + nm.word(w["la"], w["lb"]), female)
 
-    def town():
-        return _V(nm.word(w["ta"], w["tb"]), "place")
+        def town():
+            return _V(nm.word(w["ta"], w["tb"]), "place")
 
-    fem = rng.random() < 0.5
-    by, _ = nm.num(1780, 1930, "{}")
-    wky, _ = nm.num(by + 24, by + 45, "{}")
-    ay, _ = nm.num(wky + 1, wky + 12, "{}")
-    dy, _ = nm.num(ay + 2, min(by + 92, 2020), "{}")
-    he, his = _pron(fem)
-    v = dict(
-        P=person(fem), M=person(rng.random() < 0.5), W=person(not fem), R=person(rng.random() < 0.5),
-        G=person(rng.random() < 0.5), St=person(rng.random() < 0.5), he=he, his=his,
-        prof=_noun(nm, w["prof"]), rprof=_noun(nm, w["prof"]),
-        bt=town(), mt=town(), dt=town(), rt=town(), gt=town(), ct=town(),
-        school=_org(nm, _BIO_SCHOOLS, w["ta"], w["tb"]), school2=_org(nm, _BIO_SCHOOLS, w["ta"], w["tb"]),
-        award=_org(nm, _BIO_AWARDS, w["la"], w["lb"]), venue=_org(nm, _BIO_VENUES, w["ta"], w["tb"]),
-        work=_V(nm.phrase("The {} {}", w["adj"], w["noun"]), "work"),
-        by=_V(by, "year"), bday=_V(f"{rng.randint(1, 28)} {rng.choice(_MONTHS)}", "date"),
-        sy=_year(nm, by + 16, by + 22), wy=_year(nm, by + 22, by + 35), my=_year(nm, by + 20, by + 40),
-        dby=_year(nm, by + 18, by + 30), wky=_V(wky, "year"), ay=_V(ay, "year"), dy=_V(dy, "year"),
-        age=_V(dy - by, "number"), kids=_V(rng.choice(_NUM_WORDS), "number"),
-    )
-    return v["P"].text, v
+        fem = rng.random() < 0.5
+        by, _ = nm.num(1780, 1930, "{}")
+        wky, _ = nm.num(by + 24, by + 45, "{}")
+        ay, _ = nm.num(wky + 1, wky + 12, "{}")
+        dy, _ = nm.num(ay + 2, min(by + 92, 2020), "{}")
+        he, his = _pron(fem)
+        v = dict(
+            P=person(fem), M=person(rng.random() < 0.5), W=person(not fem), R=person(rng.random() < 0.5),
+            G=person(rng.random() < 0.5), St=person(rng.random() < 0.5), he=he, his=his,
+            prof=_noun(nm, w["prof"]), rprof=_noun(nm, w["prof"]),
+            bt=town(), mt=town(), dt=town(), rt=town(), gt=town(), ct=town(),
+            school=_org(nm, schools, w["ta"], w["tb"]), school2=_org(nm, schools, w["ta"], w["tb"]),
+            award=_org(nm, awards, w["la"], w["lb"]), venue=_org(nm, venues, w["ta"], w["tb"]),
+            work=work(nm),
+            by=_V(by, "year"), bday=_V(f"{rng.randint(1, 28)} {rng.choice(_MONTHS)}", "date"),
+            sy=_year(nm, by + 16, by + 22), wy=_year(nm, by + 22, by + 35), my=_year(nm, by + 20, by + 40),
+            dby=_year(nm, by + 18, by + 30), wky=_V(wky, "year"), ay=_V(ay, "year"), dy=_V(dy, "year"),
+            age=_V(dy - by, "number"), kids=_V(rng.choice(_NUM_WORDS), "number"),
+        )
+        return v["P"].text, v
+    return make
+
+
+_bio_make = _life_maker(_BIO, _BIO_SCHOOLS, _BIO_AWARDS, _BIO_VENUES,
+                        lambda nm: _V(nm.phrase("The {} {}", _BIO["adj"], _BIO["noun"]), "work"))
 
 
 _BIO_BLOCKS = (
@@ -385,6 +397,88 @@ _BIO_QUESTIONS = (
        "Where did {P} spend the last years of {his} life?"),
     _Q("age", "age", "death", "How old was {P} when {he} died?", "At what age did {P} die?",
        "How old was {P} at the time of death?"),
+)
+
+
+
+# Sport: a relative of biography (an athlete's life). It keeps biography's town
+# syllables and its birth / marriage / rival / biographer / death sentences and
+# questions, and has its own person names, professions, clubs, coaches, wins and
+# titles with their own phrasings: a target domain near a source domain, for
+# transfer studies (kdfast.augment). Not in DOMAINS (the default mix).
+_SPORT = dict(_BIO, **_words(
+    fa="Al Bri Dag Ei Fri Gun Hil In Jor Kar Lii Mai Ran Sig Sol Tu Val Yl Ast Bir",
+    fb="da na run frid dis ja ka li hild",
+    ma="Ag Bjo Ei Fin Gor Hak Ing Jar Kol Lei Mag Od Rag Sve Tor Ulf Vid Arn Bo Ste",
+    mb="ne rn nar var mund stein ulf geir vald",
+    la="Aas Berg Dahl Ek Frost Gran Holm Kvist Lind Lund Nord Sand Strand Vik Hed Sjo Alm Bru",
+    lb="gren qvist strom blad mark sen rud haug lie dal",
+    prof="sprinter|swimmer|cyclist|rower|boxer|fencer|wrestler|skier|skater|gymnast|archer|sailor|climber|"
+         "marathon runner|high jumper|javelin thrower|hurdler|weightlifter",
+    adj="Northern Royal Imperial Coastal Alpine Western Eastern Midsummer Harbour Autumn Winter Island",
+    noun="Regatta|Marathon|Derby|Relay|Classic|Grand Prix|Challenge|Rally|Open|Games",
+))
+_SPORT_CLUBS = (("the", "{} Athletic Club"), ("", "{} Rowing Club"), ("the", "{} Sports Academy"),
+                ("", "{} Harriers"))
+_SPORT_TITLES = (("the", "{} Trophy"), ("the", "{} Cup"), ("the", "{} Shield"))
+_SPORT_VENUES = (("the", "{} Stadium"), ("the", "{} Arena"), ("the", "{} Velodrome"), ("the", "{} Games"))
+_sport_make = _life_maker(_SPORT, _SPORT_CLUBS, _SPORT_TITLES, _SPORT_VENUES,
+                          lambda nm: _V(nm.phrase("{} {}", _SPORT["adj"], _SPORT["noun"]), "event",
+                                        article="the"))
+_BIO_S = {s.sid: block for block in _BIO_BLOCKS for s in block}
+_BIO_Q = {q.name: q for q in _BIO_QUESTIONS}
+_SPORT_BLOCKS = (
+    (_S("intro", "P", "{S} was a celebrated {prof}.", "{S} competed as {prof} for most of {his} career.",
+        "{S} was {prof} of considerable renown.", drop=False),),
+    _BIO_S["birth"],
+    (_S("study", "P", "{S} trained at {school}, where {his} coach was {M}.", "At {school}, {S} was coached by {M}.",
+        "In {sy}, {S} joined {school} and trained under {M}.", "{S_s} coach at {school} was {M}."),
+     _BIO_S["mentor"][1]),
+    (_S("debut", "P", "{S_s} first victory came in {dby} at {venue}.", "In {dby}, {S} won for the first time at {venue}.",
+        "The first major win of {P} came at {venue} in {dby}."),),
+    (_S("move", "P", "In {my}, {S} moved to {ct}, where {he} opened a gym.",
+        "{S} settled in {ct} in {my} and trained there.", "From {my}, {S} lived and trained in {ct}."),),
+    _BIO_S["marriage"],
+    (_S("work", "P", "{S_s} greatest victory, at {work}, came in {wky}.",
+        "In {wky}, {S} won {work}, the race for which {he} is best remembered.",
+        "{S} is best remembered for winning {work} in {wky}."),),
+    (_S("award", "P", "{S} won {award} in {ay}.", "In {ay}, {S} took {award}.",
+        "{award} went to {P} in {ay}."),),
+    (_S("pupil", "P", "Among the athletes {S} later coached was {St}, who went on to coach at {school2}.",
+        "{St}, coached by {P}, later became a coach at {school2}.",
+        "{S} coached {St}, who later joined {school2} as a coach."),),
+    _BIO_S["rival"],
+    _BIO_S["biographer"],
+    _BIO_S["death"],
+)
+_SPORT_QUESTIONS = tuple(_BIO_Q[n] for n in (
+    "birthplace", "birthyear", "birthdate", "mentor_town", "move_town", "move_year", "spouse", "marriage_year",
+    "children", "rival_town", "biographer", "biographer_town", "biographer_town2", "death_year",
+    "death_place", "age")) + (
+    _Q("prof", "prof", "intro", "What kind of athlete was {P}?", "What was {P}'s sport?",
+       "{P} competed as what?"),
+    _Q("school", "school", "study", "Which club did {P} join?", "Where did {P} train?",
+       "At which club was {P} coached?"),
+    _Q("teacher", "M", "study", "Who coached {P}?", "Who was {P}'s coach?", "Under whom did {P} train?"),
+    _Q("enrolled", "sy", "study", "In what year did {P} join {school}?", "When did {P} start training at {school}?",
+       "Since which year was {P} a member of {school}?"),
+    _Q("teacher_town", "mt", "mentor", "Where did {P}'s coach come from?",
+       "Which town did the coach of {P} come from?", "What was the home town of {P}'s coach?", needs="study"),
+    _Q("debut_venue", "venue", "debut", "Where did {P} win for the first time?",
+       "At which venue did {P} have a first victory?", "Where did the first major win of {P} take place?"),
+    _Q("debut_year", "dby", "debut", "When did {P} first win?", "In what year did {P} have a first victory?",
+       "In which year did {P} first win at {venue}?"),
+    _Q("work", "work", "work", "What was {P}'s greatest victory?", "Which race is {P} best remembered for?",
+       "Which event did {P} win in {wky}?"),
+    _Q("work_year", "wky", "work", "When did {P} win {work}?", "In what year did {P} win {work}?", "When was {work} won by {P}?"),
+    _Q("award", "award", "award", "Which title did {P} win?", "Which trophy did {P} take?", "What honour did {P} receive?"),
+    _Q("award_year", "ay", "award", "When did {P} win {award}?", "In what year did {P} take {award}?", "In which year was {award} won by {P}?"),
+    _Q("pupil", "St", "pupil", "Whom did {P} coach?", "Which athlete did {P} coach?", "Who was trained by {P}?"),
+    _Q("pupil_school", "school2", "pupil", "Where did {St} coach?", "At which club did {St} later coach?",
+       "Where did the athlete coached by {P} become a coach?"),
+    _Q("rival", "R", "rival", "Who was {P}'s rival?", "With whom did {P} compete?",
+       "Which other athlete is named as a contemporary of {P}?"),
+    _Q("rival_prof", "rprof", "rival", "What kind of athlete was {R}?", "What was {R}'s sport?", "{R} competed as what?"),
 )
 
 
@@ -830,6 +924,7 @@ _DOMAIN_SPECS = {
     "geography": (_geo_make, _GEO_BLOCKS, _GEO_QUESTIONS, "geo"),
     "science": (_sci_make, _SCI_BLOCKS, _SCI_QUESTIONS, "sci"),
     "history": (_hist_make, _HIST_BLOCKS, _HIST_QUESTIONS, "his"),
+    "sport": (_sport_make, _SPORT_BLOCKS, _SPORT_QUESTIONS, "spo"),
 }
 
 

@@ -268,6 +268,18 @@ def test_generate_data_writes_train_dev_and_tokenizer(generated):
     assert tok.is_fast and len(tok) <= 600 and tok.pad_token_id is not None
 
 
+def test_generate_data_domains(tmp_path):
+    # A domain outside the default mix (sport, near biography) on request; an unknown one is
+    # refused naming the flag and listing what exists, before anything is written.
+    from kdfast.qa.load import load_squad
+    d = tmp_path / "sport"
+    assert run_main(["generate-data", "--output_dir", str(d), "--num_train", "12", "--num_dev", "4",
+                     "--domains", "sport,biography", "--vocab_size", "300"]) == 0
+    assert {r["id"][:3] for r in load_squad(str(d / "train.json"))} == {"spo", "bio"}
+    msg = cli_error(["generate-data", "--output_dir", str(tmp_path / "bad"), "--domains", "cooking"])
+    assert "--domains" in msg and "cooking" in msg and "sport" in msg
+    assert not (tmp_path / "bad").exists()
+
 def _trainer_state(out):
     states = sorted(Path(out).glob("checkpoints/checkpoint-*/trainer_state.json"),
                     key=lambda p: int(p.parent.name.split("-")[1]))

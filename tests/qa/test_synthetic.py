@@ -8,12 +8,13 @@ from collections import Counter, defaultdict
 import pytest
 
 from kdfast.qa.configs import student_config, teacher_config
-from kdfast.qa.synthetic import DOMAINS, NAME_TYPES, generate_domain, generate_squad, write_generated
+from kdfast.qa.synthetic import DOMAINS, NAME_TYPES, RELATED_DOMAINS, generate_domain, generate_squad, write_generated
 from kdfast.qa.tokenizer import SPECIAL_TOKENS, builtin_tokenizer, train_wordpiece_tokenizer
 
 STOP = set("the a an of in and to was is at by for from on with as its it his her he she which who "
            "that this were had has be been but not".split())
 VOCAB = 3000  # one size for every test here, so builtin_tokenizer trains once
+ALL = DOMAINS + tuple(RELATED_DOMAINS)  # the default mix and the domains near one of it
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tok():
 def meta_records():
     """600 questions per domain, v1 and v2, with meta."""
     return {(d, v2): generate_domain(d, 600, seed=5, version_2=v2, with_meta=True)
-            for d in DOMAINS for v2 in (False, True)}
+            for d in ALL for v2 in (False, True)}
 
 
 # ---------------------------------------------------------------- generator
@@ -62,7 +63,7 @@ def test_counts_ids_layout():
 
 @pytest.mark.parametrize("v2", [False, True])
 def test_every_answer_is_a_whole_word_span(meta_records, v2):
-    for d in DOMAINS:
+    for d in ALL:
         recs = meta_records[(d, v2)]
         for r in recs:
             ctx, ans = r["context"], r["answers"]
@@ -91,7 +92,7 @@ def test_unanswerable_fraction():
 def test_unanswerable_questions_name_passage_entities(meta_records):
     # An unanswerable question is about an entity the passage names, not a stranger:
     # its capitalised names (after the first word) occur in the context.
-    for d in DOMAINS:
+    for d in ALL:
         un = [r for r in meta_records[(d, True)] if r["meta"]["unanswerable"]]
         assert len(un) > 60
         for r in un:
@@ -105,7 +106,7 @@ def _ngrams(text, n_max=6):
 
 
 def test_dev_entities_unseen_in_train():
-    for d in DOMAINS:
+    for d in ALL:
         train = generate_domain(d, 1500, split="train", seed=7)
         dev = generate_domain(d, 400, split="validation", seed=7, with_meta=True)
         grams = set().union(*(_ngrams(c) for c in {r["context"] for r in train}))
@@ -140,6 +141,33 @@ def test_domains_have_different_vocabularies():
             assert jac(_vocab(recs[a], True), _vocab(recs[b], True)) < 0.3, (a, b)
     total = set().union(*(_vocab(r, False) for r in recs.values()))
     assert len(total) > 2000
+
+
+def test_related_domain_is_near_its_relative_only():
+    # sport shares biography's town syllables and its birth / marriage / rival /
+    # biographer / death sentences and questions, and has its own names, clubs,
+    # wins and phrasings: nearer biography than any two default domains, yet a
+    # distribution of its own.
+    assert set(RELATED_DOMAINS) == {"sport"} and RELATED_DOMAINS["sport"] == "biography"
+    assert "sport" not in DOMAINS
+    assert {r["id"][:3] for r in generate_squad(20, 0)["train"]} == {"bio", "geo", "sci"}  # default mix unchanged
+    jac = lambda a, b: len(a & b) / len(a | b)  # noqa: E731
+    recs = {d: generate_domain(d, 300, seed=0) for d in ALL}
+    near = jac(_vocab(recs["sport"], True), _vocab(recs["biography"], True))
+    far = max(jac(_vocab(recs[a], True), _vocab(recs[b], True))
+              for i, a in enumerate(DOMAINS) for b in DOMAINS[i + 1:])
+    assert near > 2 * far and near < 0.8, (near, far)
+    # Question phrasings (names masked): a real share in common with biography, not all.
+    bio_q = {_mask(r["question"]) for r in recs["biography"]}
+    shared = sum(_mask(r["question"]) in bio_q for r in recs["sport"]) / len(recs["sport"])
+    assert 0.25 < shared < 0.75, shared
+    # Person names differ (their own syllables); towns are shared.
+    bio_people = {r["answers"]["text"][0] for r in generate_domain("biography", 300, seed=0, with_meta=True)
+                  if r["meta"]["answer_type"] == "person"}
+    sport = generate_domain("sport", 300, seed=0, with_meta=True)
+    sport_people = {r["answers"]["text"][0] for r in sport if r["meta"]["answer_type"] == "person"}
+    assert len(sport_people) > 50 and not sport_people & bio_people
+    assert {r["meta"]["domain"] for r in sport} == {"sport"} and all(r["id"].startswith("spo-") for r in sport)
 
 
 def _mask(question):
@@ -258,7 +286,7 @@ def test_tokenizer_overflow_windows_with_stride(tok):
 def test_answers_map_to_token_boundaries(tok):
     # HF run_qa maps answer characters to tokens via offsets: whole-word answers
     # start and end exactly on token boundaries.
-    for d in DOMAINS:
+    for d in ALL:
         for r in generate_domain(d, 60, split="validation", seed=9):
             enc = tok(r["question"], r["context"], return_offsets_mapping=True)
             ctx_offsets = [o for o, s in zip(enc["offset_mapping"], enc.sequence_ids()) if s == 1]
