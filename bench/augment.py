@@ -16,6 +16,11 @@ and shares them across ``--seeds``: each seed then draws its own target question
 4x the largest size) and seeds every method. Either way they are saved under
 ``--work_dir/base-seed<S>`` and loaded on a rerun (a finished method run is loaded too).
 
+``--source_domains biography,geography,science,history --target_domain sport`` is the near-target case:
+sport (``kdfast.qa.synthetic.RELATED_DOMAINS``) shares biography's towns and half its phrasings, so the
+source teacher transfers to it, as a pretrained teacher does to a related real domain. The report has one
+table per (source, target) pair.
+
 Rows go to bench/results/augment.csv as they finish (a capped run keeps what it measured);
 ``--report`` rewrites bench/results/augment.md from the CSV.
 
@@ -255,32 +260,26 @@ def _setup_of(row):
     return tuple((k, json.dumps(c.get(k))) for k in SETUP_KEYS)
 
 
-def report():
-    with open(CSV) as fh:
-        rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
-    real = [r for r in rows if r["mode"].startswith("real")]
-    rows = [r for r in rows if not r["mode"].startswith("real")]
-    setup = _setup_of(rows[-1]) if rows else None
+def _table(rows):
+    """Lines of the table of one (source, target) pair: the setup of its newest row; a rerun of
+    (method, size, seed) replaces the earlier row."""
+    setup = _setup_of(rows[-1])
     older = sum(_setup_of(r) != setup for r in rows)
-    latest = {}  # the setup of the newest row; a rerun of (method, size, seed) replaces the earlier row
+    latest = {}
     for r in rows:
         if _setup_of(r) == setup:
             latest[(r["provider"], int(r["x_value"]), r["mode"])] = r
     rows = list(latest.values())
     sizes = sorted({int(r["x_value"]) for r in rows})
-    last = json.loads(rows[-1]["config"]) if rows else {}
+    last = json.loads(rows[-1]["config"])
     src, tgt = last.get("source", SOURCE), last.get("target", TARGET)
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
     cell = {}
     for r in rows:
         cell.setdefault((r["provider"], int(r["x_value"])), []).append(float(r["p50"]))
-    lines = ["# kdfast augment: learning to augment on the built-in generator", "",
-             f"Machine: {DEVICE}. Source {'+'.join(src)}, target {tgt}; F1 on target validation questions "
-             "(mean over seeds, +- half the min-max spread, [n seeds]). Measured numbers only; "
-             "see bench/results/augment.csv for every row and its config.", "",
+    lines = [f"## Source {' + '.join(src)}, target {tgt}", "",
              "| method | " + " | ".join(f"{n} target questions" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
-    for p in providers:
+    for p in dict.fromkeys(r["provider"] for r in rows):
         out = []
         for n in sizes:
             v = cell.get((p, n))
@@ -290,12 +289,28 @@ def report():
                 spread = (max(v) - min(v)) / 2
                 out.append(f"{statistics.mean(v):.2f} +- {spread:.2f} [{len(v)}]")
         lines.append(f"| {NAMES.get(p, p)} | " + " | ".join(out) + " |")
-    if setup:
-        lines += ["", "Setup (from the rows' config): " + ", ".join(f"{k} {v}" for k, v in setup if v != "null")
-                  + (f". {older} F1 rows of earlier setups stay in the CSV, not in this table." if older else ".")]
+    lines += ["", "Setup (from the rows' config): " + ", ".join(f"{k} {v}" for k, v in setup if v != "null")
+              + (f". {older} F1 rows of earlier setups stay in the CSV, not in this table." if older else "."), ""]
+    return lines
+
+
+def report():
+    with open(CSV) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
+    real = [r for r in rows if r["mode"].startswith("real")]
+    pairs = {}  # (source, target) -> its rows; the pair of the newest row first
+    for r in reversed([r for r in rows if not r["mode"].startswith("real")]):
+        c = json.loads(r["config"])
+        pairs.setdefault((tuple(c.get("source", SOURCE)), c.get("target", TARGET)), []).insert(0, r)
+    lines = ["# kdfast augment: learning to augment on the built-in generator", "",
+             f"Machine: {DEVICE}. F1 on the target's validation questions (mean over seeds, +- half the min-max "
+             "spread, [n seeds]). Measured numbers only; see bench/results/augment.csv for every row and its "
+             "config.", ""]
+    for pair_rows in pairs.values():
+        lines += _table(pair_rows)
     if real:
         c = json.loads(real[-1]["config"])
-        lines += ["", f"## Real SQuAD: source {c['source_questions']} questions of {c['source']}, target "
+        lines += [f"## Real SQuAD: source {c['source_questions']} questions of {c['source']}, target "
                       f"{c['target_questions']} questions of {', '.join(c['target_articles'])}", "",
                   f"Evaluated on the {c['eval_questions']} other questions of those articles; teacher "
                   f"{c['teacher']}, student = its layers {c['student_layers']} "
@@ -418,7 +433,7 @@ def main():
     p.add_argument("--sizes", default="16,64,256")
     p.add_argument("--source_domains", default=",".join(SOURCE),
                    help="synthetic source domains, comma-separated (kdfast.qa.synthetic.DOMAINS)")
-    p.add_argument("--target_domain", default=TARGET, help="synthetic target domain (not a source domain)")
+    p.add_argument("--target_domain", default=TARGET, help="synthetic target domain (not a source domain; sport: near biography)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--source_questions", type=int, default=600)
     p.add_argument("--eval_questions", type=int, default=None,
