@@ -300,7 +300,7 @@ _bio_make = _life_maker(_BIO, _BIO_SCHOOLS, _BIO_AWARDS, _BIO_VENUES,
 
 
 _BIO_BLOCKS = (
-    (_S("intro", "P", "{S} was a celebrated {prof}.", "{S} was {prof} of considerable renown.",
+    (_S("intro", "P", "{S} was celebrated as {prof}.", "{S} was {prof} of considerable renown.",
         "{S} worked as {prof} for most of {his} life.", drop=False),),
     (_S("birth", "P", "{S} was born in {bt} in {by}.", "{S} was born on {bday} {by} in the town of {bt}.",
         "In {by}, {S} was born in {bt}, a small market town.",
@@ -428,7 +428,7 @@ _sport_make = _life_maker(_SPORT, _SPORT_CLUBS, _SPORT_TITLES, _SPORT_VENUES,
 _BIO_S = {s.sid: block for block in _BIO_BLOCKS for s in block}
 _BIO_Q = {q.name: q for q in _BIO_QUESTIONS}
 _SPORT_BLOCKS = (
-    (_S("intro", "P", "{S} was a celebrated {prof}.", "{S} competed as {prof} for most of {his} career.",
+    (_S("intro", "P", "{S} was celebrated as {prof}.", "{S} competed as {prof} for most of {his} career.",
         "{S} was {prof} of considerable renown.", drop=False),),
     _BIO_S["birth"],
     (_S("study", "P", "{S} trained at {school}, where {his} coach was {M}.", "At {school}, {S} was coached by {M}.",

@@ -143,6 +143,15 @@ def test_domains_have_different_vocabularies():
     assert len(total) > 2000
 
 
+def test_no_doubled_articles(meta_records):
+    # An article before a value that brings its own ("was a celebrated an engraver", a bug
+    # the biography intro had until 2026-12-07).
+    bad = [m for recs in meta_records.values() for r in recs
+           for m in re.findall(r"\b(?:a|an|the) (?:\w+ )?(?:a|an|the) \w+", r["context"] + " " + r["question"],
+                               flags=re.I)]
+    assert not bad, sorted(set(bad))[:5]
+
+
 def test_related_domain_is_near_its_relative_only():
     # sport shares biography's town syllables and its birth / marriage / rival /
     # biographer / death sentences and questions, and has its own names, clubs,
