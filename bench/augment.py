@@ -97,6 +97,29 @@ def _shape(spec, flag):
                 intermediate_size=4 * hidden, max_position_embeddings=256)
 
 
+def _pretrain(a, teacher, tok, data_seed, log):
+    """The stand-in for BERT pre-training: masked-LM training of the teacher's encoder on unlabelled
+    passages of every domain, the target's included (``--teacher_mlm_passages`` per domain, drawn with
+    another seed than every labelled or evaluated question; train-split names only), before any QA
+    training. Without it the built-in teacher has never seen the target's words and transfers little."""
+    from kdfast.augment.mlm import build_mlm, train_mlm
+    from kdfast.qa.synthetic import generate_domain
+
+    os.makedirs(a.work_dir, exist_ok=True)
+    corpus = sorted({r["context"] for dom in (*a.source_domains, a.target_domain)
+                     for r in generate_domain(dom, 5 * a.teacher_mlm_passages, split="train", seed=data_seed + 1000)})
+    c = teacher.config
+    mlm = build_mlm(tok, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                    num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+                    max_position_embeddings=c.max_position_embeddings, seed=data_seed)
+    log(f"teacher pre-training: masked LM {a.teacher_mlm_steps} steps on {len(corpus)} passages")
+    loss = train_mlm(mlm, tok, corpus, steps=a.teacher_mlm_steps, learning_rate=1e-3, seed=data_seed)
+    missing, unexpected = teacher.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"teacher pre-training: encoder weights do not match ({missing}, {unexpected})")
+    log(f"teacher pre-training: masked-LM loss {loss:.2f}")
+
+
 def _base(a, data_seed, n_target, log):
     """Data, tokenizer, the source-trained teacher and the source-distilled student of ``data_seed``,
     saved under ``work_dir/base-seed<data_seed>`` and loaded from there on a rerun."""
@@ -114,13 +137,29 @@ def _base(a, data_seed, n_target, log):
     base_dir = os.path.join(a.work_dir, f"base-seed{data_seed}")
     t_dir, s_path = os.path.join(base_dir, "teacher"), os.path.join(base_dir, "student0.pt")
     teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
+    setup = {k: getattr(a, k) for k in ("source_domains", "target_domain", "source_questions", "teacher_shape",
+                                        "student_shape", "teacher_steps", "teacher_learning_rate",
+                                        "student_source_steps", "teacher_mlm_steps", "teacher_mlm_passages")}
+    setup["source_domains"] = list(setup["source_domains"])
+    setup_path = os.path.join(base_dir, "base.json")
     if os.path.exists(s_path):
+        if os.path.exists(setup_path):
+            with open(setup_path) as fh:
+                saved = json.load(fh)
+            diff = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+            if diff:
+                raise SystemExit(f"augment: {base_dir} holds a teacher of another setup ({diff}, saved vs asked): "
+                                 "use another --work_dir")
         log(f"data seed {data_seed}: loading the teacher and the source-distilled student from {base_dir}")
         tok, teacher = load_tokenizer(t_dir), load_qa_model(t_dir, attn_implementation="sdpa").eval()
         return d, tok, teacher, torch.load(s_path)
     texts = [r["context"] for r in d["source"] + d["target"]] + [r["question"] for r in d["source"] + d["target"]]
     tok = train_wordpiece_tokenizer(texts, vocab_size=2000)
     teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=data_seed)
+    if a.teacher_mlm_steps:
+        _pretrain(a, teacher, tok, data_seed, log)
+        os.makedirs(base_dir, exist_ok=True)
+        torch.save(teacher.bert.state_dict(), os.path.join(base_dir, "pretrained.pt"))
     log(f"data seed {data_seed}: teacher {a.teacher_shape} on {len(d['source'])} source questions, {a.teacher_steps} steps")
     finetune_teacher(teacher, d["source"], tok, steps=a.teacher_steps, seed=data_seed,
                      learning_rate=a.teacher_learning_rate)
@@ -132,6 +171,8 @@ def _base(a, data_seed, n_target, log):
     os.makedirs(base_dir, exist_ok=True)
     teacher.save_pretrained(t_dir)
     tok.save_pretrained(t_dir)
+    with open(setup_path, "w") as fh:
+        json.dump(setup, fh, indent=1)
     torch.save(sd, s_path)
     return d, tok, teacher, sd
 
@@ -187,7 +228,7 @@ def run(a):
                           "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
                           "teacher_target_steps": a.teacher_target_steps, "teacher_only_steps": a.teacher_only_steps,
                           "teacher_seed": a.teacher_seed, "student_teacher_params": round(ratio, 4),
-                          "teacher_sha": teacher_sha,
+                          "teacher_sha": teacher_sha, "teacher_mlm_steps": a.teacher_mlm_steps,
                           "target_train_questions": len(train_part)}
             teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa")
             teacher.load_state_dict(base.state_dict())
@@ -195,6 +236,9 @@ def run(a):
                              learning_rate=a.teacher_learning_rate)
             t_score = scorer(teacher)
             only = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=seed + 7)
+            if a.teacher_mlm_steps:  # the same pre-trained encoder, then the target alone
+                only.bert.load_state_dict(torch.load(os.path.join(work, f"base-seed{a.teacher_seed if shared else seed}",
+                                                                  "pretrained.pt")))
             finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed,
                              learning_rate=a.teacher_learning_rate)
             o_score = scorer(only)
@@ -252,7 +296,7 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
 
 
 SETUP_KEYS = ("source", "target", "teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
-              "student_teacher_params", "teacher_sha")
+              "student_teacher_params", "teacher_sha", "teacher_mlm_steps")
 
 
 def _setup_of(row):
@@ -445,6 +489,9 @@ def main():
                         "target questions and seeds every method); default: a teacher per seed")
     p.add_argument("--teacher_learning_rate", type=float, default=1e-3)
     p.add_argument("--teacher_steps", type=int, default=120)
+    p.add_argument("--teacher_mlm_steps", type=int, default=0,
+                   help="pre-train the teacher's encoder as a masked LM this many steps first (0: none)")
+    p.add_argument("--teacher_mlm_passages", type=int, default=800, help="unlabelled passages per domain for it")
     p.add_argument("--teacher_target_steps", type=int, default=15)
     p.add_argument("--teacher_only_steps", type=int, default=30)
     p.add_argument("--student_source_steps", type=int, default=80)
