@@ -1,0 +1,57 @@
+"""bench/augment.py --report: one table per (source, target) pair, each from the newest setup of that pair,
+a rerun replacing the earlier row, mean and half spread over seeds, hand-written notes kept."""
+import csv
+import importlib.util
+import json
+import os
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("augment_bench", os.path.join(BENCH, "augment.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(mod, source, target, sha, cells):
+    """cells: [(method, size, seed, f1)] -> CSV rows of one setup."""
+    out = []
+    for method, n, seed, f1 in cells:
+        cfg = {"source": source, "target": target, "teacher": "6x128", "student": "1x64", "teacher_sha": sha}
+        for metric, v in (("f1", f1), ("exact_match", f1 / 2)):
+            out.append({"kernel": "augment", "provider": method, "mode": f"seed{seed}", "metric": metric,
+                        "unit": "points", "x_name": "target_questions", "x_value": n, "p20": v, "p50": v, "p80": v,
+                        "config": json.dumps(cfg), "device": "test", "timestamp": "", "version": ""})
+    return out
+
+
+def test_one_table_per_pair_newest_setup(tmp_path, monkeypatch):
+    mod = _load()
+    monkeypatch.setattr(mod, "CSV", str(tmp_path / "augment.csv"))
+    monkeypatch.setattr(mod, "MD", str(tmp_path / "augment.md"))
+    far, near = ["geography", "science"], ["biography", "geography"]
+    rows = (_rows(mod, far, "biography", "old", [("full", 16, 0, 99.0)])  # an earlier setup of the first pair
+            + _rows(mod, far, "biography", "new", [("full", 16, 0, 2.0), ("full", 16, 1, 4.0), ("none", 16, 0, 1.0)])
+            + _rows(mod, near, "sport", "t2", [("full", 16, 0, 7.0), ("full", 64, 0, 8.0)])
+            + _rows(mod, near, "sport", "t2", [("full", 16, 0, 9.0)]))  # a rerun of (full, 16, seed0)
+    with open(mod.CSV, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=mod.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(mod.MD, "w") as fh:
+        fh.write("old table\n\n" + mod.NOTES + "\nkept by hand\n")
+    mod.report()
+    text = open(mod.MD).read()
+    sport = text.index("## Source biography + geography, target sport")
+    bio = text.index("## Source geography + science, target biography")
+    assert sport < bio  # the pair of the newest row first
+    bio_table = text[bio:]
+    assert "| generator + reinforced selector (full) | 3.00 +- 1.00 [2] |" in bio_table  # 2 and 4; 99 is old
+    assert "| KD without augmentation | 1.00 +- 0.00 [1] |" in bio_table
+    assert "1 F1 rows of earlier setups stay in the CSV" in bio_table
+    sport_table = text[sport:bio]
+    assert "| generator + reinforced selector (full) | 9.00 +- 0.00 [1] | 8.00 +- 0.00 [1] |" in sport_table
+    assert "99.00" not in text and "old table" not in text
+    assert text.rstrip().endswith(mod.NOTES + "\nkept by hand")
