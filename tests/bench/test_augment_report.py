@@ -1,18 +1,10 @@
 """bench/augment.py --report: one table per (source, target) pair, each from the newest setup of that pair,
 a rerun replacing the earlier row, mean and half spread over seeds, hand-written notes kept."""
 import csv
-import importlib.util
 import json
-import os
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+from tests.bench.scripts import load_bench
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("augment_bench", os.path.join(BENCH, "augment.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rows(mod, source, target, sha, cells):
@@ -28,7 +20,7 @@ def _rows(mod, source, target, sha, cells):
 
 
 def test_one_table_per_pair_newest_setup(tmp_path, monkeypatch):
-    mod = _load()
+    mod = load_bench("augment")
     monkeypatch.setattr(mod, "CSV", str(tmp_path / "augment.csv"))
     monkeypatch.setattr(mod, "MD", str(tmp_path / "augment.md"))
     far, near = ["geography", "science"], ["biography", "geography"]

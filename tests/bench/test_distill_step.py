@@ -1,22 +1,13 @@
 """bench/attention_train.py --step: the stock and kdfast distillation steps compute the same loss (checked
 before timing), the check rejects a student that differs, and a smoke run writes where it is told."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+from tests.bench.scripts import BENCH, load_bench
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("attention_train_bench", os.path.join(BENCH, "attention_train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-at = _load()
+at = load_bench("attention_train")
 
 
 @pytest.mark.parametrize("variant", ["logit", "layer"])
