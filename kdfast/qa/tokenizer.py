@@ -50,14 +50,28 @@ def train_wordpiece_tokenizer(texts, *, vocab_size=4000, lowercase=True, min_fre
         bad = next(t for t in texts if not isinstance(t, str))
         raise TypeError(f"texts: expected strings, got {type(bad).__name__}")
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=lowercase, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            strip_accents=lowercase, lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Deterministic training: the trainer gives the "##c" continuation tokens their ids in hash-map
+    # order, and those ids break ties between equally frequent merges, so two processes trained
+    # different vocabularies on the same texts (tokenizers issue #1794). Registering every
+    # continuation of the texts up front, sorted, fixes their ids; the model is then rebuilt from the
+    # vocabulary so that they are ordinary entries, not added special tokens.
+    continuations = sorted({"##" + ch for t in texts
+                            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
+                            for ch in word[1:]})
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.WordPieceTrainer(vocab_size=max(vocab_size, len(SPECIAL_TOKENS) + len(continuations)),
+                                        min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS) + continuations,
+                                        continuing_subword_prefix="##", show_progress=False)
+    trained.train_from_iterator(texts, trainer=trainer)
+    tok = Tokenizer(models.WordPiece(vocab=trained.get_vocab(with_added_tokens=True), unk_token="[UNK]",
+                                     continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -304,6 +304,25 @@ def test_answers_map_to_token_boundaries(tok):
             assert start in {s for s, _ in ctx_offsets} and end in {e for _, e in ctx_offsets}, r["answers"]
 
 
+def test_tokenizer_training_is_deterministic_across_processes():
+    # The tokenizers trainer numbers "##c" continuations in hash-map order, which differs per
+    # process and broke merge ties differently (tokenizers #1794): three runs gave three
+    # vocabularies before train_wordpiece_tokenizer registered them up front.
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json\n"
+            "from kdfast.qa.synthetic import generate_domain\n"
+            "from kdfast.qa.tokenizer import train_wordpiece_tokenizer\n"
+            "t = [r['context'] for r in generate_domain('biography', 300, seed=0)]\n"
+            "v = train_wordpiece_tokenizer(t, vocab_size=800).get_vocab()\n"
+            "print(len(v), hashlib.sha1(json.dumps(sorted(v.items())).encode()).hexdigest())\n")
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+           for _ in range(3)}
+    assert len(out) == 1, out
+    assert int(next(iter(out)).split()[0]) == 800
+
+
 def test_tokenizer_save_load_round_trip(tok, tmp_path):
     from transformers import AutoTokenizer
 
