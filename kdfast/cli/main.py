@@ -182,9 +182,10 @@ def cmd_generate(argv):
         .parse_args_into_dataclasses(argv)
     from kdfast.qa.synthetic import DOMAINS, RELATED_DOMAINS, write_generated
     domains = tuple(d.strip() for d in a.domains.split(",")) if a.domains else DOMAINS
-    bad = [d for d in domains if d not in DOMAINS and d not in RELATED_DOMAINS]
+    known = DOMAINS + tuple(RELATED_DOMAINS)
+    bad = [d for d in domains if d not in known]
     if bad:
-        raise CLIError(f"--domains: unknown {bad}; available: {', '.join(DOMAINS + tuple(RELATED_DOMAINS))}")
+        raise CLIError(f"--domains: unknown {bad}; available: {', '.join(known)}")
     paths = write_generated(a.output_dir, num_train=a.num_train, num_dev=a.num_dev, domains=domains,
                             version_2=a.version_2_with_negative, seed=a.seed, vocab_size=a.vocab_size)
     for k, v in paths.items():
