@@ -4,6 +4,11 @@ stock: ``transformers.Trainer`` with a ``compute_loss`` a user writes: windows p
 to ``max_seq_length``, the teacher run every step, ``F.kl_div`` on the start/end
 logits plus the model's own CE, SDPA attention. With ``--layer-losses`` the stock way
 needs eager attention and ``output_attentions`` maps for the attention term.
+``--stock-loss`` picks the loss that user writes: ``window`` (provider ``stock``) spreads
+both softmaxes over all ``max_seq_length`` positions (question and padding included),
+as a loss over ``start_logits`` does unless masked; ``span`` (provider ``stock-span``)
+masks every position but CLS and the window's context before the softmaxes, the soft
+and the hard term, which is what kdfast's loss covers: same loss, stock machinery.
 
 kdfast: ``kdfast.distill.DistillationTrainer``: teacher logits cached once
 (``TeacherCache``; its build time is reported separately and included in the
@@ -49,26 +54,40 @@ def stock_trainer_cls():
     class StockKDTrainer(Trainer):
         """What a user writes without kdfast (the TextBrewer / DistilBERT-style QA loss)."""
 
-        def __init__(self, *a, teacher=None, temperature=2.0, alpha=0.5, layer_kd=None, **kw):
+        def __init__(self, *a, teacher=None, temperature=2.0, alpha=0.5, layer_kd=None, span_only=False, **kw):
             super().__init__(*a, **kw)
             self.teacher, self.T, self.alpha, self.layer_kd = teacher.eval(), temperature, alpha, layer_kd
+            self.span_only = span_only
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             want = self.layer_kd is not None
+            inputs = dict(inputs)
+            span = [inputs.pop(k) for k in SPAN_COLUMNS] if self.span_only else None
             out = model(**inputs, output_hidden_states=want, output_attentions=want)
             with torch.no_grad():
                 t = self.teacher(**{k: v for k, v in inputs.items() if k not in ("start_positions", "end_positions")},
                                  output_hidden_states=want, output_attentions=want)
             T = self.T
+            pairs = [(out.start_logits, t.start_logits), (out.end_logits, t.end_logits)]
+            hard = out.loss
+            if span is not None:  # every position but CLS and the context out of both softmaxes
+                cs, ce, cls = span
+                pos = torch.arange(out.start_logits.shape[1], device=cs.device)[None, :]
+                off = ~(((pos >= cs[:, None]) & (pos <= ce[:, None])) | (pos == cls[:, None]))
+                pairs = [(s.masked_fill(off, -1e4), tt.masked_fill(off, -1e4)) for s, tt in pairs]
+                hard = 0.5 * (F.cross_entropy(pairs[0][0], inputs["start_positions"])
+                              + F.cross_entropy(pairs[1][0], inputs["end_positions"]))
             soft = 0.5 * sum(F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(tt / T, -1), log_target=True,
-                                      reduction="batchmean") for s, tt in ((out.start_logits, t.start_logits),
-                                                                           (out.end_logits, t.end_logits)))
-            loss = self.alpha * T * T * soft + (1 - self.alpha) * out.loss
+                                      reduction="batchmean") for s, tt in pairs)
+            loss = self.alpha * T * T * soft + (1 - self.alpha) * hard
             if want:
                 loss = loss + eager_layer_loss(self.layer_kd, out, t, inputs["attention_mask"])
             return (loss, out) if return_outputs else loss
 
     return StockKDTrainer
+
+
+SPAN_COLUMNS = ("context_start", "context_end", "cls_index")
 
 
 def eager_layer_loss(kd, s_out, t_out, am):
@@ -112,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--layer-losses", action="store_true", help="hidden MSE + attention KL layer terms too")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--only", choices=("stock", "kdfast"), default=None)
+    ap.add_argument("--stock-loss", choices=("window", "span", "both"), default="window",
+                    help="the stock side's loss: over all positions (window, provider stock), over CLS + context "
+                         "only as kdfast's (span, provider stock-span), or both, one after the other")
     ap.add_argument("--no-group-by-length", action="store_true",
                     help="kdfast side: random batches like the stock side (a diagnostic: length-grouped batches "
                          "are one of the two sides' differences besides the loss and the padding)")
@@ -167,14 +189,21 @@ def main(argv=None):
     results = {}
 
     def run(name):
-        if name == "stock":
+        if name.startswith("stock"):
             impl = "eager" if a.layer_losses else "sdpa"
             teacher = load_teacher(tdir, impl)
             student = student_from_teacher(teacher, layers, attn_implementation=impl)
             kd = LayerKD(student.config, teacher.config, losses=losses) if losses else None
-            args = TrainingArguments(output_dir=os.path.join(tmp, name), **common)
-            tr = stock_trainer_cls()(model=student, args=args, train_dataset=padded, teacher=teacher, layer_kd=kd,
-                                     processing_class=tok)
+            span_only = name == "stock-span"
+            data = padded
+            if span_only:  # Trainer would drop the span columns: the model's forward does not take them
+                keep = [c for c in ("input_ids", "token_type_ids", "attention_mask", "start_positions",
+                                    "end_positions") + SPAN_COLUMNS if c in padded.column_names]
+                data = padded.select_columns(keep)
+            args = TrainingArguments(output_dir=os.path.join(tmp, name), remove_unused_columns=not span_only,
+                                     **common)
+            tr = stock_trainer_cls()(model=student, args=args, train_dataset=data, teacher=teacher, layer_kd=kd,
+                                     span_only=span_only, processing_class=tok)
             if kd is not None:  # the projection trains too
                 tr.create_optimizer()
                 tr.optimizer.add_param_group({"params": list(kd.parameters()), "weight_decay": 0.0})
@@ -202,8 +231,9 @@ def main(argv=None):
         print(f"{name:7s} epoch {train_s:8.1f} s  (+ cache {cache_s:6.1f} s)  EM {res.metrics['exact_match']:.2f} "
               f"F1 {res.metrics['f1']:.2f}", flush=True)
 
-    for name in ("stock", "kdfast"):
-        if a.only in (None, name):
+    stock = {"window": ["stock"], "span": ["stock-span"], "both": ["stock", "stock-span"]}[a.stock_loss]
+    for name in stock + ["kdfast"]:
+        if a.only in (None, name.split("-")[0]):
             run(name)
     bench = Bench("qa_distill")
     cfg = (f"{data_name}; {len(train)} questions, {len(padded)} windows ({valid:.0%} valid at L={a.max_seq_length}); "
@@ -217,12 +247,14 @@ def main(argv=None):
                                 ("f1", "F1", r["f1"]), ("em", "EM", r["em"])):
             bench.add_metric("distill_epoch", name, metric, unit, v, mode="train", x_name="questions",
                              x_value=len(train), config=cfg)
-    if len(results) == 2:
-        s, k = results["stock"], results["kdfast"]
-        print(f"speedup: {s['train_s'] / k['train_s']:.2f}x (epoch), "
-              f"{s['train_s'] / (k['train_s'] + k['cache_s']):.2f}x (epoch incl. the one-off cache build); "
-              f"F1 stock {s['f1']:.2f} vs kdfast {k['f1']:.2f} ({k['f1'] - s['f1']:+.2f})")
-        print(cfg)
+    if "kdfast" in results:
+        k = results["kdfast"]
+        for name in (n for n in results if n != "kdfast"):
+            s = results[name]
+            print(f"vs {name}: speedup {s['train_s'] / k['train_s']:.2f}x (epoch), "
+                  f"{s['train_s'] / (k['train_s'] + k['cache_s']):.2f}x (epoch incl. the one-off cache build); "
+                  f"F1 {name} {s['f1']:.2f} vs kdfast {k['f1']:.2f} ({k['f1'] - s['f1']:+.2f})")
+    print(cfg)
 
 
 if __name__ == "__main__":
