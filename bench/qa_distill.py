@@ -128,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both sides (initial order, dropout)")
     ap.add_argument("--layer-losses", action="store_true", help="hidden MSE + attention KL layer terms too")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--only", choices=("stock", "kdfast"), default=None)
@@ -183,7 +184,7 @@ def main(argv=None):
     dynamic = train_features(train, tok, max_seq_length=a.max_seq_length, doc_stride=a.doc_stride)
     dev_w = eval_features(dev, tok, max_seq_length=a.max_seq_length, doc_stride=a.doc_stride)
     valid = sum(dynamic["length"]) / (len(dynamic) * a.max_seq_length)
-    common = dict(num_train_epochs=a.epochs, per_device_train_batch_size=a.batch, learning_rate=a.lr, seed=0,
+    common = dict(num_train_epochs=a.epochs, per_device_train_batch_size=a.batch, learning_rate=a.lr, seed=a.seed,
                   report_to=[], save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, bf16=a.bf16,
                   dataloader_drop_last=False)
     results = {}
@@ -237,7 +238,7 @@ def main(argv=None):
             run(name)
     bench = Bench("qa_distill")
     cfg = (f"{data_name}; {len(train)} questions, {len(padded)} windows ({valid:.0%} valid at L={a.max_seq_length}); "
-           f"student layers {a.student_layers}; batch {a.batch}; epochs {a.epochs}; "
+           f"student layers {a.student_layers}; batch {a.batch}; epochs {a.epochs}; seed {a.seed}; "
            f"{'hidden+attention_kl layer losses' if a.layer_losses else 'logit KD only'}; "
            f"{'bf16' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads; kdfast side attention "
            f"{a.attention or ('kdfast' if a.layer_losses else 'sdpa')}"
