@@ -70,7 +70,8 @@ def stock_trainer_cls():
             T = self.T
             pairs = [(out.start_logits, t.start_logits), (out.end_logits, t.end_logits)]
             hard = out.loss
-            if span is not None:  # every position but CLS and the context out of both softmaxes
+            if span is not None:  # every position but CLS and the context out of both softmaxes (written
+                # here as a user would, not kdfast.distill.collate.span_mask: the stock side uses no kdfast)
                 cs, ce, cls = span
                 pos = torch.arange(out.start_logits.shape[1], device=cs.device)[None, :]
                 off = ~(((pos >= cs[:, None]) & (pos <= ce[:, None])) | (pos == cls[:, None]))
