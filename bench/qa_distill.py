@@ -12,11 +12,13 @@ and the hard term, which is what kdfast's loss covers: same loss, stock machiner
 
 kdfast: ``kdfast.distill.DistillationTrainer``: teacher logits cached once
 (``TeacherCache``; its build time is reported separately and included in the
-"incl. cache" ratio), dynamic padding with length-grouped batches, the fused
-``qa_kd_loss`` over the span tokens, the attention ``kdfast distill`` picks
-(``recipe.training_attention``: kdfast attention with layer losses, SDPA otherwise;
-``--attention`` forces one); layer losses through ``kdfast.hf.capture`` + ``LayerKD``
-(live teacher).
+"incl. cache" ratio), the fused ``qa_kd_loss`` over the span tokens, the attention
+``kdfast distill`` picks (``recipe.training_attention``: kdfast) on the unpadded encoder
+(padded tokens cost nothing) with random batches, as ``kdfast.distill.stage`` does;
+layer losses through ``kdfast.hf.capture`` + ``LayerKD`` (live teacher, unpadded too).
+``--attention sdpa`` gives the kdfast side before the unpadded encoder: SDPA, dynamic
+padding, length-grouped batches; ``--group-by-length`` / ``--no-group-by-length``
+force the batches either way.
 
 Both students start from the same teacher layers with the same seed and see the
 same windows for the same number of epochs; both are then scored on the same dev
@@ -136,9 +138,11 @@ def main(argv=None):
     ap.add_argument("--stock-loss", choices=("window", "span", "both"), default="window",
                     help="the stock side's loss: over all positions (window, provider stock), over CLS + context "
                          "only as kdfast's (span, provider stock-span), or both, one after the other")
-    ap.add_argument("--no-group-by-length", action="store_true",
-                    help="kdfast side: random batches like the stock side (a diagnostic: length-grouped batches "
-                         "are one of the two sides' differences besides the loss and the padding)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--no-group-by-length", action="store_true",
+                       help="kdfast side: random batches (the default with the unpadded encoder)")
+    group.add_argument("--group-by-length", action="store_true",
+                       help="kdfast side: length-grouped batches (the default of a padded student, --attention sdpa)")
     ap.add_argument("--attention", choices=("kdfast", "sdpa"), default=None,
                     help="kdfast side's attention (default: what kdfast distill picks, recipe.training_attention)")
     a = ap.parse_args(argv)
@@ -146,6 +150,8 @@ def main(argv=None):
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainingArguments
     from kdfast.distill.collate import DistillCollator
+    from kdfast.distill.models import unpad_if_supported
+    from kdfast.distill.stage import sampling_strategy
     from kdfast.distill.student import parse_student_layers, student_from_teacher
     from kdfast.distill.teacher_cache import TeacherCache
     from kdfast.distill.trainer import DistillConfig, DistillationTrainer
@@ -189,6 +195,7 @@ def main(argv=None):
                   report_to=[], save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, bf16=a.bf16,
                   dataloader_drop_last=False)
     results = {}
+    side = {}  # the kdfast side's encoder (unpadded or not) and batches, for the config column
 
     def run(name):
         if name.startswith("stock"):
@@ -219,7 +226,10 @@ def main(argv=None):
             cache = TeacherCache.build(teacher, dynamic, tok, os.path.join(tmp, "cache"), progress=False)
             windows = cache.attach(dynamic)
             cache_s = time.perf_counter() - t0
-            sampling = "random" if a.no_group_by_length else "group_by_length"
+            unpadded = unpad_if_supported(student)
+            sampling = sampling_strategy(True if a.group_by_length else False if a.no_group_by_length else None,
+                                         unpadded)
+            side.update(unpadded=unpadded, sampling=sampling)
             args = TrainingArguments(output_dir=os.path.join(tmp, name), train_sampling_strategy=sampling,
                                      length_column_name="length", **common)
             tr = DistillationTrainer(model=student, args=args, train_dataset=windows,
@@ -242,8 +252,10 @@ def main(argv=None):
            f"student layers {a.student_layers}; batch {a.batch}; epochs {a.epochs}; seed {a.seed}; "
            f"{'hidden+attention_kl layer losses' if a.layer_losses else 'logit KD only'}; "
            f"{'bf16' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads; kdfast side attention "
-           f"{a.attention or ('kdfast' if a.layer_losses else 'sdpa')}"
-           f"{'; kdfast side random batches (--no-group-by-length)' if a.no_group_by_length else ''}")
+           f"{a.attention or 'kdfast'}")
+    if side:
+        cfg += (f"{' on the unpadded encoder' if side['unpadded'] else ''}; kdfast side "
+                f"{'random' if side['sampling'] == 'random' else 'length-grouped'} batches")
     for name, r in results.items():
         for metric, unit, v in (("epoch_time", "s", r["train_s"]), ("cache_time", "s", r["cache_s"]),
                                 ("f1", "F1", r["f1"]), ("em", "EM", r["em"])):

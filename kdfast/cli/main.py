@@ -42,9 +42,11 @@ def _parser(dataclass_types, prog, description, defaults=None):
     return p
 
 
-# Trainer defaults that differ for kdfast: save per epoch (resume), length-grouped batches, no trackers.
+# Trainer defaults that differ for kdfast: save per epoch (resume), no trackers. Batches are random:
+# models train on the unpadded encoder (padded tokens cost nothing; length-grouped batches gather the
+# windows of one passage and cost F1: kdfast.distill.stage.sampling_strategy).
 TRAIN_DEFAULTS = dict(save_strategy="epoch", save_total_limit=2, report_to="none", logging_steps=50,
-                      train_sampling_strategy="group_by_length", warmup_steps=0.1, weight_decay=0.01,
+                      train_sampling_strategy="random", warmup_steps=0.1, weight_decay=0.01,
                       per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
                       num_train_epochs=2.0)
 
@@ -231,7 +233,7 @@ def cmd_fine_tune(argv):
     train, dev = _questions(data, "train"), _questions(data, "validation")
     tok = _tokenizer(model_args, data)
     if model_args.model_name_or_path:
-        model = load_qa_model(model_args.model_name_or_path, attn_implementation="sdpa").train()
+        model = load_qa_model(model_args.model_name_or_path, attn_implementation="kdfast").train()
         _fits(model, tok)
     else:
         from kdfast.qa import configs
@@ -239,7 +241,7 @@ def cmd_fine_tune(argv):
         if model_args.model_preset not in ("teacher", "student"):
             raise CLIError(f"--model_preset must be teacher or student, got {model_args.model_preset!r}")
         cfg = getattr(configs, f"{model_args.model_preset}_config")(tok)
-        model = student_from_config(cfg, attn_implementation="sdpa", seed=targs.seed)
+        model = student_from_config(cfg, attn_implementation="kdfast", seed=targs.seed)
     with targs.main_process_first(desc="windowing"):
         windows = train_features(train, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride,
                                  num_proc=data.preprocessing_num_workers)
@@ -283,8 +285,7 @@ def cmd_distill(argv):
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required (fine-tune a teacher with kdfast fine-tune)")
     try:
-        teacher = load_qa_model(kd.teacher_name_or_path,
-                                attn_implementation="kdfast" if kd.layer_losses else "sdpa").eval()
+        teacher = load_qa_model(kd.teacher_name_or_path, attn_implementation="kdfast").eval()
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
         cfg = _distill_config(kd)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "TrainOptions": "stage", "train_stage": "stage",
     "RecipeConfig": "recipe", "run_recipe": "recipe", "measure_row": "recipe",
     "load_qa_model": "models", "load_tokenizer": "models", "save_ternary": "models", "model_kind": "models",
-    "count_parameters": "models", "weights_size": "models", "inference_ready": "models",
+    "count_parameters": "models", "weights_size": "models", "inference_ready": "models", "unpad_if_supported": "models",
     "cpu_speed": "measure",
     "IGNORE_POSITION": "unlabeled", "unlabeled_windows": "unlabeled", "with_unlabeled": "unlabeled",
     "without_labels": "unlabeled",

@@ -153,20 +153,30 @@ def encoder_linear_weights(model) -> int:
     return n
 
 
+def unpad_if_supported(model) -> bool:
+    """kdfast's unpadded encoder (:func:`kdfast.hf.unpad_encoder`: padded tokens skipped by every layer,
+    forward and backward) on a BERT-family model that runs the kdfast attention; returns whether the
+    model now runs unpadded (False for other attention implementations or architectures, which keep
+    their padded forward)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "kdfast":
+        return False
+    from kdfast.hf import is_unpadded, unpad_encoder
+    if is_unpadded(model):
+        return True
+    try:
+        unpad_encoder(model)
+    except (ValueError, TypeError, AttributeError):
+        return False  # not a BERT-family encoder: the padded forward is used
+    return True
+
+
 def inference_ready(model):
     """Eval mode, plus kdfast's unpadded encoder (padded tokens skipped by every layer) for a
     BERT-family model on the kdfast attention; returns the model."""
     model.eval()
-    if getattr(model.config, "_attn_implementation", None) != "kdfast":
-        return model
-    try:
-        from kdfast.hf import is_unpadded, unpad_encoder
-        if not is_unpadded(model):
-            unpad_encoder(model)
-    except (ValueError, TypeError, AttributeError):
-        pass  # not a BERT-family encoder: the padded forward is used
+    unpad_if_supported(model)
     return model
 
 
 __all__ = ["load_qa_model", "load_tokenizer", "check_tokenizer_fits", "save_ternary", "model_kind", "weights_size", "count_parameters",
-           "encoder_linear_weights", "inference_ready"]
+           "encoder_linear_weights", "inference_ready", "unpad_if_supported"]

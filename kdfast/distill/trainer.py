@@ -212,13 +212,18 @@ class DistillationTrainer(Trainer):
     gate_learning_rate: learning rate of the gates and Lagrange multipliers.
     eval_examples / eval_features: dev questions (and their windows) for SQuAD metrics.
     version_2_with_negative, n_best_size, max_answer_length: post-processing options.
+    unpad: run the student (and the live teacher) on kdfast's unpadded encoder
+        (:func:`kdfast.distill.models.unpad_if_supported`: BERT-family models on the kdfast
+        attention; padded tokens cost no work). ``self.unpadded`` says whether the student does.
     """
 
     def __init__(self, *args, teacher=None, distill: DistillConfig | None = None, pruning=None,
                  gate_learning_rate: float = 0.05, eval_examples=None, eval_features=None,
                  version_2_with_negative: bool = False, n_best_size: int = 20, max_answer_length: int = 30,
-                 **kwargs):
+                 unpad: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        from kdfast.distill.models import unpad_if_supported
+        self.unpadded = unpad_if_supported(self.model) if unpad else False
         self.distill = distill or DistillConfig()
         self.teacher = teacher
         if teacher is not None:
@@ -226,6 +231,8 @@ class DistillationTrainer(Trainer):
             for p in teacher.parameters():
                 p.requires_grad_(False)
             teacher.to(self.args.device)
+            if unpad:
+                unpad_if_supported(teacher)
         self.layer_kd = None
         if self.distill.layer_losses:
             if teacher is None:
@@ -263,7 +270,10 @@ class DistillationTrainer(Trainer):
 
     # --- optimisation ---------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
-        """Trainer's sampler, with the length-grouping lengths read once as a list: ``datasets`` returns
+        """Trainer's sampler (``train_sampling_strategy``; kdfast's defaults pick ``"random"`` for a student
+        on the unpadded encoder, whose padded tokens cost nothing: length-grouped batches there only
+        gather the windows of one passage, which cost F1, see :func:`kdfast.distill.stage.sampling_strategy`),
+        with the length-grouping lengths read once as a list: ``datasets`` returns
         a lazy ``Column`` for ``ds["length"]``, and ``LengthGroupedSampler`` indexes it element by element
         (one table slice each; on a concatenated 25,000-window set that kept the first step waiting for
         more than 10 minutes)."""

@@ -64,8 +64,8 @@ packed path; hooks on the linears, ``intermediate``, ``output`` and
 checkpoints each packed layer.
 
 Supported: post-LayerNorm BERT-family encoders (BERT, RoBERTa, ELECTRA, ...):
-``<encoder>.layer[i]`` with ``attention.self.{query,key,value}`` (or a
-compacted ``_NoAttention``), ``attention.output``, ``intermediate``,
+``<encoder>.layer[i]`` with ``attention.self.{query,key,value}`` (``nn.Linear`` or
+linear-like, such as ternary QAT's ``TernaryLinear``; or a compacted ``_NoAttention``), ``attention.output``, ``intermediate``,
 ``output``, run with ``attn_implementation="kdfast"``, encoder only (no
 decoder / cross-attention). Other models raise ``ValueError``.
 """
@@ -93,6 +93,13 @@ def _find_encoder(model: nn.Module):
     raise ValueError("unpad_encoder: could not find the module holding the encoder")
 
 
+def _linear_like(m) -> bool:
+    """``nn.Linear``, or a module that maps ``[..., in_features]`` to ``[..., out_features]`` as one
+    (e.g. :class:`kdfast.nn.TernaryLinear`: its per-token activation quantization acts on packed tokens alike)."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Module) and isinstance(getattr(m, "in_features", None), int)
+                                        and isinstance(getattr(m, "out_features", None), int))
+
+
 def _check_layer(i, layer):
     from kdfast.compress.compact import _NoAttention
     if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False) \
@@ -103,7 +110,7 @@ def _check_layer(i, layer):
     sa = getattr(attn, "self", None)
     if not isinstance(sa, _NoAttention):
         for name in ("query", "key", "value"):
-            if not isinstance(getattr(sa, name, None), nn.Linear):
+            if not _linear_like(getattr(sa, name, None)):
                 raise ValueError(f"unpad_encoder: layer {i}: attention.self.{name} is not a Linear (expected a "
                                  "BERT-family layer: attention.self.{query,key,value})")
         if not isinstance(getattr(sa, "attention_head_size", None), int):

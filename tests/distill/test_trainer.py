@@ -370,3 +370,47 @@ def test_length_grouped_sampler_reads_lengths_once_as_a_list(tok, windows, tmp_p
     assert ds["length"][order[0]] == max(ds["length"])
     plain = make_trainer(random_student(tok), ds, tok, tmp_path / "r", group_by_length=False)
     assert not hasattr(plain._get_train_sampler(), "lengths")
+
+
+def test_student_and_live_teacher_train_unpadded(tok, windows, teacher_dir, tmp_path):
+    """A kdfast-attention student (and the live teacher) run on the unpadded encoder; an SDPA student and
+    ``unpad=False`` keep the padded forward. One unpadded training step changes the student's weights."""
+    from kdfast.distill.collate import DistillCollator
+    from kdfast.distill.models import load_qa_model
+    from kdfast.distill.student import student_from_config
+    from kdfast.distill.trainer import DistillationTrainer
+    from kdfast.hf import is_unpadded
+    teacher = load_qa_model(teacher_dir, attn_implementation="kdfast")
+    student = random_student(tok)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    tr = make_trainer(student, windows, tok, tmp_path / "a", teacher=teacher, distill=kd_config(), max_steps=1)
+    assert tr.unpadded and is_unpadded(student) and is_unpadded(teacher)
+    tr.train()
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+    sdpa = student_from_config(tiny_config(len(tok), tok.pad_token_id, num_hidden_layers=2),
+                               attn_implementation="sdpa", seed=1)
+    assert not make_trainer(sdpa, windows, tok, tmp_path / "b").unpadded
+    kept = random_student(tok)
+    args = train_options().training_arguments(str(tmp_path / "c"))
+    tr = DistillationTrainer(model=kept, args=args, train_dataset=windows, processing_class=tok,
+                             data_collator=DistillCollator(tok), unpad=False)
+    assert not tr.unpadded and not is_unpadded(kept)
+
+
+def test_stage_sampling_random_for_unpadded_grouped_for_padded(tok, windows, tmp_path):
+    """TrainOptions.group_by_length None (default): random batches for an unpadded student, length-grouped
+    ones for a padded (SDPA) student; True / False are kept as given."""
+    from kdfast.distill.stage import TrainOptions, sampling_strategy, train_stage
+    from kdfast.distill.student import student_from_config
+    assert TrainOptions().group_by_length is None
+    assert sampling_strategy(None, True) == "random" and sampling_strategy(None, False) == "group_by_length"
+    assert sampling_strategy(True, True) == "group_by_length" and sampling_strategy(False, False) == "random"
+    opts = train_options(group_by_length=None, max_steps=1)
+    tr = train_stage(random_student(tok), windows, tok, str(tmp_path / "u"), opts)
+    assert tr.unpadded and tr.args.train_sampling_strategy == "random"
+    assert not hasattr(tr._get_train_sampler(), "lengths")
+    sdpa = student_from_config(tiny_config(len(tok), tok.pad_token_id, num_hidden_layers=2),
+                               attn_implementation="sdpa", seed=1)
+    tr = train_stage(sdpa, windows, tok, str(tmp_path / "p"), opts)
+    assert not tr.unpadded and tr.args.train_sampling_strategy == "group_by_length"
+    assert hasattr(tr._get_train_sampler(), "lengths")

@@ -440,3 +440,26 @@ def test_packed_attention_on_triton_varlen_kernels_equals_cpu_kernels(monkeypatc
     ga, gb = _grads(ref), _grads(fast)
     for n in ga:
         _close(gb[n], ga[n], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_ternary_qat_model_unpadded_equals_padded(act_bits):
+    """Ternary QAT students (TernaryLinear q/k/v, per-token int8 activations or none) train unpadded:
+    outputs and gradients equal the same model's padded kdfast forward at valid positions."""
+    ids, am = _batch()
+    kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref, fast = _model("kdfast", **kw).train(), _model("kdfast", **kw).train()
+    kc.quantize(ref, qat=True, act_bits=act_bits)
+    kc.quantize(fast, qat=True, act_bits=act_bits)
+    assert type(fast.bert.encoder.layer[0].attention.self.query).__name__ == "TernaryLinear"
+    kdfast.hf.unpad_encoder(fast)
+    assert kdfast.hf.is_unpadded(fast)
+    a, b = ref(input_ids=ids, attention_mask=am), fast(input_ids=ids, attention_mask=am)
+    keep = am.bool()
+    _close(b.start_logits[keep], a.start_logits[keep], atol=1e-4, rtol=1e-3)
+    _valid_loss(a, am).backward()
+    _valid_loss(b, am).backward()
+    ga, gb = _grads(ref), _grads(fast)
+    assert ga.keys() == gb.keys() and len(ga) > 20
+    for n in ga:
+        _close(gb[n], ga[n], atol=2e-4, rtol=2e-3)
