@@ -42,13 +42,13 @@ def _parser(dataclass_types, prog, description, defaults=None):
     return p
 
 
-# Trainer defaults that differ for kdfast: save per epoch (resume), no trackers. Batches are random:
-# models train on the unpadded encoder (padded tokens cost nothing; length-grouped batches gather the
-# windows of one passage and cost F1: kdfast.distill.stage.sampling_strategy).
+# Trainer defaults that differ for kdfast: save per epoch (resume), no trackers. Batches
+# (train_sampling_strategy, set in _train_common) are random where models train on the unpadded encoder
+# (padded tokens cost nothing; length-grouped batches gather the windows of one passage and cost F1:
+# kdfast.distill.stage.sampling_strategy), length-grouped where they train padded (SDPA on CUDA).
 TRAIN_DEFAULTS = dict(save_strategy="epoch", save_total_limit=2, report_to="none", logging_steps=50,
-                      train_sampling_strategy="random", warmup_steps=0.1, weight_decay=0.01,
-                      per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
-                      num_train_epochs=2.0)
+                      warmup_steps=0.1, weight_decay=0.01, per_device_train_batch_size=16,
+                      per_device_eval_batch_size=64, learning_rate=5e-5, num_train_epochs=2.0)
 
 
 def _need_file(flag, path):
@@ -198,7 +198,12 @@ def cmd_generate(argv):
 def _train_common(argv, prog, extra=()):
     types = (ModelArguments, DataArguments, *extra)
     from transformers import TrainingArguments
-    p = _parser(types + (TrainingArguments,), prog, COMMANDS[prog.split()[-1]], TRAIN_DEFAULTS)
+    from kdfast.distill.recipe import training_attention
+    from kdfast.distill.stage import sampling_strategy
+    from kdfast.distill.trainer import DistillConfig
+    unpadded = training_attention(DistillConfig()) == "kdfast"
+    defaults = dict(TRAIN_DEFAULTS, train_sampling_strategy=sampling_strategy(None, unpadded))
+    p = _parser(types + (TrainingArguments,), prog, COMMANDS[prog.split()[-1]], defaults)
     return p.parse_args_into_dataclasses(argv)
 
 
@@ -225,6 +230,13 @@ def _finish(output_dir, model, tok, dev, data: DataArguments, trainer, name, rec
     return 0
 
 
+def _train_attention():
+    """Attention of a model trained on hard labels (fine-tune): what the pipeline trains with."""
+    from kdfast.distill.recipe import training_attention
+    from kdfast.distill.trainer import DistillConfig
+    return training_attention(DistillConfig())
+
+
 def cmd_fine_tune(argv):
     model_args, data, targs = _train_common(argv, "kdfast fine-tune")
     from kdfast.distill.models import load_qa_model
@@ -233,7 +245,7 @@ def cmd_fine_tune(argv):
     train, dev = _questions(data, "train"), _questions(data, "validation")
     tok = _tokenizer(model_args, data)
     if model_args.model_name_or_path:
-        model = load_qa_model(model_args.model_name_or_path, attn_implementation="kdfast").train()
+        model = load_qa_model(model_args.model_name_or_path, attn_implementation=_train_attention()).train()
         _fits(model, tok)
     else:
         from kdfast.qa import configs
@@ -241,7 +253,7 @@ def cmd_fine_tune(argv):
         if model_args.model_preset not in ("teacher", "student"):
             raise CLIError(f"--model_preset must be teacher or student, got {model_args.model_preset!r}")
         cfg = getattr(configs, f"{model_args.model_preset}_config")(tok)
-        model = student_from_config(cfg, attn_implementation="kdfast", seed=targs.seed)
+        model = student_from_config(cfg, attn_implementation=_train_attention(), seed=targs.seed)
     with targs.main_process_first(desc="windowing"):
         windows = train_features(train, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride,
                                  num_proc=data.preprocessing_num_workers)
@@ -285,10 +297,10 @@ def cmd_distill(argv):
     if not kd.teacher_name_or_path:
         raise CLIError("--teacher_name_or_path is required (fine-tune a teacher with kdfast fine-tune)")
     try:
-        teacher = load_qa_model(kd.teacher_name_or_path, attn_implementation="kdfast").eval()
+        cfg = _distill_config(kd)
+        teacher = load_qa_model(kd.teacher_name_or_path, attn_implementation=training_attention(cfg)).eval()
         tok = _tokenizer(model_args, data, kd.teacher_name_or_path)
         _fits(teacher, tok, "teacher")
-        cfg = _distill_config(kd)
         student = _student(model_args, kd, teacher, tok, targs.seed, training_attention(cfg))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None

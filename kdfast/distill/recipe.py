@@ -38,16 +38,19 @@ TERNARY_TEACHERS = ("teacher", "source")
 
 
 def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
-    """Attention implementation to train with: ``"kdfast"``. The trainer runs such a (BERT-family)
-    model on the unpadded encoder (:func:`kdfast.distill.models.unpad_if_supported`), where padded
-    tokens cost nothing, and the steps that read q/k/v (layer losses through kdfast.hf.capture) or
-    gate heads need it anyway. Measured on the AVX2 EPYC: one logit-KD distillation epoch on 512 real
-    SQuAD questions (3-layer MiniLM student, B=16, 1 thread) takes 89 s unpadded with random batches
-    against 105-107 s for SDPA with length-grouped batches and 189-196 s for SDPA with random batches
-    (seeds 3 and 4; bench/qa_distill.py). Evaluation and the latency rows use SDPA (see
-    :func:`kdfast.distill.models.load_qa_model`). ``distill`` and ``gates`` are kept for callers that
-    pass them."""
-    return "kdfast"
+    """Attention implementation to train with: ``"kdfast"``, run by the trainer on the unpadded encoder
+    (:func:`kdfast.distill.models.unpad_if_supported`), where padded tokens cost nothing; the steps that
+    read q/k/v (layer losses through kdfast.hf.capture) or gate heads need it anyway. Measured on the
+    AVX2 EPYC: one logit-KD distillation epoch on 512 real SQuAD questions (3-layer MiniLM student,
+    B=16, 1 thread) takes 88-91 s unpadded with random batches against 99-110 s for SDPA with
+    length-grouped batches and 189-240 s for SDPA with random batches (bench/qa_distill.py; README).
+    On a CUDA machine the other steps keep ``"sdpa"`` (with length-grouped batches): the unpadded
+    path there runs the Triton varlen kernels, which have not run on a GPU yet. Evaluation and the
+    latency rows use SDPA (see :func:`kdfast.distill.models.load_qa_model`)."""
+    import torch
+    if gates or distill.layer_losses or not torch.cuda.is_available():
+        return "kdfast"
+    return "sdpa"
 
 
 STATE_FILE = "recipe_state.json"

@@ -140,6 +140,27 @@ def test_distillation_flags_reach_the_config():
         "jsd", 0.25, 0.8, 3.0, 0.7)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_training_attention_and_default_batches(monkeypatch, tmp_path, cuda):
+    """CPU: every stage trains on the kdfast attention (unpadded) and the CLI's batches are random; CUDA
+    (the Triton varlen kernels not yet run on a GPU): SDPA with length-grouped batches, except where
+    the step needs the kdfast attention (layer losses, gates). An explicit flag wins."""
+    import torch
+    from kdfast.cli.main import _train_common
+    from kdfast.distill.recipe import training_attention
+    from kdfast.distill.trainer import DistillConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert training_attention(DistillConfig()) == ("sdpa" if cuda else "kdfast")
+    assert training_attention(DistillConfig(layer_losses={"hidden": 1.0})) == "kdfast"
+    assert training_attention(DistillConfig(), gates=True) == "kdfast"
+    base = ["--train_file", "t.json", "--output_dir", str(tmp_path)]
+    *_, targs = _train_common(base + ["--use_cpu", "true"], "kdfast fine-tune")
+    assert targs.train_sampling_strategy == ("group_by_length" if cuda else "random")
+    *_, targs = _train_common(base + ["--use_cpu", "true", "--train_sampling_strategy", "group_by_length"],
+                              "kdfast fine-tune")
+    assert targs.train_sampling_strategy == "group_by_length"
+
+
 @pytest.mark.parametrize("argv,embeddings,float_dtype", [
     ([], "all", "float16"),
     (["--ternary-embeddings", "word", "--ternary-float-dtype", "float32"], "word", "float32"),
