@@ -84,8 +84,12 @@ class TeacherCache:
     @classmethod
     def build(cls, teacher, features, tokenizer, cache_dir: str, *, batch_size: int = 64, top_k: int | None = None,
               progress: bool = True, overwrite: bool = False) -> "TeacherCache":
-        """Run ``teacher`` over ``features`` (training windows) once, or load the cache if it exists."""
+        """Run ``teacher`` over ``features`` (training windows) once, or load the cache if it exists.
+
+        A BERT-family teacher on the kdfast attention is switched to the unpadded encoder first (in
+        place, as :class:`DistillationTrainer` runs a live teacher: padded tokens cost nothing)."""
         from datasets import Dataset, concatenate_datasets, load_from_disk
+        from kdfast.distill.models import unpad_if_supported
         from kdfast.qa.evaluate import predict_logits
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
@@ -101,6 +105,7 @@ class TeacherCache:
             with open(meta_path) as fh:
                 meta = json.load(fh)
             return cls(path, load_from_disk(path), meta)
+        unpad_if_supported(teacher)
         parts = []
         n = len(features)
         for lo in range(0, n, _CHUNK):

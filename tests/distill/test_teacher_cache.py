@@ -70,6 +70,23 @@ def test_values_are_the_teacher_logits_at_cls_and_context(built, sub, direct_log
         np.testing.assert_allclose(row["teacher_end"], e[i, pos], atol=1e-4, rtol=1e-4)
 
 
+def test_kdfast_teacher_builds_unpadded_with_the_same_values(teacher_dir, sub, tok, tmp_path, direct_logits):
+    """A kdfast-attention teacher is switched to the unpadded encoder for the build; its cached logits
+    equal the padded SDPA forward's."""
+    from kdfast.distill.models import load_qa_model
+    from kdfast.distill.teacher_cache import TeacherCache
+    from kdfast.hf import is_unpadded
+    t = load_qa_model(teacher_dir, attn_implementation="kdfast")
+    assert not is_unpadded(t)
+    cache = TeacherCache.build(t, sub, tok, str(tmp_path), batch_size=7, progress=False)
+    assert is_unpadded(t)
+    s, e = direct_logits
+    for i, w in enumerate(sub):
+        pos = span_positions(w)
+        np.testing.assert_allclose(cache.dataset[i]["teacher_start"], s[i, pos], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(cache.dataset[i]["teacher_end"], e[i, pos], atol=1e-4, rtol=1e-4)
+
+
 def test_second_build_reads_the_disk(built, teacher, sub, tok, cache_dir, monkeypatch):
     from kdfast.distill.teacher_cache import TeacherCache
 
