@@ -200,8 +200,7 @@ def _train_common(argv, prog, extra=()):
     from transformers import TrainingArguments
     from kdfast.distill.recipe import training_attention
     from kdfast.distill.stage import sampling_strategy
-    from kdfast.distill.trainer import DistillConfig
-    unpadded = training_attention(DistillConfig()) == "kdfast"
+    unpadded = training_attention() == "kdfast"
     defaults = dict(TRAIN_DEFAULTS, train_sampling_strategy=sampling_strategy(None, unpadded))
     p = _parser(types + (TrainingArguments,), prog, COMMANDS[prog.split()[-1]], defaults)
     return p.parse_args_into_dataclasses(argv)
@@ -230,22 +229,16 @@ def _finish(output_dir, model, tok, dev, data: DataArguments, trainer, name, rec
     return 0
 
 
-def _train_attention():
-    """Attention of a model trained on hard labels (fine-tune): what the pipeline trains with."""
-    from kdfast.distill.recipe import training_attention
-    from kdfast.distill.trainer import DistillConfig
-    return training_attention(DistillConfig())
-
-
 def cmd_fine_tune(argv):
     model_args, data, targs = _train_common(argv, "kdfast fine-tune")
     from kdfast.distill.models import load_qa_model
+    from kdfast.distill.recipe import training_attention
     from kdfast.distill.stage import train_stage
     from kdfast.qa.features import train_features
     train, dev = _questions(data, "train"), _questions(data, "validation")
     tok = _tokenizer(model_args, data)
     if model_args.model_name_or_path:
-        model = load_qa_model(model_args.model_name_or_path, attn_implementation=_train_attention()).train()
+        model = load_qa_model(model_args.model_name_or_path, attn_implementation=training_attention()).train()
         _fits(model, tok)
     else:
         from kdfast.qa import configs
@@ -253,7 +246,7 @@ def cmd_fine_tune(argv):
         if model_args.model_preset not in ("teacher", "student"):
             raise CLIError(f"--model_preset must be teacher or student, got {model_args.model_preset!r}")
         cfg = getattr(configs, f"{model_args.model_preset}_config")(tok)
-        model = student_from_config(cfg, attn_implementation=_train_attention(), seed=targs.seed)
+        model = student_from_config(cfg, attn_implementation=training_attention(), seed=targs.seed)
     with targs.main_process_first(desc="windowing"):
         windows = train_features(train, tok, max_seq_length=data.max_seq_length, doc_stride=data.doc_stride,
                                  num_proc=data.preprocessing_num_workers)

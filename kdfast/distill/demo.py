@@ -114,7 +114,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     if "teacher" not in rows:
         _log("fine-tuning the teacher")
         cfg = teacher_config(tok, **TEACHER)
-        teacher = student_from_config(cfg, attn_implementation=training_attention(DistillConfig()), seed=seed)
+        teacher = student_from_config(cfg, attn_implementation=training_attention(), seed=seed)
         trainer = train_stage(teacher, teacher_windows if teacher_windows is not None else windows, tok,
                               os.path.join(output_dir, "teacher"), opts)
         trainer.model.save_pretrained(teacher_dir)
@@ -128,7 +128,7 @@ def run_demo(output_dir: str = "demo-output", *, num_train: int = 2000, num_dev:
     no_kd_dir = os.path.join(output_dir, "student-no-kd", "model")
     if "student without KD" not in rows:
         _log("fine-tuning the student without distillation (baseline)")
-        student = student_from_teacher(teacher, layers, attn_implementation=training_attention(DistillConfig()))
+        student = student_from_teacher(teacher, layers, attn_implementation=training_attention())
         s_opts = TrainOptions(**{**opts.__dict__, "num_train_epochs": student_epochs})
         trainer = train_stage(student, windows, tok, os.path.join(output_dir, "student-no-kd"), s_opts)
         trainer.model.save_pretrained(no_kd_dir)

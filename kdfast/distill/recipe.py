@@ -37,7 +37,7 @@ STAGES = ("distil", "prune", "ternary")
 TERNARY_TEACHERS = ("teacher", "source")
 
 
-def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
+def training_attention(distill: DistillConfig | None = None, *, gates: bool = False) -> str:
     """Attention implementation to train with: ``"kdfast"``, run by the trainer on the unpadded encoder
     (:func:`kdfast.distill.models.unpad_if_supported`), where padded tokens cost nothing; the steps that
     read q/k/v (layer losses through kdfast.hf.capture) or gate heads need it anyway. Measured on the
@@ -48,7 +48,7 @@ def training_attention(distill: DistillConfig, *, gates: bool = False) -> str:
     path there runs the Triton varlen kernels, which have not run on a GPU yet. Evaluation and the
     latency rows use SDPA (see :func:`kdfast.distill.models.load_qa_model`)."""
     import torch
-    if gates or distill.layer_losses or not torch.cuda.is_available():
+    if gates or (distill is not None and distill.layer_losses) or not torch.cuda.is_available():
         return "kdfast"
     return "sdpa"
 

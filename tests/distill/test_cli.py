@@ -150,7 +150,7 @@ def test_training_attention_and_default_batches(monkeypatch, tmp_path, cuda):
     from kdfast.distill.recipe import training_attention
     from kdfast.distill.trainer import DistillConfig
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert training_attention(DistillConfig()) == ("sdpa" if cuda else "kdfast")
+    assert training_attention() == training_attention(DistillConfig()) == ("sdpa" if cuda else "kdfast")
     assert training_attention(DistillConfig(layer_losses={"hidden": 1.0})) == "kdfast"
     assert training_attention(DistillConfig(), gates=True) == "kdfast"
     base = ["--train_file", "t.json", "--output_dir", str(tmp_path)]
