@@ -132,35 +132,35 @@ def _base(a, data_seed, n_target, log):
     """Data, tokenizer, the source-trained teacher and the source-distilled student of ``data_seed``,
     saved under ``work_dir/base-seed<data_seed>`` and loaded from there on a rerun."""
     import torch
-    from kdfast.augment.data import answered, relabel, synthetic_domains, to_windows
-    from kdfast.augment.distil import train_steps
+    from kdfast.augment.data import synthetic_domains
     from kdfast.augment.loop import finetune_teacher
     from kdfast.distill.models import load_qa_model, load_tokenizer
-    from kdfast.distill.student import student_from_config
-    from kdfast.qa.configs import student_config
     from kdfast.qa.tokenizer import train_wordpiece_tokenizer
 
     d = synthetic_domains(a.source_domains, a.target_domain, n_source=a.source_questions, n_target=n_target, n_target_dev_pool=0,
                           n_eval=a.eval_questions or 80, seed=data_seed)
     base_dir = os.path.join(a.work_dir, f"base-seed{data_seed}")
-    t_dir, s_path = os.path.join(base_dir, "teacher"), os.path.join(base_dir, "student0.pt")
-    teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
+    t_dir = os.path.join(base_dir, "teacher")
+    # One teacher per base directory; one source-distilled student per student kind and step count.
+    kind = _student_name(a).replace(" ", "")  # a method's run of this student: <seed dir>/student-<kind>/<method>
+    s_path = os.path.join(base_dir, f"student0-{kind}-{a.student_source_steps}-lr{a.learning_rate:g}.pt")
+    teacher_shape = _shape(a.teacher_shape, "--teacher_shape")
     setup = {k: getattr(a, k) for k in ("source_domains", "target_domain", "source_questions", "teacher_shape",
-                                        "student_shape", "teacher_steps", "teacher_learning_rate",
-                                        "student_source_steps", "teacher_mlm_steps", "teacher_mlm_passages",
-                                        "teacher")}
+                                        "teacher_steps", "teacher_learning_rate", "teacher_mlm_steps",
+                                        "teacher_mlm_passages", "teacher")}
     setup["source_domains"] = list(setup["source_domains"])
     setup_path = os.path.join(base_dir, "base.json")
-    if os.path.exists(s_path):
-        if os.path.exists(setup_path):
-            with open(setup_path) as fh:
-                saved = json.load(fh)
-            diff = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
-            if diff:
-                raise SystemExit(f"augment: {base_dir} holds a teacher of another setup ({diff}, saved vs asked): "
-                                 "use another --work_dir")
-        log(f"data seed {data_seed}: loading the teacher and the source-distilled student from {base_dir}")
+    if os.path.exists(os.path.join(t_dir, "config.json")) and os.path.exists(setup_path):
+        with open(setup_path) as fh:
+            saved = json.load(fh)
+        diff = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+        if diff:
+            raise SystemExit(f"augment: {base_dir} holds a teacher of another setup ({diff}, saved vs asked): "
+                             "use another --work_dir")
+        log(f"data seed {data_seed}: loading the source-trained teacher from {base_dir}")
         tok, teacher = load_tokenizer(t_dir), load_qa_model(t_dir, attn_implementation="sdpa").eval()
+        if not os.path.exists(s_path):
+            _source_student(a, d, tok, teacher, data_seed, s_path, log)
         return d, tok, teacher, torch.load(s_path)
     if a.teacher:  # a pretrained start brings its tokenizer; the built-in MLM pre-training does not apply
         tok = load_tokenizer(a.teacher)
@@ -176,18 +176,46 @@ def _base(a, data_seed, n_target, log):
         f"{a.teacher_steps} steps")
     finetune_teacher(teacher, d["source"], tok, steps=a.teacher_steps, seed=data_seed,
                      learning_rate=a.teacher_learning_rate)
-    student0 = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa", seed=data_seed)
-    log(f"student {a.student_shape}: distilled {a.student_source_steps} steps on the source")
-    src_w = relabel(teacher, tok, to_windows(answered(d["source"]), tok))
-    train_steps(student0, src_w, tok, steps=a.student_source_steps, seed=data_seed)  # general-distillation stand-in
-    sd = {k: v.clone() for k, v in student0.state_dict().items()}
     os.makedirs(base_dir, exist_ok=True)
     teacher.save_pretrained(t_dir)
     tok.save_pretrained(t_dir)
     with open(setup_path, "w") as fh:
         json.dump(setup, fh, indent=1)
-    torch.save(sd, s_path)
-    return d, tok, teacher, sd
+    return d, tok, teacher, _source_student(a, d, tok, teacher, data_seed, s_path, log)
+
+
+def _student_name(a):
+    """The student column of the rows: ``--student_shape``, or ``layers 0,2`` (``--student_layers``)."""
+    return f"layers {a.student_layers}" if a.student_layers else a.student_shape
+
+
+def _new_student(a, tok, teacher, seed=None):
+    """A fresh student: the ``--student_layers`` of ``teacher`` (copied), or a random-init
+    ``--student_shape`` model on ``tok``."""
+    from kdfast.distill.student import parse_student_layers, student_from_config, student_from_teacher
+    from kdfast.qa.configs import student_config
+
+    if a.student_layers:
+        layers = parse_student_layers(a.student_layers, teacher.config.num_hidden_layers)
+        return student_from_teacher(teacher, layers)
+    return student_from_config(student_config(tok, **_shape(a.student_shape, "--student_shape")),
+                               attn_implementation="sdpa", seed=seed)
+
+
+def _source_student(a, d, tok, teacher, data_seed, path, log):
+    """The student every method starts from: distilled ``--student_source_steps`` on the source's
+    teacher soft labels (the stand-in for a general-distilled TinyBERT); its state dict, saved at ``path``."""
+    import torch
+    from kdfast.augment.data import answered, relabel, to_windows
+    from kdfast.augment.distil import train_steps
+
+    student0 = _new_student(a, tok, teacher, seed=data_seed)
+    log(f"student {_student_name(a)}: distilled {a.student_source_steps} steps on the source")
+    src_w = relabel(teacher, tok, to_windows(answered(d["source"]), tok))
+    train_steps(student0, src_w, tok, steps=a.student_source_steps, seed=data_seed, learning_rate=a.learning_rate)
+    sd = {k: v.clone() for k, v in student0.state_dict().items()}
+    torch.save(sd, path)
+    return sd
 
 
 def _teacher_name(a, model):
@@ -217,15 +245,15 @@ def run(a):
     from kdfast.augment.data import split_target
     from kdfast.augment.distil import Scorer
     from kdfast.augment.loop import AugmentConfig, AugmentLoop, finetune_teacher, train_default_mlm
-    from kdfast.distill.models import count_parameters
-    from kdfast.distill.student import student_from_config
-    from kdfast.qa.configs import student_config
+    from kdfast.distill.models import count_parameters, load_qa_model
 
     torch.set_num_threads(a.threads)
     sizes = [int(s) for s in a.sizes.split(",")]
     methods = [m for m in a.methods.split(",") if m]
     work = a.work_dir
-    teacher_shape, student_shape = _shape(a.teacher_shape, "--teacher_shape"), _shape(a.student_shape, "--student_shape")
+    teacher_shape = _shape(a.teacher_shape, "--teacher_shape")
+    if not a.student_layers:
+        _shape(a.student_shape, "--student_shape")  # a bad spec fails before any training
     t0 = time.perf_counter()
 
     def log(msg):
@@ -248,7 +276,7 @@ def run(a):
         if shared:
             random.Random(f"augment-target:{seed}").shuffle(target_all)
         target_all = target_all[:max(sizes)]
-        student0 = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa")
+        student0 = _new_student(a, tok, base)
         ratio = count_parameters(student0) / count_parameters(base)
         log(f"seed {seed}: student/teacher parameters {count_parameters(student0)}/{count_parameters(base)} = "
             f"{ratio:.3f}")
@@ -259,23 +287,41 @@ def run(a):
             cfg_common = {"source": list(a.source_domains), "target": a.target_domain, "source_questions": len(d["source"]),
                           "eval_questions": len(d["eval"]), "teacher": _teacher_name(a, base),
                           "teacher_init": a.teacher or None, "teacher_only_init": a.teacher_only_init,
-                          "student": a.student_shape,
+                          "student": _student_name(a), "student_learning_rate": a.learning_rate,
                           "teacher_steps": a.teacher_steps, "student_source_steps": a.student_source_steps,
                           "teacher_target_steps": a.teacher_target_steps, "teacher_only_steps": a.teacher_only_steps,
                           "teacher_seed": a.teacher_seed, "student_teacher_params": round(ratio, 4),
                           "teacher_sha": teacher_sha, "teacher_mlm_steps": a.teacher_mlm_steps,
                           "target_train_questions": len(train_part)}
-            teacher = copy.deepcopy(base)
-            finetune_teacher(teacher, train_part, tok, steps=a.teacher_target_steps, seed=seed,
-                             learning_rate=a.teacher_learning_rate)
-            t_score = scorer(teacher)
-            only = _teacher_start(a, tok, teacher_shape, seed + 7, path=a.teacher_only_init)
-            if a.teacher_mlm_steps and not a.teacher:  # the same pre-trained encoder, then the target alone
-                only.bert.load_state_dict(torch.load(os.path.join(work, f"base-seed{a.teacher_seed if shared else seed}",
-                                                                  "pretrained.pt")))
-            finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed,
-                             learning_rate=a.teacher_learning_rate)
-            o_score = scorer(only)
+            # Both teachers of (seed, size) are saved (the target-tuned one, the scores) and reused by a
+            # rerun of the same teacher setup, e.g. with another student.
+            t_cache = os.path.join(work, f"seed{seed}-n{n}", "teacher")
+            key = {k: cfg_common[k] for k in ("teacher_sha", "teacher_target_steps", "teacher_only_steps",
+                                              "teacher_only_init", "target_train_questions")}
+            key["teacher_learning_rate"] = a.teacher_learning_rate
+            cached = None
+            if os.path.exists(os.path.join(t_cache, "scores.json")):
+                with open(os.path.join(t_cache, "scores.json")) as fh:
+                    cached = json.load(fh)
+            if cached and cached["key"] == key:
+                log(f"n={n}: loading the target-tuned teacher and both teachers' scores from {t_cache}")
+                teacher = load_qa_model(t_cache, attn_implementation="sdpa").eval()
+                t_score, o_score = cached["teacher"], cached["teacher_only"]
+            else:
+                teacher = copy.deepcopy(base)
+                finetune_teacher(teacher, train_part, tok, steps=a.teacher_target_steps, seed=seed,
+                                 learning_rate=a.teacher_learning_rate)
+                t_score = scorer(teacher)
+                only = _teacher_start(a, tok, teacher_shape, seed + 7, path=a.teacher_only_init)
+                if a.teacher_mlm_steps and not a.teacher:  # the same pre-trained encoder, then the target alone
+                    only.bert.load_state_dict(torch.load(os.path.join(
+                        work, f"base-seed{a.teacher_seed if shared else seed}", "pretrained.pt")))
+                finetune_teacher(only, train_part, tok, steps=a.teacher_only_steps, seed=seed,
+                                 learning_rate=a.teacher_learning_rate)
+                o_score = scorer(only)
+                teacher.save_pretrained(t_cache)
+                with open(os.path.join(t_cache, "scores.json"), "w") as fh:
+                    json.dump({"key": key, "teacher": dict(t_score), "teacher_only": dict(o_score)}, fh)
             log(f"n={n}: teacher (source + target) F1 {t_score['f1']:.1f}; teacher on target alone F1 "
                 f"{o_score['f1']:.1f}")
             _append([_row("teacher (source + target)", "f1", t_score["f1"], n, seed, cfg_common),
@@ -296,13 +342,13 @@ def run(a):
                 t1 = time.perf_counter()
                 fields = fields_of(m)
                 keep_rate = keep_rates.get(fields.get("bases", ("target",)), 0.5)
-                cfg = AugmentConfig(**fields, episodes=a.episodes,
+                cfg = AugmentConfig(**fields, episodes=a.episodes, learning_rate=a.learning_rate,
                                     candidates_per_episode=a.candidates, episode_steps=a.episode_steps,
                                     warmup_steps=a.warmup_steps, final_steps=a.final_steps, keep_rate=keep_rate,
                                     mlm_path=mlm_dir, seed=seed)
-                student = student_from_config(student_config(tok, **student_shape), attn_implementation="sdpa")
+                student = _new_student(a, tok, base)
                 student.load_state_dict(student0_sd)
-                out = os.path.join(work, f"seed{seed}-n{n}", m)
+                out = os.path.join(work, f"seed{seed}-n{n}", "student-" + _student_name(a).replace(" ", ""), m)
                 res = AugmentLoop(cfg, source=d["source"], target=target, eval_records=d["eval"], teacher=teacher,
                                   student=student, tokenizer=tok, output_dir=out, log=log).run(resume=True)
                 if cfg.method == "full" and cfg.reward == "f1":
@@ -509,7 +555,7 @@ def run_real(a):
     report()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0")
     p.add_argument("--sizes", default="16,64,256")
@@ -552,16 +598,21 @@ def main():
     p.add_argument("--real_source", type=int, default=3000, help="--real: first N train questions as the source")
     p.add_argument("--real_target", type=int, default=48, help="--real: target questions (whole passages)")
     p.add_argument("--real_articles", default=REAL_ARTICLES, help="--real: the target topic's dev articles")
-    p.add_argument("--student_layers", default="0,2,4", help="--real: student = these teacher layers")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="--real: student learning rate")
+    p.add_argument("--student_layers", default=None,
+                   help="student = these teacher layers (--real: default 0,2,4; else instead of --student_shape, "
+                        "taken from the source-trained teacher)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="student learning rate (default: 1e-4 --real or with --student_layers; else 1e-3)")
     p.add_argument("--mlm_init_teacher", action="store_true",
                    help="--real: start the masked LM from the teacher's pretrained encoder (kdfast augment "
                         "--mlm_init) instead of training a small one from scratch; its own work directory")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    a.learning_rate = a.learning_rate or (1e-4 if a.real or a.student_layers else 1e-3)
     a.source_domains = tuple(d for d in a.source_domains.split(",") if d)
     if a.report:
         report()
     elif a.real:
+        a.student_layers = a.student_layers or "0,2,4"
         if not os.path.exists(os.path.join(SQUAD_DIR, "dev-v1.1.json")):
             print(f"skipping --real: no SQuAD files in {os.path.normpath(SQUAD_DIR)}")
             return

@@ -99,3 +99,56 @@ def test_teacher_start_from_a_pretrained_directory(tmp_path):
     scratch = argparse.Namespace(teacher=None, teacher_shape="1x32")
     t2 = mod._teacher_start(scratch, tok, mod._shape("1x32", "--teacher_shape"), seed=0)
     assert mod._teacher_name(scratch, t2) == "1x32" and t2.config.num_hidden_layers == 1
+
+
+def test_synthetic_run_with_a_pretrained_teacher_and_a_layer_student(tmp_path, monkeypatch, capsys):
+    """bench/augment.py end to end at toy size: --teacher DIR (its tokenizer) and --student_layers; the
+    rows name the teacher's shape and start, the student's layers; a second run of another student
+    reuses the saved source teacher (same weights: same teacher_sha) and the saved target-tuned teachers,
+    and runs its methods in its own directory."""
+    import torch
+
+    from kdfast.distill.student import student_from_config
+    from kdfast.qa.configs import teacher_config
+    from kdfast.qa.synthetic import generate_domain
+    from kdfast.qa.tokenizer import train_wordpiece_tokenizer
+
+    mod = load_bench("augment")
+    monkeypatch.setattr(mod, "CSV", str(tmp_path / "augment.csv"))
+    monkeypatch.setattr(mod, "MD", str(tmp_path / "augment.md"))
+    recs = generate_domain("biography", 40, split="train", seed=5) + generate_domain("sport", 40, split="train", seed=5)
+    tok = train_wordpiece_tokenizer([r["context"] for r in recs] + [r["question"] for r in recs], vocab_size=400)
+    pre = student_from_config(teacher_config(tok, **mod._shape("2x32", "--teacher_shape")),
+                              attn_implementation="sdpa", seed=1)
+    pre.save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    common = ["--seeds", "0", "--teacher_seed", "0", "--sizes", "8", "--methods", "none", "--source_domains",
+              "biography", "--target_domain", "sport", "--source_questions", "16", "--eval_questions", "8",
+              "--teacher", str(tmp_path / "pre"), "--teacher_steps", "2", "--teacher_target_steps", "1",
+              "--teacher_only_steps", "1", "--student_source_steps", "2", "--mlm_steps", "2", "--warmup_steps", "1",
+              "--final_steps", "1", "--episodes", "1", "--candidates", "2", "--episode_steps", "1",
+              "--work_dir", str(tmp_path / "work")]
+    mod.main(common + ["--student_layers", "1"])
+    assert "loading the target-tuned teacher" not in capsys.readouterr().out
+    mod.main(common + ["--student_shape", "1x16"])
+    assert "loading the target-tuned teacher" in capsys.readouterr().out
+    with open(mod.CSV) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
+    cfgs = [json.loads(r["config"]) for r in rows]
+    assert {c["teacher"] for c in cfgs} == {"2x32"}
+    assert {c["teacher_init"] for c in cfgs} == {str(tmp_path / "pre")}
+    assert {c["student"] for c in cfgs} == {"layers 1", "1x16"}
+    assert len({c["teacher_sha"] for c in cfgs}) == 1  # the second run loaded the saved source teacher
+    by_student = {c["student"]: c for c in cfgs if c.get("method") == "none"}
+    assert by_student["layers 1"]["student_learning_rate"] == 1e-4
+    assert by_student["1x16"]["student_learning_rate"] == 1e-3
+    assert 0.3 < by_student["layers 1"]["student_teacher_params"] < 1  # one of the two layers, shared embeddings
+    base = tmp_path / "work" / "base-seed0"
+    assert sorted(p.name for p in base.glob("student0-*.pt")) == ["student0-1x16-2-lr0.001.pt",
+                                                                   "student0-layers1-2-lr0.0001.pt"]
+    assert torch.load(base / "student0-layers1-2-lr0.0001.pt")  # a state dict was saved
+    assert "teacher from " in open(mod.MD).read()
+    teacher_f1 = [float(r["p50"]) for r in rows if r["provider"].startswith("teacher")]
+    assert len(teacher_f1) == 4 and teacher_f1[:2] == teacher_f1[2:]  # the same two teachers' scores, reused
+    assert sorted(p.name for p in (tmp_path / "work" / "seed0-n8").iterdir()) == [
+        "mlm", "student-1x16", "student-layers1", "teacher"]
